@@ -1,0 +1,123 @@
+r"""Batched k x k linear algebra shared by the manifolds.
+
+Every function acts on the last two dimensions and broadcasts over any leading ones (heads,
+layers), so a whole sector is one call. The small k x k systems are solved in float32 or better,
+whatever the dtype of the parameters (:func:`compute_dtype`), and cast back by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "compute_dtype",
+    "sym",
+    "skew",
+    "gram",
+    "damp",
+    "spd_cholesky",
+    "spd_solve_right",
+    "solve_sylvester_sym",
+    "sym_funm",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which k x k algebra runs: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sym(x: torch.Tensor) -> torch.Tensor:
+    r"""Symmetric part :math:`\tfrac12 (X + X^\top)` over the last two dims."""
+    return 0.5 * (x + x.transpose(-1, -2))
+
+
+def skew(x: torch.Tensor) -> torch.Tensor:
+    r"""Skew-symmetric part :math:`\tfrac12 (X - X^\top)` over the last two dims."""
+    return 0.5 * (x - x.transpose(-1, -2))
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    r"""Gram matrix :math:`X^\top X`, shape ``(..., k, k)`` for ``x`` of shape ``(..., n, k)``,
+    computed in :func:`compute_dtype` of ``x``."""
+    x = x.to(compute_dtype(x.dtype))
+    return x.transpose(-1, -2) @ x
+
+
+def damp(g: torch.Tensor, eps: float) -> torch.Tensor:
+    r"""Scale-aware damping :math:`G + \delta I` with :math:`\delta = \epsilon\,\mathrm{tr}(G)/k`.
+
+    Under :math:`G \to O^\top G O` (orthogonal) and :math:`G \to c^2 G` (scalar) the damped matrix
+    transforms exactly as :math:`G` does, so the damped geometry keeps the conformal-orthogonal
+    subgroup :math:`\mathbb{R}_{>0} \times O(k)` of :math:`GL(k)` as an exact symmetry; the rest of
+    :math:`GL(k)` is broken at order :math:`\epsilon`. ``eps == 0`` returns ``g`` unchanged.
+    """
+    if eps == 0.0:
+        return g
+    k = g.shape[-1]
+    delta = eps * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / k
+    return g + delta[..., None, None] * torch.eye(k, dtype=g.dtype, device=g.device)
+
+
+def spd_cholesky(g: torch.Tensor, name: str, fix: str, check: bool = True) -> torch.Tensor:
+    """Lower Cholesky factor of a batch of SPD matrices ``g``.
+
+    With ``check`` a batch entry that is not positive definite, or not finite, raises a
+    ``ValueError`` naming ``name`` (the matrix and where it came from) and ``fix`` (what to do).
+    The check costs one host synchronisation; pass ``check=False`` inside hot loops, where
+    failed entries then come back as NaN.
+    """
+    factor, info = torch.linalg.cholesky_ex(g)
+    if check:
+        bad = (info != 0) | ~torch.isfinite(g).flatten(-2).all(-1)
+        if bool(bad.any()):
+            count = int(bad.sum())
+            total = bad.numel()
+            raise ValueError(
+                f"{name} is not positive definite or not finite in {count} of {total} batch "
+                f"entries (the factor is rank-deficient, or holds NaN/Inf). Fix: {fix}"
+            )
+    return factor
+
+
+def spd_solve_right(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    r""":math:`X G^{-1}` for SPD :math:`G = L L^\top` given its Cholesky factor ``chol``.
+
+    ``x`` has shape ``(..., n, k)``, ``chol`` ``(..., k, k)``; the solve runs in ``chol``'s dtype
+    and the result is cast back to ``x``'s dtype.
+    """
+    xt = x.to(chol.dtype).transpose(-1, -2)
+    return torch.cholesky_solve(xt, chol).transpose(-1, -2).to(x.dtype)
+
+
+def solve_sylvester_sym(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    r"""Solve the Sylvester equation :math:`A X + X B = C` for symmetric :math:`A, B`.
+
+    With eigendecompositions :math:`A = U \operatorname{diag}(\alpha) U^\top` and
+    :math:`B = V \operatorname{diag}(\beta) V^\top` the equation decouples:
+
+    .. math:: X = U \left[ (U^\top C V)_{ij} / (\alpha_i + \beta_j) \right] V^\top,
+
+    uniquely solvable when no :math:`\alpha_i + \beta_j` vanishes (always, for SPD :math:`A, B`).
+    Batched over leading dims; runs in :func:`compute_dtype`. torch has no Sylvester solver, and
+    the general (non-symmetric) case needs a Schur form torch lacks; every equation in this package
+    has symmetric coefficients (Lyapunov equations are the case ``A == B``).
+
+    Shapes: ``a`` ``(..., p, p)``, ``b`` ``(..., q, q)``, ``c`` ``(..., p, q)``.
+    """
+    dtype = compute_dtype(c.dtype)
+    alpha, u = torch.linalg.eigh(a.to(dtype))
+    if b is a:
+        beta, v = alpha, u
+    else:
+        beta, v = torch.linalg.eigh(b.to(dtype))
+    c_eig = u.transpose(-1, -2) @ c.to(dtype) @ v
+    x_eig = c_eig / (alpha[..., :, None] + beta[..., None, :])
+    return (u @ x_eig @ v.transpose(-1, -2)).to(c.dtype)
+
+
+def sym_funm(g: torch.Tensor, fn) -> torch.Tensor:
+    r"""Matrix function :math:`f(G) = E \operatorname{diag}(f(\lambda)) E^\top` of symmetric ``g``
+    through its eigendecomposition (``fn`` acts elementwise on the eigenvalues)."""
+    lam, e = torch.linalg.eigh(g)
+    return (e * fn(lam)[..., None, :]) @ e.transpose(-1, -2)

@@ -1,0 +1,1 @@
+"""Quotient manifolds of attention-head factorizations, as ``geoopt.manifolds.Manifold`` subclasses."""

@@ -11,13 +11,13 @@ import torch
 
 __all__ = [
     "compute_dtype",
-    "sym",
-    "skew",
-    "gram",
     "damp",
+    "gram",
+    "skew",
+    "solve_sylvester_sym",
     "spd_cholesky",
     "spd_solve_right",
-    "solve_sylvester_sym",
+    "sym",
     "sym_funm",
 ]
 
@@ -64,12 +64,19 @@ def spd_cholesky(g: torch.Tensor, name: str, fix: str, check: bool = True) -> to
 
     With ``check`` a batch entry that is not positive definite, or not finite, raises a
     ``ValueError`` naming ``name`` (the matrix and where it came from) and ``fix`` (what to do).
+    Numerically singular counts as not positive definite: an entry fails when its smallest
+    Cholesky pivot :math:`L_{ii}^2` is below :math:`4 k \varepsilon \\max_i G_{ii}` (``eps`` of
+    ``g``'s dtype), i.e. when :math:`G` is singular to working precision.
     The check costs one host synchronisation; pass ``check=False`` inside hot loops, where
-    failed entries then come back as NaN.
+    failed entries then come back as NaN or as huge values.
     """
     factor, info = torch.linalg.cholesky_ex(g)
     if check:
-        bad = (info != 0) | ~torch.isfinite(g).flatten(-2).all(-1)
+        k = g.shape[-1]
+        pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
+        scale = torch.diagonal(g, dim1=-2, dim2=-1).amax(-1)
+        singular = pivots.amin(-1) <= 4 * k * torch.finfo(g.dtype).eps * scale
+        bad = (info != 0) | ~torch.isfinite(g).flatten(-2).all(-1) | singular
         if bool(bad.any()):
             count = int(bad.sum())
             total = bad.numel()

@@ -1,0 +1,414 @@
+r"""The GL(k) quotient of factor pairs: rank-k matrices :math:`W = A B^\top` seen as pairs
+:math:`(A, B)` modulo :math:`(A, B) \sim (A G, B G^{-\top})`, :math:`G \in GL(k)`.
+
+Shape convention: a point is one tensor :math:`Z = [A; B]` stacked along rows, shape
+``(..., n + m, k)``, ``A = Z[..., :n, :]`` (``n x k``), ``B = Z[..., n:, :]`` (``m x k``). Leading
+dims batch heads and layers; every method is one batched call. For an attention head the QK sector
+is ``A = W_Q``, ``B = W_K`` and the VO sector ``A = W_V``, ``B = W_O^T``.
+
+Two GL(k)-invariant metrics are offered, with :math:`P = B^\top B` and :math:`Q = A^\top A`:
+
+* ``"preconditioned"`` (default; Mishra & Sepulchre's Riemannian preconditioning, Manopt's
+  ``fixedrankfactory_2factors_preconditioned``):
+  :math:`g_Z(\xi, \eta) = \mathrm{tr}(P \xi_A^\top \eta_A) + \mathrm{tr}(Q \xi_B^\top \eta_B)`;
+* ``"inv"`` (Manopt's ``fixedrankfactory_2factors``):
+  :math:`g_Z(\xi, \eta) = \mathrm{tr}(Q^{-1} \xi_A^\top \eta_A) + \mathrm{tr}(P^{-1} \xi_B^\top \eta_B)`.
+
+The tangent space of the quotient at :math:`[Z]` is represented by the horizontal space at
+:math:`Z`: the metric-orthogonal complement of the vertical space (tangent to the orbit)
+:math:`\{(A \Omega, -B \Omega^\top) : \Omega \in \mathbb{R}^{k \times k}\}`. geoopt's "tangent
+vectors" of this manifold are horizontal vectors, and ``proju`` is the horizontal projection.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import geoopt
+import torch
+
+from quotientopt.linalg import (
+    compute_dtype,
+    damp,
+    gram,
+    solve_sylvester_sym,
+    spd_cholesky,
+    spd_solve_right,
+    sym_funm,
+)
+
+__all__ = ["FactorQuotient", "balance", "charge", "product"]
+
+Metric = Literal["preconditioned", "inv"]
+
+_RANK_FIX = (
+    "give every head full-rank factors (k <= n and k <= m, no zero or repeated columns), "
+    "re-balance with FactorQuotient.balance(), or build FactorQuotient(..., damping=1e-6) to "
+    "floor the Gram matrices."
+)
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""The composite :math:`W = A B^\top`, shape ``(..., n, m)``."""
+    return a @ b.transpose(-1, -2)
+
+
+def charge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""The Noether charge :math:`C = A^\top A - B^\top B` (``k x k``, symmetric) in float32 or better.
+
+    Euclidean gradient flow of any GL(k)-invariant loss conserves it; the balanced representative
+    (:func:`balance`) has :math:`C = 0`.
+    """
+    return gram(a) - gram(b)
+
+
+def balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Dressing map to the balanced representative of the orbit of :math:`(A, B)`.
+
+    With thin QR factorizations :math:`A = Q_A R_A`, :math:`B = Q_B R_B` and the SVD
+    :math:`R_A R_B^\top = U \Sigma V^\top` (all ``k x k`` work after the QRs):
+
+    .. math:: A' = Q_A U \Sigma^{1/2}, \qquad B' = Q_B V \Sigma^{1/2},
+
+    so :math:`A' B'^\top = A B^\top` (the function is preserved) and
+    :math:`A'^\top A' = B'^\top B' = \Sigma`: the charge vanishes, the two Grams are equal and as
+    well conditioned as the product allows (:math:`\kappa(\Sigma) = \kappa(A B^\top)`), and the
+    factor norm :math:`\|A'\|_F^2 + \|B'\|_F^2 = 2 \|A B^\top\|_*` is the smallest on the orbit. The
+    representative is unique up to the residual :math:`O(k)` of repeated singular values and signs.
+    Runs in float32 or better; returns the input dtype.
+    """
+    dtype = compute_dtype(a.dtype)
+    q_a, r_a = torch.linalg.qr(a.to(dtype))
+    q_b, r_b = torch.linalg.qr(b.to(dtype))
+    u, s, vh = torch.linalg.svd(r_a @ r_b.transpose(-1, -2))
+    root = s.sqrt()[..., None, :]
+    return (q_a @ u * root).to(a.dtype), (q_b @ vh.transpose(-1, -2) * root).to(b.dtype)
+
+
+class FactorQuotient(geoopt.manifolds.Manifold):
+    r"""Rank-k matrices :math:`A B^\top` as factor pairs modulo :math:`GL(k)`.
+
+    Parameters
+    ----------
+    n, m : int
+        Rows of :math:`A` and of :math:`B`; a point has shape ``(..., n + m, k)`` with
+        ``k <= min(n, m)``.
+    metric : ``"preconditioned"`` | ``"inv"``
+        The GL(k)-invariant metric (see the module docstring).
+    damping : float
+        Scale-aware floor :math:`\epsilon` for the Gram matrices:
+        :math:`P \to P + \epsilon\, \mathrm{tr}(P)/k \; I` (and likewise :math:`Q`) wherever they
+        are inverted or used as metric weights. ``0`` (default) is the exact geometry: every
+        method is exactly GL(k)-equivariant, and a rank-deficient factor raises ``ValueError``.
+        ``eps > 0`` keeps near-singular heads finite at the price of the exact invariance: only
+        rotations and scalings (:math:`\mathbb{R}_{>0} \times O(k)`) remain exact symmetries, the
+        rest of GL(k) is broken at order :math:`\epsilon \kappa`.
+    check : bool
+        Validate the Grams (positive definite, finite) and raise a clear ``ValueError`` otherwise.
+        Costs one host synchronisation per call; optimizers that check asynchronously turn it off.
+
+    Notes
+    -----
+    ``projx`` is the identity: the total space is the open set of full-rank pairs, and moving to
+    another representative is :meth:`balance`'s job, not ``projx``'s (geoopt requires
+    ``projx(x) == x`` on the manifold). ``expmap`` falls back to the retraction
+    :math:`Z + \xi`: the quotient geodesics have no closed form; the retraction is a first-order
+    approximation of the exponential map, and every optimizer here only needs a retraction.
+    """
+
+    name = "FactorQuotient"
+    ndim = 2
+    reversible = False
+
+    def __init__(
+        self,
+        n: int,
+        m: int,
+        *,
+        metric: Metric = "preconditioned",
+        damping: float = 0.0,
+        check: bool = True,
+    ) -> None:
+        super().__init__()
+        for label, value in (("n", n), ("m", m)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"FactorQuotient: {label} must be a positive int (rows of factor "
+                    f"{'A' if label == 'n' else 'B'}), got {value!r}."
+                )
+        if metric not in ("preconditioned", "inv"):
+            raise ValueError(
+                f"FactorQuotient: unknown metric {metric!r}; use 'preconditioned' (cross-Gram, "
+                "default) or 'inv' (inverse Grams)."
+            )
+        if not (isinstance(damping, (int, float)) and 0.0 <= damping < 1.0):
+            raise ValueError(
+                f"FactorQuotient: damping must be a float in [0, 1), got {damping!r}; use 0 for "
+                "the exact geometry or a small value such as 1e-6."
+            )
+        self.n, self.m = n, m
+        self.metric = metric
+        self.damping = float(damping)
+        self.check = check
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, m={self.m}, metric={self.metric!r}, damping={self.damping}"
+
+    # ----------------------------------------------------------------------------- factors
+    def factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Views :math:`A = Z_{:n}` (``(..., n, k)``) and :math:`B = Z_{n:}` (``(..., m, k)``).
+
+        Raises ``ValueError`` when ``z`` does not have the shape ``(..., n + m, k)``, k <= min(n, m).
+        """
+        self._assert_check_shape(z.shape, "z")
+        return z[..., : self.n, :], z[..., self.n :, :]
+
+    def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        r"""Stack :math:`Z = [A; B]`; checks the shapes against ``n``, ``m``."""
+        if a.shape[-2] != self.n or b.shape[-2] != self.m or a.shape[-1] != b.shape[-1]:
+            raise ValueError(
+                f"FactorQuotient(n={self.n}, m={self.m}).from_factors: expected A of shape "
+                f"(..., {self.n}, k) and B of shape (..., {self.m}, k), got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}."
+            )
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return torch.cat((a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])), dim=-2)
+
+    def product(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The composite :math:`W = A B^\top`, shape ``(..., n, m)``."""
+        return product(*self.factors(z))
+
+    def charge(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`C = A^\top A - B^\top B`, see :func:`charge`."""
+        return charge(*self.factors(z))
+
+    def balance(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The balanced representative of :math:`[Z]`, see :func:`balance`."""
+        return torch.cat(balance(*self.factors(z)), dim=-2)
+
+    def act(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r"""The group action :math:`(A, B) \mapsto (A G, B G^{-\top})` for ``g`` of shape ``(..., k, k)``."""
+        a, b = self.factors(z)
+        dtype = compute_dtype(z.dtype)
+        g_inv_t = torch.linalg.inv(g.to(dtype)).transpose(-1, -2)
+        return torch.cat((a @ g.to(a.dtype), (b.to(dtype) @ g_inv_t).to(b.dtype)), dim=-2)
+
+    def push(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r"""Differential of the action on a tangent vector: :math:`(\xi_A G, \xi_B G^{-\top})`."""
+        return self.act(u, g)
+
+    def vertical(self, z: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        r"""The orbit direction :math:`(A \Omega, -B \Omega^\top)` generated by a ``k x k`` matrix
+        :math:`\Omega` (broadcast over the leading dims): :math:`\frac{d}{dt}` of the action of
+        :math:`G = e^{t\Omega}` at :math:`t = 0`. It changes :math:`A B^\top` by zero to first order.
+        """
+        a, b = self.factors(z)
+        omega = omega.to(z.dtype)
+        return torch.cat((a @ omega, -(b @ omega.transpose(-1, -2))), dim=-2)
+
+    # ------------------------------------------------------------------------ k x k pieces
+    def _grams(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Damped :math:`P = B^\top B` and :math:`Q = A^\top A` in float32 or better."""
+        a, b = self.factors(z)
+        return damp(gram(b), self.damping), damp(gram(a), self.damping)
+
+    def _cholesky(self, g: torch.Tensor, label: str) -> torch.Tensor:
+        return spd_cholesky(
+            g, f"FactorQuotient: the Gram {label} of the point", _RANK_FIX, self.check
+        )
+
+    # ---------------------------------------------------------------------- the geometry
+    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""Riemannian gradient from the Euclidean one :math:`(\nabla_A f, \nabla_B f)`.
+
+        * preconditioned: :math:`(\nabla_A f\, P^{-1},\; \nabla_B f\, Q^{-1})`;
+        * inv: :math:`(\nabla_A f\, Q,\; \nabla_B f\, P)`.
+
+        For a GL(k)-invariant :math:`f` (one that depends on :math:`A B^\top` only) the result is
+        horizontal and equivariant, :math:`\mathrm{grad} f(ZG) = \mathrm{grad} f(Z) \cdot G`, so a
+        step from any representative lands on the same orbit. For a non-invariant :math:`f` it is
+        the total-space gradient; ``proju`` of it is the gradient of the quotient.
+        """
+        p, q = self._grams(x)
+        ga, gb = self.factors(u)
+        if self.metric == "preconditioned":
+            ra = spd_solve_right(ga, self._cholesky(p, "P = B^T B"))
+            rb = spd_solve_right(gb, self._cholesky(q, "Q = A^T A"))
+        else:
+            if self.check:  # the metric needs invertible Grams even where the formula does not
+                self._cholesky(p, "P = B^T B")
+                self._cholesky(q, "Q = A^T A")
+            ra = (ga.to(q.dtype) @ q).to(u.dtype)
+            rb = (gb.to(p.dtype) @ p).to(u.dtype)
+        return torch.cat((ra, rb), dim=-2)
+
+    def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""The :math:`W` with ``u - vertical(x, W)`` horizontal (metric-orthogonal to the orbit)."""
+        a, b = self.factors(x)
+        ua, ub = self.factors(u)
+        dtype = compute_dtype(x.dtype)
+        a, b, ua, ub = (t.to(dtype) for t in (a, b, ua, ub))
+        p, q = self._grams(x)
+        if self.metric == "preconditioned":
+            # W = 1/2 (Q^{-1} A^T u_A - u_B^T B P^{-1})
+            left = torch.cholesky_solve(a.transpose(-1, -2) @ ua, self._cholesky(q, "Q = A^T A"))
+            right = torch.cholesky_solve(b.transpose(-1, -2) @ ub, self._cholesky(p, "P = B^T B"))
+            return 0.5 * (left - right.transpose(-1, -2))
+        # inv metric: X = W^T solves the Sylvester equation (QP) X + X (QP) = R with
+        # R = u_A^T A P - Q B^T u_B. QP is similar to the SPD S = Q^{1/2} P Q^{1/2}; with
+        # X = Q^{1/2} Y Q^{-1/2} it becomes the Lyapunov equation S Y + Y S = Q^{-1/2} R Q^{1/2}.
+        self._cholesky(p, "P = B^T B")
+        self._cholesky(q, "Q = A^T A")
+        q_root = sym_funm(q, torch.sqrt)
+        q_root_inv = sym_funm(q, torch.rsqrt)
+        rhs = ua.transpose(-1, -2) @ a @ p - q @ b.transpose(-1, -2) @ ub
+        s = q_root @ p @ q_root
+        y = solve_sylvester_sym(s, s, q_root_inv @ rhs @ q_root)
+        return (q_root @ y @ q_root_inv).transpose(-1, -2)
+
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""Horizontal projection :math:`\xi \mapsto \xi - (A W, -B W^\top)`.
+
+        * preconditioned (closed form):
+          :math:`W = \tfrac12 (Q^{-1} A^\top \xi_A - \xi_B^\top B P^{-1})`;
+        * inv: :math:`X = W^\top` solves the Sylvester equation
+          :math:`(QP) X + X (QP) = \xi_A^\top A P - Q B^\top \xi_B`; :math:`QP` is similar to the
+          SPD :math:`S = Q^{1/2} P Q^{1/2}`, which turns it into a Lyapunov equation in :math:`S`
+          (batched symmetric solve, :func:`quotientopt.linalg.solve_sylvester_sym`).
+
+        Idempotent, metric-orthogonal to the vertical space, and it leaves
+        :math:`d(A B^\top) = \xi_A B^\top + A \xi_B^\top` unchanged.
+        """
+        return u - self.vertical(x, self._vertical_generator(x, u))
+
+    horizontal_part = proju
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: full-rank pairs form an open set (see the class notes; use :meth:`balance`)."""
+        return x
+
+    def inner(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        keepdim: bool = False,
+    ) -> torch.Tensor:
+        r""":math:`g_Z(\xi, \eta)`, one value per point (``(...)``, or ``(..., 1, 1)`` with keepdim).
+
+        preconditioned: :math:`\mathrm{tr}(P \xi_A^\top \eta_A) + \mathrm{tr}(Q \xi_B^\top \eta_B)`;
+        inv: :math:`\mathrm{tr}(Q^{-1} \xi_A^\top \eta_A) + \mathrm{tr}(P^{-1} \xi_B^\top \eta_B)`.
+        """
+        if v is None:
+            v = u
+        p, q = self._grams(x)
+        dtype = p.dtype
+        ua, ub = (t.to(dtype) for t in self.factors(u))
+        va, vb = (t.to(dtype) for t in self.factors(v))
+        if self.metric == "preconditioned":
+            wa, wb = ua @ p, ub @ q
+        else:
+            wa = spd_solve_right(ua, self._cholesky(q, "Q = A^T A"))
+            wb = spd_solve_right(ub, self._cholesky(p, "P = B^T B"))
+        value = (wa * va).sum((-1, -2)) + (wb * vb).sum((-1, -2))
+        value = value.to(torch.promote_types(u.dtype, v.dtype))
+        return value[..., None, None] if keepdim else value
+
+    def component_inner(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One metric value per point (per head), shape ``(..., 1, 1)``: what geoopt's
+        RiemannianAdam uses as its second moment, which is then GL(k)-invariant."""
+        return self.inner(x, u, v, keepdim=True)
+
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        r""":math:`\sqrt{g_Z(\xi, \xi)}`."""
+        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""Retraction :math:`R_Z(\xi) = Z + \xi`, valid while the factors keep full rank.
+
+        It commutes with the action (:math:`R_{ZG}(\xi G) = R_Z(\xi) G`), so it is a retraction on
+        the quotient. A step that loses rank is caught where the Grams are next factorized.
+        """
+        return x + u
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""Documented fallback to :meth:`retr` (first-order approximation of the exponential map)."""
+        return self.retr(x, u)
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r"""Vector transport by projection: :math:`\mathcal{T}_{Z \to Y}(\xi) = \mathrm{proj}^h_Y(\xi)`."""
+        return self.proju(y, v)
+
+    def retr_transp(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retraction along ``u`` and transport of ``v`` to the new point."""
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
+
+    expmap_transp = retr_transp
+
+    # --------------------------------------------------------------------- checks, samples
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+        ok, reason = super()._check_shape(shape, name)
+        if not ok:
+            return ok, reason
+        rows, k = shape[-2], shape[-1]
+        if rows != self.n + self.m:
+            return False, (
+                f"`{name}` has {rows} rows but FactorQuotient(n={self.n}, m={self.m}) stacks "
+                f"[A; B] into n + m = {self.n + self.m} rows; reshape to (..., {self.n + self.m}, k)."
+            )
+        if k > min(self.n, self.m):
+            return False, (
+                f"`{name}` has k = {k} columns, more than min(n, m) = {min(self.n, self.m)}: the "
+                "factors cannot have full column rank; use k <= min(n, m)."
+            )
+        return True, None
+
+    def _check_point_on_manifold(
+        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        if not bool(torch.isfinite(x).all()):
+            return False, "the point holds NaN or Inf"
+        for label, factor in zip(("A", "B"), self.factors(x), strict=True):
+            rank = torch.linalg.matrix_rank(factor.to(compute_dtype(x.dtype)))
+            if bool((rank < x.shape[-1]).any()):
+                return False, f"factor {label} is rank-deficient (rank < k = {x.shape[-1]})"
+        return True, None
+
+    def _check_vector_on_tangent(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        if not bool(torch.isfinite(u).all()):
+            return False, "the vector holds NaN or Inf"
+        if not torch.allclose(self.proju(x, u), u, atol=atol, rtol=rtol):
+            return False, "the vector is not horizontal (proju(x, u) != u)"
+        return True, None
+
+    def _sample_shape(self, size: tuple, what: str) -> tuple[int, ...]:
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        self._assert_check_shape(torch.Size(shape), what)
+        return tuple(shape)
+
+    def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
+        r"""Gaussian factors with entries :math:`\mathcal{N}(0, 1/k)`; full rank with probability 1.
+        ``size`` is the full point shape ``(..., n + m, k)``."""
+        shape = self._sample_shape(size, "size")
+        return torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5
+
+    random_normal = random
+
+    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> torch.Tensor:
+        r"""The balanced point :math:`A = [I_k; 0]`, :math:`B = [I_k; 0]` (product: the rank-k
+        identity block, charge 0), broadcast over the leading dims."""
+        shape = self._sample_shape(size, "size")
+        k = shape[-1]
+        eye = torch.eye(k, dtype=dtype, device=device)
+        a = torch.zeros(self.n, k, dtype=dtype, device=device)
+        b = torch.zeros(self.m, k, dtype=dtype, device=device)
+        a[:k], b[:k] = eye, eye
+        return torch.cat((a, b), dim=-2).expand(shape).clone()

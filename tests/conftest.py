@@ -1,0 +1,13 @@
+"""Shared test configuration: hypothesis runs without deadlines (k x k LAPACK calls vary in time on
+a loaded 2-core machine) and, under CI, with a fixed seed so that a failure reproduces."""
+
+import os
+
+import torch
+from hypothesis import settings
+
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))

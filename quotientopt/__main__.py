@@ -1,0 +1,7 @@
+"""``python -m quotientopt`` runs the command line."""
+
+import sys
+
+from quotientopt.cli import main
+
+sys.exit(main())

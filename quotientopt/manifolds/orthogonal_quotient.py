@@ -1,0 +1,278 @@
+r"""The O(k) quotient of factor pairs: :math:`(A, B) \sim (A O, B O)`, :math:`O \in O(k)`.
+
+This is the QK sector under QK-norm: normalizing queries and keys leaves only rotations of the
+head space as a symmetry (a general :math:`G \in GL(k)` would change the norms), so the product
+:math:`W = A B^\top` is invariant under the smaller group :math:`O(k)` acting on both factors
+alike.
+
+Shape convention: a point is one tensor :math:`Z = [A; B]` stacked along rows, shape
+``(..., n + m, k)``, ``A = Z[..., :n, :]``, ``B = Z[..., n:, :]``; leading dims batch heads and
+layers. The action is :math:`Z \mapsto Z O`, free on the open set of :math:`Z` with full column rank
+(:math:`M = Z^\top Z = A^\top A + B^\top B` positive definite), so ``k <= n + m``.
+
+Geometry. The metric is Euclidean, :math:`\langle \xi, \eta \rangle = \mathrm{tr}(\xi^\top \eta)`,
+which is :math:`O(k)`-invariant. The vertical space (tangent to the orbit) is
+:math:`\{Z \Omega : \Omega^\top = -\Omega\}`, and the horizontal space, its Euclidean orthogonal
+complement, is :math:`\{\xi : Z^\top \xi \text{ symmetric}\}`. The total space is flat, so
+:math:`t \mapsto Z + t\xi` is a geodesic, and a geodesic that starts horizontal stays horizontal
+(:math:`Z^\top \xi` stays symmetric and :math:`\xi^\top \xi` is symmetric): it projects to a
+geodesic of the quotient, so ``expmap`` is exact, not a fallback.
+"""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from geoopt.utils import size2shape
+
+from quotientopt.linalg import compute_dtype, gram, skew, solve_sylvester_sym
+
+__all__ = ["OrthogonalFactorQuotient"]
+
+
+class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
+    r"""Factor pairs :math:`Z = [A; B]` modulo :math:`(A, B) \mapsto (A O, B O)`, :math:`O \in O(k)`.
+
+    Parameters
+    ----------
+    n, m : int
+        Rows of :math:`A` and of :math:`B`; a point has shape ``(..., n + m, k)`` with
+        ``k <= n + m``.
+
+    Notes
+    -----
+    ``egrad2rgrad`` returns the Euclidean gradient unchanged: for an :math:`O(k)`-invariant loss
+    it is already horizontal (:math:`Z^\top \nabla f` is symmetric), and equivariant,
+    :math:`\nabla f(ZO) = \nabla f(Z)\, O`. For a loss that is not invariant it is the total-space
+    gradient; ``proju`` of it is the gradient on the quotient. ``projx`` is the identity: the total
+    space is an open set (full column rank).
+    """
+
+    name = "OrthogonalFactorQuotient"
+    ndim = 2
+    reversible = False
+
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__()
+        for label, value in (("n", n), ("m", m)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"OrthogonalFactorQuotient: {label} must be a positive int (rows of factor "
+                    f"{'A' if label == 'n' else 'B'}), got {value!r}."
+                )
+        self.n, self.m = n, m
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, m={self.m}"
+
+    # ----------------------------------------------------------------------------- factors
+    def factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Views :math:`A = Z_{:n}` (``(..., n, k)``) and :math:`B = Z_{n:}` (``(..., m, k)``)."""
+        return z[..., : self.n, :], z[..., self.n :, :]
+
+    def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        r"""Stack :math:`Z = [A; B]`, shape ``(..., n + m, k)``; checks the shapes and broadcasts
+        the leading dims."""
+        if a.shape[-2] != self.n or b.shape[-2] != self.m or a.shape[-1] != b.shape[-1]:
+            raise ValueError(
+                f"OrthogonalFactorQuotient(n={self.n}, m={self.m}).from_factors: expected A of "
+                f"shape (..., {self.n}, k) and B of shape (..., {self.m}, k), got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}."
+            )
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return torch.cat((a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])), dim=-2)
+
+    def product(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The invariant composite :math:`W = A B^\top`, shape ``(..., n, m)``."""
+        a, b = self.factors(z)
+        return a @ b.transpose(-1, -2)
+
+    def vertical(self, z: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        r"""The orbit direction :math:`Z \Omega_s = (A \Omega_s, B \Omega_s)` with
+        :math:`\Omega_s = \tfrac12 (\Omega - \Omega^\top)` the skew part of the ``k x k``
+        generator ``omega`` (broadcast over the leading dims): :math:`\frac{d}{dt} Z e^{t\Omega_s}`
+        at :math:`t = 0`. It changes :math:`A B^\top` by exactly zero to first order."""
+        return z @ skew(omega).to(z.dtype)
+
+    # ---------------------------------------------------------------------- the geometry
+    def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""The skew :math:`\Omega` solving :math:`M \Omega + \Omega M = Z^\top \xi - \xi^\top Z`,
+        in :func:`compute_dtype`."""
+        dtype = compute_dtype(x.dtype)
+        xc, uc = x.to(dtype), u.to(dtype)
+        ztu = xc.transpose(-1, -2) @ uc
+        m = gram(xc)
+        return solve_sylvester_sym(m, m, ztu - ztu.transpose(-1, -2))
+
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""Horizontal projection :math:`\xi \mapsto \xi - Z \Omega`, shape ``(..., n + m, k)``.
+
+        :math:`\Omega` is the skew solution of the Lyapunov equation
+
+        .. math:: M \Omega + \Omega M = Z^\top \xi - \xi^\top Z, \qquad M = Z^\top Z,
+
+        which is the condition that :math:`Z^\top (\xi - Z \Omega)` be symmetric, i.e. that
+        :math:`\xi - Z\Omega` be Euclidean-orthogonal to every vertical :math:`Z \Omega'`. Unique
+        for SPD :math:`M` (solved by :func:`quotientopt.linalg.solve_sylvester_sym` in float32 or
+        better). Idempotent, equivariant, and it leaves
+        :math:`d(A B^\top) = \xi_A B^\top + A \xi_B^\top` unchanged.
+        """
+        omega = self._vertical_generator(x, u)
+        return u - (x.to(omega.dtype) @ omega).to(u.dtype)
+
+    def horizontal_part(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Alias of :meth:`proju`: the horizontal component of ``u`` at ``z``."""
+        return self.proju(z, u)
+
+    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r"""The Euclidean gradient itself (Euclidean metric), not projected.
+
+        For an :math:`O(k)`-invariant loss :math:`f(ZO) = f(Z)`,
+        :math:`\frac{d}{dt} f(Z e^{t\Omega})|_0 = \mathrm{tr}(\nabla f^\top Z \Omega) = 0` for every
+        skew :math:`\Omega`, so :math:`Z^\top \nabla f` is symmetric: the gradient is horizontal
+        already. Apply :meth:`proju` yourself for a loss that is not invariant."""
+        return u
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: full-column-rank points form an open set of the total space."""
+        return x
+
+    def inner(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        keepdim: bool = False,
+    ) -> torch.Tensor:
+        r""":math:`\mathrm{tr}(\xi^\top \eta)` summed over the last two dims, shape ``(...)`` or
+        ``(..., 1, 1)`` with ``keepdim``; invariant under :math:`(\xi, \eta) \mapsto (\xi O,
+        \eta O)`."""
+        if v is None:
+            v = u
+        return (u * v).sum((-1, -2), keepdim=keepdim)
+
+    def component_inner(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One value per point (per head), shape ``(..., 1, 1)``: RiemannianAdam's second moment,
+        then O(k)-invariant (an elementwise square would not be)."""
+        return self.inner(x, u, v, keepdim=True)
+
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        r""":math:`\|\xi\|_F`."""
+        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r""":math:`R_Z(\xi) = Z + \xi`; equivariant (:math:`R_{ZO}(\xi O) = R_Z(\xi) O`). Valid
+        while :math:`Z + \xi` keeps full column rank."""
+        return x + u
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        r""":math:`\mathrm{Exp}_Z(\xi) = Z + \xi`: the exact geodesic of the flat total space, and
+        for horizontal :math:`\xi` it stays horizontal (:math:`(Z + t\xi)^\top \xi =
+        Z^\top \xi + t\, \xi^\top \xi` is symmetric), so it is the quotient geodesic as long as
+        :math:`Z + t\xi` keeps full rank and stays minimizing."""
+        return x + u
+
+    def logmap(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r"""Total-space logarithm :math:`Y - Z` (the inverse of :meth:`expmap` for the given
+        representatives; not aligned over the orbit of :math:`Y`)."""
+        return y - x
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r"""Vector transport by projection onto the horizontal space at :math:`Y`."""
+        return self.proju(y, v)
+
+    def retr_transp(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retraction along ``u`` and transport of ``v`` to the new point."""
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
+
+    expmap_transp = retr_transp
+
+    # --------------------------------------------------------------------- checks, samples
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+        ok, reason = super()._check_shape(shape, name)
+        if not ok:
+            return (
+                False,
+                f"{reason}; a point has shape (..., n + m, k) = (..., {self.n + self.m}, k)",
+            )
+        rows, k = shape[-2], shape[-1]
+        if rows != self.n + self.m:
+            return False, (
+                f"`{name}` has {rows} rows but OrthogonalFactorQuotient(n={self.n}, m={self.m}) "
+                f"stacks [A; B] into n + m = {self.n + self.m} rows; reshape to "
+                f"(..., {self.n + self.m}, k)."
+            )
+        if k < 1 or k > rows:
+            return False, (
+                f"`{name}` has k = {k} columns; need 1 <= k <= n + m = {rows} so that Z = [A; B] "
+                "can have full column rank (the O(k) action is free only there)."
+            )
+        return True, None
+
+    def _check_point_on_manifold(
+        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        if not bool(torch.isfinite(x).all()):
+            return False, "the point holds NaN or Inf; re-initialize it (e.g. with random())"
+        rank = torch.linalg.matrix_rank(x.to(compute_dtype(x.dtype)))
+        k = x.shape[-1]
+        if bool((rank < k).any()):
+            bad = int((rank < k).sum())
+            return False, (
+                f"Z = [A; B] is column-rank-deficient (rank < k = {k}, M = Z^T Z singular) in "
+                f"{bad} of {rank.numel()} batch entries; the O(k) action is not free there. "
+                "Perturb or re-initialize those heads."
+            )
+        return True, None
+
+    def _check_vector_on_tangent(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        if not bool(torch.isfinite(u).all()):
+            return False, "the vector holds NaN or Inf"
+        if not torch.allclose(self.proju(x, u), u, atol=atol, rtol=rtol):
+            return False, (
+                "the vector is not horizontal (Z^T u not symmetric, proju(x, u) != u); "
+                "project it with proju"
+            )
+        return True, None
+
+    def _sample_shape(self, size: tuple, what: str) -> tuple[int, ...]:
+        shape = tuple(size2shape(*size))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(
+                f"OrthogonalFactorQuotient.{what}: size must be non-negative ints (the full "
+                f"shape (..., n + m, k)), got {size!r}"
+            )
+        self._assert_check_shape(torch.Size(shape), "size")
+        return shape
+
+    def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
+        r"""Gaussian :math:`Z` with entries :math:`\mathcal{N}(0, 1/k)`; full column rank with
+        probability 1. ``size`` is the full point shape ``(..., n + m, k)``."""
+        shape = self._sample_shape(size, "random")
+        return torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5
+
+    random_normal = random
+
+    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> torch.Tensor:
+        r"""A deterministic full-rank point, broadcast over the leading dims of ``size``.
+
+        For ``k <= min(n, m)``: :math:`A = B = [I_k; 0]` (product: the rank-k identity block,
+        :math:`M = 2I`). Otherwise the first ``k`` columns of :math:`I_{n+m}`. ``seed`` is ignored.
+        """
+        shape = self._sample_shape(size, "origin")
+        k = shape[-1]
+        if k <= min(self.n, self.m):
+            eye_a = torch.eye(self.n, k, dtype=dtype, device=device)
+            eye_b = torch.eye(self.m, k, dtype=dtype, device=device)
+            z = torch.cat((eye_a, eye_b), dim=-2)
+        else:
+            z = torch.eye(self.n + self.m, k, dtype=dtype, device=device)
+        return z.expand(shape).clone()

@@ -13,9 +13,11 @@ __all__ = [
     "compute_dtype",
     "damp",
     "gram",
+    "raise_if_not_ok",
     "skew",
     "solve_sylvester_sym",
     "spd_cholesky",
+    "spd_cholesky_flagged",
     "spd_solve_right",
     "sym",
     "sym_funm",
@@ -59,31 +61,40 @@ def damp(g: torch.Tensor, eps: float) -> torch.Tensor:
     return g + delta[..., None, None] * torch.eye(k, dtype=g.dtype, device=g.device)
 
 
-def spd_cholesky(g: torch.Tensor, name: str, fix: str, check: bool = True) -> torch.Tensor:
-    """Lower Cholesky factor of a batch of SPD matrices ``g``.
+def spd_cholesky_flagged(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Lower Cholesky factor of a batch of SPD matrices and a per-entry health flag, with no
+    host synchronisation.
 
-    With ``check`` a batch entry that is not positive definite, or not finite, raises a
-    ``ValueError`` naming ``name`` (the matrix and where it came from) and ``fix`` (what to do).
-    Numerically singular counts as not positive definite: an entry fails when its smallest
-    Cholesky pivot :math:`L_{ii}^2` is below :math:`4 k \varepsilon \\max_i G_{ii}` (``eps`` of
-    ``g``'s dtype), i.e. when :math:`G` is singular to working precision.
-    The check costs one host synchronisation; pass ``check=False`` inside hot loops, where
-    failed entries then come back as NaN or as huge values.
+    ``ok`` (shape ``g.shape[:-2]``) is False where the factorization failed, where ``g`` holds
+    NaN/Inf, or where ``g`` is singular to working precision: its smallest pivot
+    :math:`L_{ii}^2` is below :math:`4 k \varepsilon \max_i G_{ii}` (``eps`` of ``g``'s dtype).
     """
     factor, info = torch.linalg.cholesky_ex(g)
+    k = g.shape[-1]
+    pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).amax(-1)
+    regular = pivots.amin(-1) > 4 * k * torch.finfo(g.dtype).eps * scale
+    ok = (info == 0) & torch.isfinite(g).flatten(-2).all(-1) & regular
+    return factor, ok
+
+
+def raise_if_not_ok(ok: torch.Tensor, name: str, fix: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` and ``fix`` if any entry of ``ok`` is False (one
+    host synchronisation)."""
+    if not bool(ok.all()):
+        raise ValueError(
+            f"{name} is not positive definite or not finite in {int((~ok).sum())} of {ok.numel()} "
+            f"batch entries (the factor is rank-deficient, or holds NaN/Inf). Fix: {fix}"
+        )
+
+
+def spd_cholesky(g: torch.Tensor, name: str, fix: str, check: bool = True) -> torch.Tensor:
+    """Lower Cholesky factor of a batch of SPD matrices ``g``; with ``check`` an entry that
+    :func:`spd_cholesky_flagged` marks as bad raises a ``ValueError`` naming ``name`` and ``fix``.
+    The check costs one host synchronisation; without it bad entries come back as NaN or huge."""
+    factor, ok = spd_cholesky_flagged(g)
     if check:
-        k = g.shape[-1]
-        pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
-        scale = torch.diagonal(g, dim1=-2, dim2=-1).amax(-1)
-        singular = pivots.amin(-1) <= 4 * k * torch.finfo(g.dtype).eps * scale
-        bad = (info != 0) | ~torch.isfinite(g).flatten(-2).all(-1) | singular
-        if bool(bad.any()):
-            count = int(bad.sum())
-            total = bad.numel()
-            raise ValueError(
-                f"{name} is not positive definite or not finite in {count} of {total} batch "
-                f"entries (the factor is rank-deficient, or holds NaN/Inf). Fix: {fix}"
-            )
+        raise_if_not_ok(ok, name, fix)
     return factor
 
 

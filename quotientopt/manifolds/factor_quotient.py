@@ -22,7 +22,7 @@ vectors" of this manifold are horizontal vectors, and ``proju`` is the horizonta
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import geoopt
 import torch
@@ -31,13 +31,14 @@ from quotientopt.linalg import (
     compute_dtype,
     damp,
     gram,
+    raise_if_not_ok,
     solve_sylvester_sym,
-    spd_cholesky,
+    spd_cholesky_flagged,
     spd_solve_right,
     sym_funm,
 )
 
-__all__ = ["FactorQuotient", "balance", "charge", "product"]
+__all__ = ["FactorQuotient", "Grams", "balance", "charge", "product"]
 
 Metric = Literal["preconditioned", "inv"]
 
@@ -46,6 +47,16 @@ _RANK_FIX = (
     "re-balance with FactorQuotient.balance(), or build FactorQuotient(..., damping=1e-6) to "
     "floor the Gram matrices."
 )
+
+
+class Grams(NamedTuple):
+    """The k x k data of a point that every metric operation needs (see :meth:`FactorQuotient.grams`)."""
+
+    p: torch.Tensor  # damped B^T B, (..., k, k), float32 or better
+    q: torch.Tensor  # damped A^T A
+    chol_p: torch.Tensor  # lower Cholesky factor of p
+    chol_q: torch.Tensor  # lower Cholesky factor of q
+    ok: torch.Tensor  # (...,) bool: both Grams positive definite, finite and regular
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -207,18 +218,28 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         return torch.cat((a @ omega, -(b @ omega.transpose(-1, -2))), dim=-2)
 
     # ------------------------------------------------------------------------ k x k pieces
-    def _grams(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Damped :math:`P = B^\top B` and :math:`Q = A^\top A` in float32 or better."""
-        a, b = self.factors(z)
-        return damp(gram(b), self.damping), damp(gram(a), self.damping)
+    def grams(self, z: torch.Tensor, *, check: bool | None = None) -> Grams:
+        r"""The (damped) Grams :math:`P = B^\top B`, :math:`Q = A^\top A` of the point, their
+        Cholesky factors and a per-head health flag, in float32 or better.
 
-    def _cholesky(self, g: torch.Tensor, label: str) -> torch.Tensor:
-        return spd_cholesky(
-            g, f"FactorQuotient: the Gram {label} of the point", _RANK_FIX, self.check
-        )
+        Every metric operation below accepts them as ``grams=`` so that a caller (an optimizer)
+        computes them once per step. ``check`` (default: the manifold's ``check``) raises a
+        ``ValueError`` for rank-deficient or non-finite heads, at the cost of one host
+        synchronisation; without it the flag ``ok`` reports them and nothing synchronises.
+        """
+        a, b = self.factors(z)
+        p, q = damp(gram(b), self.damping), damp(gram(a), self.damping)
+        chol_p, ok_p = spd_cholesky_flagged(p)
+        chol_q, ok_q = spd_cholesky_flagged(q)
+        if self.check if check is None else check:
+            raise_if_not_ok(ok_p, "FactorQuotient: the Gram P = B^T B of the point", _RANK_FIX)
+            raise_if_not_ok(ok_q, "FactorQuotient: the Gram Q = A^T A of the point", _RANK_FIX)
+        return Grams(p, q, chol_p, chol_q, ok_p & ok_q)
 
     # ---------------------------------------------------------------------- the geometry
-    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def egrad2rgrad(
+        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor:
         r"""Riemannian gradient from the Euclidean one :math:`(\nabla_A f, \nabla_B f)`.
 
         * preconditioned: :math:`(\nabla_A f\, P^{-1},\; \nabla_B f\, Q^{-1})`;
@@ -229,36 +250,31 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         step from any representative lands on the same orbit. For a non-invariant :math:`f` it is
         the total-space gradient; ``proju`` of it is the gradient of the quotient.
         """
-        p, q = self._grams(x)
+        grams = self.grams(x) if grams is None else grams
         ga, gb = self.factors(u)
         if self.metric == "preconditioned":
-            ra = spd_solve_right(ga, self._cholesky(p, "P = B^T B"))
-            rb = spd_solve_right(gb, self._cholesky(q, "Q = A^T A"))
+            ra = spd_solve_right(ga, grams.chol_p)
+            rb = spd_solve_right(gb, grams.chol_q)
         else:
-            if self.check:  # the metric needs invertible Grams even where the formula does not
-                self._cholesky(p, "P = B^T B")
-                self._cholesky(q, "Q = A^T A")
-            ra = (ga.to(q.dtype) @ q).to(u.dtype)
-            rb = (gb.to(p.dtype) @ p).to(u.dtype)
+            ra = (ga.to(grams.q.dtype) @ grams.q).to(u.dtype)
+            rb = (gb.to(grams.p.dtype) @ grams.p).to(u.dtype)
         return torch.cat((ra, rb), dim=-2)
 
-    def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor, grams: Grams) -> torch.Tensor:
         r"""The :math:`W` with ``u - vertical(x, W)`` horizontal (metric-orthogonal to the orbit)."""
         a, b = self.factors(x)
         ua, ub = self.factors(u)
-        dtype = compute_dtype(x.dtype)
+        dtype = grams.p.dtype
         a, b, ua, ub = (t.to(dtype) for t in (a, b, ua, ub))
-        p, q = self._grams(x)
+        p, q = grams.p, grams.q
         if self.metric == "preconditioned":
             # W = 1/2 (Q^{-1} A^T u_A - u_B^T B P^{-1})
-            left = torch.cholesky_solve(a.transpose(-1, -2) @ ua, self._cholesky(q, "Q = A^T A"))
-            right = torch.cholesky_solve(b.transpose(-1, -2) @ ub, self._cholesky(p, "P = B^T B"))
+            left = torch.cholesky_solve(a.transpose(-1, -2) @ ua, grams.chol_q)
+            right = torch.cholesky_solve(b.transpose(-1, -2) @ ub, grams.chol_p)
             return 0.5 * (left - right.transpose(-1, -2))
         # inv metric: X = W^T solves the Sylvester equation (QP) X + X (QP) = R with
         # R = u_A^T A P - Q B^T u_B. QP is similar to the SPD S = Q^{1/2} P Q^{1/2}; with
         # X = Q^{1/2} Y Q^{-1/2} it becomes the Lyapunov equation S Y + Y S = Q^{-1/2} R Q^{1/2}.
-        self._cholesky(p, "P = B^T B")
-        self._cholesky(q, "Q = A^T A")
         q_root = sym_funm(q, torch.sqrt)
         q_root_inv = sym_funm(q, torch.rsqrt)
         rhs = ua.transpose(-1, -2) @ a @ p - q @ b.transpose(-1, -2) @ ub
@@ -266,7 +282,9 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         y = solve_sylvester_sym(s, s, q_root_inv @ rhs @ q_root)
         return (q_root @ y @ q_root_inv).transpose(-1, -2)
 
-    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def proju(
+        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor:
         r"""Horizontal projection :math:`\xi \mapsto \xi - (A W, -B W^\top)`.
 
         * preconditioned (closed form):
@@ -279,7 +297,8 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         Idempotent, metric-orthogonal to the vertical space, and it leaves
         :math:`d(A B^\top) = \xi_A B^\top + A \xi_B^\top` unchanged.
         """
-        return u - self.vertical(x, self._vertical_generator(x, u))
+        grams = self.grams(x) if grams is None else grams
+        return u - self.vertical(x, self._vertical_generator(x, u, grams))
 
     horizontal_part = proju
 
@@ -294,6 +313,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         v: torch.Tensor | None = None,
         *,
         keepdim: bool = False,
+        grams: Grams | None = None,
     ) -> torch.Tensor:
         r""":math:`g_Z(\xi, \eta)`, one value per point (``(...)``, or ``(..., 1, 1)`` with keepdim).
 
@@ -302,15 +322,16 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         """
         if v is None:
             v = u
-        p, q = self._grams(x)
+        grams = self.grams(x) if grams is None else grams
+        p, q = grams.p, grams.q
         dtype = p.dtype
         ua, ub = (t.to(dtype) for t in self.factors(u))
         va, vb = (t.to(dtype) for t in self.factors(v))
         if self.metric == "preconditioned":
             wa, wb = ua @ p, ub @ q
         else:
-            wa = spd_solve_right(ua, self._cholesky(q, "Q = A^T A"))
-            wb = spd_solve_right(ub, self._cholesky(p, "P = B^T B"))
+            wa = spd_solve_right(ua, grams.chol_q)
+            wb = spd_solve_right(ub, grams.chol_p)
         value = (wa * va).sum((-1, -2)) + (wb * vb).sum((-1, -2))
         value = value.to(torch.promote_types(u.dtype, v.dtype))
         return value[..., None, None] if keepdim else value

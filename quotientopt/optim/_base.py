@@ -1,0 +1,115 @@
+"""What the quotient optimizers share: hyperparameter checks, the split of parameters by kind,
+the non-finite-gradient rule and the per-head health counters."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+
+import geoopt
+import torch
+
+from quotientopt.manifolds import FactorQuotient
+
+NONFINITE_POLICIES = ("skip", "warn", "raise")
+
+
+def check_number(
+    name: str, value: float, low: float, high: float, *, low_open=False, high_open=False
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"invalid {name}: {value!r}; expected a finite number in {interval}")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(
+            f"invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
+
+
+def manifold_of(p: torch.Tensor) -> geoopt.manifolds.Manifold | None:
+    """The geoopt manifold of a parameter, or None for a plain tensor (or a Euclidean one)."""
+    manifold = getattr(p, "manifold", None)
+    if manifold is None or isinstance(manifold, geoopt.manifolds.Euclidean):
+        return None
+    return manifold
+
+
+def is_quotient_parameter(p: torch.Tensor) -> bool:
+    """True for a parameter on a :class:`~quotientopt.manifolds.FactorQuotient`."""
+    return isinstance(getattr(p, "manifold", None), FactorQuotient)
+
+
+def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Per device, a 0-dim float tensor that is 1 if any gradient holds NaN/Inf, else 0, computed by
+    one fused kernel per device and dtype with no host synchronisation (AMP's check)."""
+    by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[(g.device, g.dtype)].append(g)
+    flags: dict[torch.device, torch.Tensor] = {}
+    for (device, _), group in by_device.items():
+        flag = torch.zeros((), device=device, dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
+        flags[device] = torch.maximum(flags[device], flag) if device in flags else flag
+    return flags
+
+
+class HealthMixin:
+    """Counters of skipped updates, kept as device tensors (no synchronisation while stepping).
+
+    ``nonfinite_steps``: steps skipped because a gradient held NaN/Inf (all parameters kept).
+    ``rank_skips``: head updates skipped because they would have left a head rank-deficient or
+    non-finite (that head's factors and momentum kept).
+    """
+
+    def _init_health(self) -> None:
+        self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
+        self._rank_skips: dict[torch.device, torch.Tensor] = {}
+
+    def _count(self, store: dict, device: torch.device, amount: torch.Tensor) -> None:
+        if device not in store:
+            store[device] = torch.zeros((), dtype=torch.int64, device=device)
+        store[device] += amount.to(torch.int64)
+
+    def nonfinite_steps(self) -> int:
+        """How many steps were skipped for a NaN/Inf gradient (synchronises)."""
+        return int(sum(int(v) for v in self._nonfinite_steps.values()))
+
+    def rank_skips(self) -> int:
+        """How many head updates were skipped for rank loss (synchronises)."""
+        return int(sum(int(v) for v in self._rank_skips.values()))
+
+    def _apply_policy(
+        self, policy: str, nonfinite: torch.Tensor, bad_heads: torch.Tensor, name: str
+    ) -> None:
+        """``warn`` and ``raise`` synchronise once per call; ``skip`` never does."""
+        if policy == "skip":
+            return
+        n_bad = int(bad_heads.sum())
+        problems = []
+        if bool(nonfinite):
+            problems.append("a gradient holds NaN or Inf")
+        if n_bad:
+            problems.append(
+                f"{n_bad} head update(s) of {name} would lose rank or become non-finite"
+            )
+        if not problems:
+            return
+        message = (
+            f"{type(self).__name__}: {' and '.join(problems)}; the step was not applied to them. "
+            "Fix: lower the learning rate, clip gradients, or check the loss for overflow."
+        )
+        if policy == "raise":
+            raise ValueError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -61,18 +61,24 @@ def damp(g: torch.Tensor, eps: float) -> torch.Tensor:
     return g + delta[..., None, None] * torch.eye(k, dtype=g.dtype, device=g.device)
 
 
-def spd_cholesky_flagged(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def spd_cholesky_flagged(
+    g: torch.Tensor, reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Lower Cholesky factor of a batch of SPD matrices and a per-entry health flag, with no
     host synchronisation.
 
     ``ok`` (shape ``g.shape[:-2]``) is False where the factorization failed, where ``g`` holds
     NaN/Inf, or where ``g`` is singular to working precision: its smallest pivot
     :math:`L_{ii}^2` is below :math:`4 k \varepsilon \max_i G_{ii}` (``eps`` of ``g``'s dtype).
+    With ``reference`` (an earlier Gram of the same factor) the scale is the larger of the two
+    diagonals, so a factor that collapsed towards zero in one step counts as rank loss too.
     """
     factor, info = torch.linalg.cholesky_ex(g)
     k = g.shape[-1]
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
     scale = torch.diagonal(g, dim1=-2, dim2=-1).amax(-1)
+    if reference is not None:
+        scale = torch.maximum(scale, torch.diagonal(reference, dim1=-2, dim2=-1).amax(-1))
     regular = pivots.amin(-1) > 4 * k * torch.finfo(g.dtype).eps * scale
     ok = (info == 0) & torch.isfinite(g).flatten(-2).all(-1) & regular
     return factor, ok

@@ -218,7 +218,9 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         return torch.cat((a @ omega, -(b @ omega.transpose(-1, -2))), dim=-2)
 
     # ------------------------------------------------------------------------ k x k pieces
-    def grams(self, z: torch.Tensor, *, check: bool | None = None) -> Grams:
+    def grams(
+        self, z: torch.Tensor, *, check: bool | None = None, reference: Grams | None = None
+    ) -> Grams:
         r"""The (damped) Grams :math:`P = B^\top B`, :math:`Q = A^\top A` of the point, their
         Cholesky factors and a per-head health flag, in float32 or better.
 
@@ -226,11 +228,13 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         computes them once per step. ``check`` (default: the manifold's ``check``) raises a
         ``ValueError`` for rank-deficient or non-finite heads, at the cost of one host
         synchronisation; without it the flag ``ok`` reports them and nothing synchronises.
+        ``reference``: the Grams of the previous iterate; a factor whose Gram collapsed relative
+        to them counts as rank-deficient (see :func:`quotientopt.linalg.spd_cholesky_flagged`).
         """
         a, b = self.factors(z)
         p, q = damp(gram(b), self.damping), damp(gram(a), self.damping)
-        chol_p, ok_p = spd_cholesky_flagged(p)
-        chol_q, ok_q = spd_cholesky_flagged(q)
+        chol_p, ok_p = spd_cholesky_flagged(p, None if reference is None else reference.p)
+        chol_q, ok_q = spd_cholesky_flagged(q, None if reference is None else reference.q)
         if self.check if check is None else check:
             raise_if_not_ok(ok_p, "FactorQuotient: the Gram P = B^T B of the point", _RANK_FIX)
             raise_if_not_ok(ok_q, "FactorQuotient: the Gram Q = A^T A of the point", _RANK_FIX)

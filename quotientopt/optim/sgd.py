@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.manifolds.factor_quotient import Grams, balance
@@ -190,7 +191,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         else:
             direction = rgrad
         new = z.add(direction, alpha=-lr)
-        new_grams = manifold.grams(new, check=False)
+        new_grams = manifold.grams(new, check=False, reference=grams)
         ok = grams.ok & new_grams.ok & torch.isfinite(new).flatten(-2).all(-1) & keep
         if buf is not None:
             buf = manifold.proju(new, buf, grams=new_grams)
@@ -294,7 +295,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             for device in {p.device for p in plain}:
                 params = [p for p in plain if p.device == device]
                 buffers = [self.state[p].get("momentum_buffer") for p in params]
-                torch.optim.sgd.sgd(
+                torch_sgd(
                     params,
                     [p.grad for p in params],
                     buffers,

@@ -1,0 +1,347 @@
+"""QuotientSGD: invariance, conditioning independence, the torch.optim contract, safeguards."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import geoopt
+import pytest
+import torch
+
+from quotientopt.manifolds import FactorQuotient
+from quotientopt.optim import QuotientSGD
+from tests.helpers import matrix_with_condition, relative_error, rng
+
+N, M, K, HEADS = 10, 8, 3, 4
+
+
+def regression_problem(seed: int = 0):
+    """Low-rank regression ``Y = X W*`` for four heads at once."""
+    gen = rng(seed)
+    x = torch.randn(64, N, generator=gen, dtype=torch.float64)
+    w_star = torch.randn(HEADS, N, K, generator=gen, dtype=torch.float64) @ torch.randn(
+        HEADS, K, M, generator=gen, dtype=torch.float64
+    )
+    z0 = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    return x, x @ w_star, z0, gen
+
+
+def train(manifold, z0, x, y, make_optimizer, steps=200):
+    point = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    optimizer = make_optimizer([point])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = 0.5 * ((x @ manifold.product(point) - y) ** 2).sum() / x.shape[0]
+        loss.backward()
+        optimizer.step()
+    return manifold.product(point.detach()), loss.item()
+
+
+QUOTIENT_SETTINGS = [
+    {"lr": 0.1},
+    {"lr": 0.05, "momentum": 0.9},
+    {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+    {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-3},
+    {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "weight_decay_mode": "nuclear"},
+    {"lr": 0.05, "momentum": 0.9, "rebalance_every": 10},
+]
+
+
+@pytest.mark.parametrize("options", QUOTIENT_SETTINGS)
+def test_trajectory_does_not_depend_on_the_factorization(options):
+    x, y, z0, gen = regression_problem()
+    manifold = FactorQuotient(N, M)
+    g = matrix_with_condition((HEADS,), K, K, 1e3, gen, torch.float64)
+
+    def make(params):
+        return QuotientSGD(params, **options)
+
+    w1, loss = train(manifold, z0, x, y, make)
+    w2, _ = train(manifold, manifold.act(z0, g), x, y, make)
+    assert relative_error(w2, w1) < 1e-10
+    assert loss < 1e-2  # and it learns
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: torch.optim.SGD(ps, lr=0.002), lambda ps: torch.optim.Adam(ps, lr=0.01)],
+    ids=["torch-SGD", "torch-Adam"],
+)
+def test_torch_optimizers_depend_on_the_factorization(make):
+    x, y, z0, gen = regression_problem()
+    manifold = FactorQuotient(N, M)
+    g = matrix_with_condition((HEADS,), K, K, 3.0, gen, torch.float64)
+    w1, _ = train(manifold, z0, x, y, make)
+    w2, _ = train(manifold, manifold.act(z0, g), x, y, make)
+    assert bool(torch.isfinite(w1).all() and torch.isfinite(w2).all())
+    assert relative_error(w2, w1) > 1e-3
+
+
+def test_rebalancing_preserves_the_function_and_balances():
+    x, y, z0, _ = regression_problem()
+    manifold = FactorQuotient(N, M)
+    w_plain, _ = train(manifold, z0, x, y, lambda ps: QuotientSGD(ps, lr=0.05, momentum=0.9), 30)
+    point = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    optimizer = QuotientSGD([point], lr=0.05, momentum=0.9, rebalance_every=30)
+    for _ in range(30):
+        optimizer.zero_grad()
+        (0.5 * ((x @ manifold.product(point) - y) ** 2).sum() / x.shape[0]).backward()
+        optimizer.step()
+    assert relative_error(manifold.product(point.detach()), w_plain) < 1e-11
+    charge = manifold.charge(point.detach())
+    assert float(charge.abs().max()) < 1e-10 * float(manifold.product(point.detach()).abs().max())
+
+
+# --------------------------------------------------------------------- conditioning independence
+def sensing_problem(kappa: float, n=20, m=20, k=3, measurements=800, seed=0):
+    """Low-rank matrix sensing with target condition number ``kappa`` and spectral initialization."""
+    gen = rng(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    target = (u * torch.logspace(0, -math.log10(kappa), k, dtype=torch.float64)) @ v.T
+    sensing = (
+        torch.randn(measurements, n, m, generator=gen, dtype=torch.float64) / measurements**0.5
+    )
+    y = torch.einsum("pij,ij->p", sensing, target)
+    left, s, right = torch.linalg.svd(torch.einsum("p,pij->ij", y, sensing))
+    z0 = torch.cat((left[:, :k] * s[:k].sqrt(), right[:k].T * s[:k].sqrt()))
+    return sensing, y, target, z0
+
+
+def steps_to_accuracy(kappa, make, budget, tol=1e-6):
+    sensing, y, target, z0 = sensing_problem(kappa)
+    manifold = FactorQuotient(20, 20)
+    point = geoopt.ManifoldParameter(z0, manifold=manifold)
+    optimizer = make([point])
+    for step in range(budget + 1):
+        error = relative_error(manifold.product(point.detach()), target)
+        if error < tol:
+            return step
+        if not math.isfinite(error):
+            return math.inf
+        optimizer.zero_grad()
+        (
+            0.5 * ((torch.einsum("pij,ij->p", sensing, manifold.product(point)) - y) ** 2).sum()
+        ).backward()
+        optimizer.step()
+    return math.inf
+
+
+def test_step_count_does_not_grow_with_the_condition_number():
+    budget = 80
+    counts = {
+        kappa: steps_to_accuracy(kappa, lambda ps: QuotientSGD(ps, lr=0.5), budget)
+        for kappa in (1, 10, 100, 1000)
+    }
+    assert all(c <= budget for c in counts.values()), counts
+    assert max(counts.values()) <= min(counts.values()) + 10, counts
+    momentum = steps_to_accuracy(1000, lambda ps: QuotientSGD(ps, lr=0.3, momentum=0.5), budget)
+    assert momentum <= budget
+    # Euclidean SGD on the same factors, best of a learning-rate grid, ten times the budget
+    for kappa in (100, 1000):
+        best = min(
+            steps_to_accuracy(kappa, lambda ps, lr=lr: torch.optim.SGD(ps, lr=lr), 10 * budget)
+            for lr in (0.1, 0.3, 0.5)
+        )
+        assert best == math.inf, (kappa, best)
+
+
+# ------------------------------------------------------------------------- torch.optim contract
+def small_model(seed=0):
+    gen = rng(seed)
+    manifold = FactorQuotient(6, 5)
+    heads = geoopt.ManifoldParameter(torch.randn(2, 11, 2, generator=gen), manifold=manifold)
+    weight = torch.nn.Parameter(torch.randn(5, 3, generator=gen))
+    sphere = geoopt.ManifoldParameter(
+        geoopt.Sphere().projx(torch.randn(4, generator=gen)), manifold=geoopt.Sphere()
+    )
+    return manifold, [heads, weight, sphere]
+
+
+def loss_of(manifold, params, batch):
+    heads, weight, sphere = params
+    out = batch @ manifold.product(heads).sum(0) @ weight
+    return (out**2).mean() + (sphere * torch.arange(4.0)).sum()
+
+
+def run_steps(optimizer, manifold, params, steps, seed=1):
+    gen = rng(seed)
+    for _ in range(steps):
+        batch = torch.randn(8, 6, generator=gen)
+        optimizer.zero_grad()
+        loss_of(manifold, params, batch).backward()
+        optimizer.step()
+
+
+def test_state_dict_resume_is_bitwise_identical():
+    manifold, params = small_model()
+    optimizer = QuotientSGD(params, lr=0.05, momentum=0.9, nesterov=True)
+    run_steps(optimizer, manifold, params, 5)
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    run_steps(optimizer, manifold, params, 5, seed=2)
+    reference = [p.detach().clone() for p in params]
+
+    manifold2, params2 = small_model(seed=9)
+    with torch.no_grad():
+        for p, saved in zip(params2, saved_params, strict=True):
+            p.copy_(saved)
+    resumed = QuotientSGD(params2, lr=0.05, momentum=0.9, nesterov=True)
+    resumed.load_state_dict(saved_state)
+    run_steps(resumed, manifold2, params2, 5, seed=2)
+    for p, ref in zip(params2, reference, strict=True):
+        assert torch.equal(p.detach(), ref)
+
+
+def test_plain_tensors_step_exactly_as_torch_sgd():
+    gen = rng(4)
+    w = torch.randn(7, 5, generator=gen)
+    grads = [torch.randn(7, 5, generator=gen) for _ in range(5)]
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt_ours = QuotientSGD([ours], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    opt_theirs = torch.optim.SGD(
+        [theirs], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, fused=True
+    )
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.equal(ours.detach(), theirs.detach())
+
+
+def test_other_geoopt_manifolds_step_as_riemannian_sgd():
+    gen = rng(5)
+    x = geoopt.Sphere().projx(torch.randn(6, generator=gen))
+    grads = [torch.randn(6, generator=gen) for _ in range(4)]
+    ours = geoopt.ManifoldParameter(x.clone(), manifold=geoopt.Sphere())
+    theirs = geoopt.ManifoldParameter(x.clone(), manifold=geoopt.Sphere())
+    opt_ours = QuotientSGD([ours], lr=0.1)
+    opt_theirs = geoopt.optim.RiemannianSGD([theirs], lr=0.1)
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.allclose(ours.detach(), theirs.detach(), atol=1e-6)
+
+
+def test_param_groups_schedulers_closures_and_add_param_group():
+    manifold, params = small_model()
+    heads, weight, sphere = params
+    optimizer = QuotientSGD(
+        [{"params": [heads], "lr": 0.0}, {"params": [weight]}], lr=0.1, momentum=0.5
+    )
+    before = heads.detach().clone()
+    batch = torch.randn(8, 6, generator=rng(6))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(manifold, params, batch)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert torch.equal(heads.detach(), before)  # lr 0 in its group
+    optimizer.add_param_group({"params": [sphere], "lr": 0.01})
+    assert optimizer.param_groups[2]["momentum"] == 0.5  # defaults fill the new group
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.step(closure)
+    scheduler.step()
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.05)
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(0.005)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+# ------------------------------------------------------------------------------- safeguards
+def test_bfloat16_parameters_train_without_nan():
+    gen = rng(7)
+    manifold = FactorQuotient(16, 12)
+    target = (
+        torch.randn(3, 16, 2, generator=gen) @ torch.randn(3, 2, 12, generator=gen)
+    ).bfloat16()
+    point = geoopt.ManifoldParameter(
+        (torch.randn(3, 28, 2, generator=gen) / 2).bfloat16(), manifold=manifold
+    )
+    optimizer = QuotientSGD([point], lr=0.3, momentum=0.5)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = 0.5 * ((manifold.product(point) - target).float() ** 2).sum()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert point.dtype == torch.bfloat16
+    assert bool(torch.isfinite(point).all())
+    assert losses[-1] < 1e-4 * losses[0]
+
+
+@pytest.mark.parametrize("policy", ["skip", "warn", "raise"])
+def test_nonfinite_gradients_never_reach_the_weights(policy):
+    manifold, params = small_model()
+    optimizer = QuotientSGD(params, lr=0.1, momentum=0.9, on_nonfinite=policy)
+    run_steps(optimizer, manifold, params, 2)
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(optimizer.state_dict())
+    optimizer.zero_grad()
+    loss_of(manifold, params, torch.randn(8, 6)).backward()
+    params[1].grad[0, 0] = float("nan")  # one plain tensor's gradient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if policy == "raise":
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                optimizer.step()
+        else:
+            optimizer.step()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+    after = optimizer.state_dict()["state"]
+    for index, entry in state_before["state"].items():
+        assert torch.equal(after[index]["momentum_buffer"], entry["momentum_buffer"])
+    if policy == "warn":
+        assert any("NaN or Inf" in str(w.message) for w in caught)
+    if policy != "raise":
+        assert optimizer.nonfinite_steps() == 1
+
+
+def test_rank_loss_is_caught_per_head():
+    gen = rng(8)
+    manifold = FactorQuotient(6, 5)
+    z = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+    optimizer = QuotientSGD([point], lr=1.0)
+    a, b = manifold.factors(z)
+    grad = torch.zeros_like(z)
+    grad[..., :6, :] = 0.01 * a @ (b.mT @ b)  # small steps for heads 0 and 2
+    grad[1, :6, :] = a[1] @ (b[1].mT @ b[1])  # the Riemannian gradient of head 1 is A: A -> 0
+    point.grad = grad
+    optimizer.step()
+    assert torch.equal(point.detach()[1], z[1])
+    assert not torch.equal(point.detach()[0], z[0])
+    assert optimizer.rank_skips() == 1
+    manifold.assert_check_point_on_manifold(point.detach())
+    point.grad = grad
+    strict = QuotientSGD([point], lr=1.0, on_nonfinite="raise")
+    with pytest.raises(ValueError, match="lose rank"):
+        strict.step()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": -0.1}, "invalid lr"),
+        ({"lr": float("nan")}, "invalid lr"),
+        ({"momentum": 1.0}, "invalid momentum"),
+        ({"dampening": 2.0}, "invalid dampening"),
+        ({"weight_decay": -1.0}, "invalid weight_decay"),
+        ({"nesterov": True}, "Nesterov momentum needs"),
+        ({"weight_decay_mode": "factors"}, "invalid weight_decay_mode"),
+        ({"on_nonfinite": "ignore"}, "invalid on_nonfinite"),
+        ({"rebalance_every": -1}, "invalid rebalance_every"),
+    ],
+)
+def test_invalid_hyperparameters(options, message):
+    with pytest.raises(ValueError, match=message):
+        QuotientSGD([torch.nn.Parameter(torch.zeros(2))], **{"lr": 0.1, **options})

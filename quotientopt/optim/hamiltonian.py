@@ -1,0 +1,294 @@
+r"""Hamiltonian dynamics on the reduced phase space of the head quotients.
+
+For ``Z = [A; B]`` on :class:`~quotientopt.manifolds.FactorQuotient` with momentum covector
+``p = [p_A; p_B]`` the Hamiltonian is
+
+.. math::
+
+    H(Z, p) = T(Z, p) + L(Z), \qquad
+    T = \tfrac12 \operatorname{tr}(p_A P^{-1} p_A^\top) + \tfrac12 \operatorname{tr}(p_B Q^{-1} p_B^\top),
+
+the kinetic energy of the preconditioned metric (:math:`P = B^\top B`, :math:`Q = A^\top A`). Its
+velocity :math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})` is the metric's raised momentum, and
+
+.. math:: \partial_A T = -A\, V_B^\top V_B, \qquad \partial_B T = -B\, V_A^\top V_A,
+          \qquad V = \partial_p T.
+
+:math:`H` is GL(k)-invariant, so its momentum map :math:`J = A^\top p_A - p_B^\top B` (the metric
+pairing of the velocity with the orbit directions) is conserved; the reduced phase space is
+:math:`J = 0` (horizontal velocities), where every run starts (:math:`p_0 = 0`).
+
+Integrator (generalized leapfrog / Stormer-Verlet for a non-separable :math:`H`, symplectic,
+time-reversible, second order; its implicit stages are solved by ``implicit_iterations`` fixed-point
+sweeps), step :math:`h` = ``lr``:
+
+.. math::
+
+    p_{n+1/2} &= p_n - \tfrac{h}{2}\,[\nabla L(Z_n) + \partial_Z T(Z_n, p_{n+1/2})] \\
+    Z_{n+1} &= Z_n + \tfrac{h}{2}\,[\partial_p T(Z_n, p_{n+1/2}) + \partial_p T(Z_{n+1}, p_{n+1/2})] \\
+    p_{n+1} &= e^{-\gamma h}\,\big(p_{n+1/2} - \tfrac{h}{2}\,[\nabla L(Z_{n+1}) + \partial_Z T(Z_{n+1}, p_{n+1/2})]\big)
+
+The last half-kick needs :math:`\nabla L(Z_{n+1})`, so it runs at the start of the next
+``step()``. ``friction`` :math:`\gamma = 0` is the frictionless mode (it conserves :math:`H` up to
+:math:`O(h^2)` without drift); :math:`\gamma > 0` is conformal-symplectic descent (:math:`H`
+decays, :math:`J = 0` is kept). Because every stage is GL(k)-equivariant, the trajectory of
+products does not depend on the starting factorization. Plain tensors run the same leapfrog with
+kinetic energy :math:`\tfrac12 \|p\|^2` (which is separable, so it is explicit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from quotientopt.linalg import compute_dtype
+from quotientopt.manifolds import FactorQuotient
+from quotientopt.optim._base import (
+    HealthMixin,
+    check_number,
+    found_nonfinite,
+    is_quotient_parameter,
+    manifold_of,
+)
+
+
+def velocity(manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
+    r""":math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})`."""
+    return manifold.egrad2rgrad(z, p, grams=grams)
+
+
+def transfer(
+    manifold: FactorQuotient, z: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    r"""The velocity at ``y`` of the momentum whose velocity at ``z`` is ``v``:
+    :math:`(v_A P_z P_y^{-1},\; v_B Q_z Q_y^{-1})`, computed as
+    :math:`v_A - v_A\, \Delta P\, P_y^{-1}` with :math:`\Delta P = P_y - P_z` formed from the
+    increment :math:`\Delta B = B_y - B_z` (no cancellation between nearly equal Grams)."""
+    a, b = manifold.factors(z)
+    da, db = manifold.factors(y - z)
+    dtype = compute_dtype(z.dtype)
+    a, b, da, db = (t.to(dtype) for t in (a, b, da, db))
+
+    def delta(f, df):  # (F + dF)^T (F + dF) - F^T F
+        cross = f.mT @ df
+        return cross + cross.mT + df.mT @ df
+
+    grams = manifold.grams(y, check=False)
+    va, vb = manifold.factors(v)
+    correction = torch.cat((va.to(dtype) @ delta(b, db), vb.to(dtype) @ delta(a, da)), dim=-2).to(
+        v.dtype
+    )
+    return v - manifold.egrad2rgrad(y, correction, grams=grams)
+
+
+def velocity_momentum_map(
+    manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor, grams
+) -> torch.Tensor:
+    r""":math:`J` of the momentum whose velocity is ``v``: :math:`A^\top v_A P - Q v_B^\top B`."""
+    a, b = manifold.factors(z)
+    va, vb = manifold.factors(v)
+    dtype = grams.p.dtype
+    a, b, va, vb = (t.to(dtype) for t in (a, b, va, vb))
+    return a.mT @ va @ grams.p - grams.q @ vb.mT @ b
+
+
+def lower(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor, grams) -> torch.Tensor:
+    r"""The covector of a velocity, :math:`(V_A P, V_B Q)` (inverse of :func:`velocity`)."""
+    va, vb = manifold.factors(v)
+    dtype = grams.p.dtype
+    return torch.cat(
+        ((va.to(dtype) @ grams.p).to(v.dtype), (vb.to(dtype) @ grams.q).to(v.dtype)), dim=-2
+    )
+
+
+def kinetic_force(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v``."""
+    a, b = manifold.factors(z)
+    va, vb = manifold.factors(v)
+    return -torch.cat((a @ (vb.mT @ vb), b @ (va.mT @ va)), dim=-2)
+
+
+def kinetic_energy(
+    manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor, grams=None
+) -> torch.Tensor:
+    r""":math:`T(Z, p)` per head, shape ``z.shape[:-2]``, in float32 or better."""
+    grams = manifold.grams(z, check=False) if grams is None else grams
+    v = velocity(manifold, z, p, grams)
+    return 0.5 * (p.to(grams.p.dtype) * v.to(grams.p.dtype)).sum((-1, -2))
+
+
+def momentum_map(manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    r""":math:`J = A^\top p_A - p_B^\top B` (``k x k`` per head): the metric pairing of the velocity
+    with the orbit directions; zero exactly when the velocity is horizontal."""
+    a, b = manifold.factors(z)
+    pa, pb = manifold.factors(p)
+    return a.mT @ pa - pb.mT @ b
+
+
+class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
+    r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: the time step :math:`h`.
+        friction: :math:`\gamma \ge 0`; 0 is frictionless (energy-conserving), > 0 descends.
+        implicit_iterations: fixed-point sweeps for each implicit stage (>= 1).
+        on_nonfinite: as for :class:`~quotientopt.optim.QuotientSGD` (``"skip"``, ``"warn"``,
+            ``"raise"``); a skipped step leaves positions and momenta untouched.
+
+    After each completed leapfrog step the momentum is mapped back onto the reduced phase space
+    :math:`J = 0` (its velocity replaced by the horizontal part): the exact scheme conserves
+    :math:`J`, and this removes what the finite fixed-point iterations leave.
+
+    Quotient parameters must live on ``FactorQuotient(metric="preconditioned", damping=0)``; plain
+    tensors follow the Euclidean leapfrog. Between steps ``state[p]["velocity"]`` holds the velocity
+    of :math:`p_{n+1/2}` at the current point (for plain tensors, :math:`p_{n+1/2}` itself);
+    ``state[p]["momentum_map"]`` the momentum map :math:`J(Z_n, p_n)`, and :meth:`kinetic_energy`
+    the kinetic energy :math:`T(Z_n, p_n)`, of the last step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        friction: float = 0.0,
+        *,
+        implicit_iterations: int = 3,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        check_number("lr", lr, 0.0, float("inf"))
+        check_number("friction", friction, 0.0, float("inf"))
+        if not isinstance(implicit_iterations, int) or implicit_iterations < 1:
+            raise ValueError(
+                f"invalid implicit_iterations: {implicit_iterations!r}; expected an int >= 1"
+            )
+        from quotientopt.optim._base import NONFINITE_POLICIES, check_choice
+
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        super().__init__(
+            params, dict(lr=lr, friction=friction, implicit_iterations=implicit_iterations)
+        )
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_parameter(p)
+        self.on_nonfinite = on_nonfinite
+        self._init_health()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._check_parameter(p)
+
+    @staticmethod
+    def _check_parameter(p: torch.Tensor) -> None:
+        if is_quotient_parameter(p):
+            m = p.manifold
+            if m.metric != "preconditioned" or m.damping != 0:
+                raise ValueError(
+                    "QuotientHamiltonian needs FactorQuotient(metric='preconditioned', damping=0) "
+                    f"(its kinetic energy is that metric's); got metric={m.metric!r}, damping={m.damping}"
+                )
+        elif manifold_of(p) is not None:
+            raise ValueError(
+                f"QuotientHamiltonian supports FactorQuotient and plain parameters, not {p.manifold!r}; "
+                "step those with QuotientSGD or geoopt's optimizers (see quotientopt.optim.HybridOptimizer)"
+            )
+
+    def kinetic_energy(self) -> torch.Tensor:
+        """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for group in self.param_groups:
+            for p in group["params"]:
+                t = self.state[p].get("kinetic")
+                if t is not None:
+                    total = total + t.to(total.device, torch.float64).sum()
+        return total
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if not grads:
+            return loss
+        nonfinite = found_nonfinite(grads)
+        pending = []
+        for group in self.param_groups:
+            h, damping = group["lr"], math.exp(-group["friction"] * group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                keep = nonfinite[p.device] == 0
+                if is_quotient_parameter(p):
+                    pending.append(
+                        (
+                            p,
+                            *self._quotient_leapfrog(
+                                p, p.grad, h, damping, group["implicit_iterations"]
+                            ),
+                            keep,
+                        )
+                    )
+                else:
+                    pending.append((p, *self._euclidean_leapfrog(p, p.grad, h, damping), keep))
+        if self.on_nonfinite != "skip":
+            self._apply_policy(
+                self.on_nonfinite,
+                torch.stack(list(nonfinite.values())).amax() > 0,
+                torch.zeros(0, dtype=torch.bool),
+                "",
+            )
+        for p, new, half, kinetic, keep in pending:
+            state = self.state[p]
+            old_half = state.get("velocity")
+            p.copy_(torch.where(keep, new, p))
+            state["velocity"] = torch.where(
+                keep, half, torch.zeros_like(half) if old_half is None else old_half
+            )
+            state["kinetic"] = kinetic
+        for device, flag in nonfinite.items():
+            self._count(self._nonfinite_steps, device, flag)
+        return loss
+
+    def _quotient_leapfrog(self, p, grad, h, damping, iterations):
+        r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are
+        raised like gradients, and a velocity moves from :math:`Z_n` to :math:`Z_{n+1}` by
+        :func:`transfer`, which avoids lowering and raising with ill-conditioned Grams."""
+        manifold: FactorQuotient = p.manifold
+        z = p.detach()
+        grams = manifold.grams(z, check=False)
+
+        def force(v):  # raised [grad L + dT/dZ](Z_n, v)
+            return manifold.egrad2rgrad(z, grad + kinetic_force(manifold, z, v), grams=grams)
+
+        carried = self.state[p].get("velocity")
+        if carried is None:
+            v_n = torch.zeros_like(z)
+        else:  # finish the previous step at Z_n, then stay on the reduced phase space J = 0
+            v_n = manifold.proju(z, damping * (carried - 0.5 * h * force(carried)), grams=grams)
+        self.state[p]["momentum_map"] = velocity_momentum_map(manifold, z, v_n, grams)
+        kinetic = 0.5 * manifold.inner(z, v_n, grams=grams)
+        v_half = v_n
+        for _ in range(iterations):  # v_{n+1/2} = v_n - h/2 force(v_{n+1/2})
+            v_half = v_n - 0.5 * h * force(v_half)
+        new, moved = z + h * v_half, v_half
+        for _ in range(iterations):  # Z_{n+1} = Z_n + h/2 [v_{n+1/2} + transfer(v_{n+1/2})]
+            moved = transfer(manifold, z, new, v_half)
+            new = z + 0.5 * h * (v_half + moved)
+        return new, transfer(manifold, z, new, v_half), kinetic
+
+    def _euclidean_leapfrog(self, p, grad, h, damping):
+        x = p.detach()
+        half = self.state[p].get("velocity")
+        momentum = torch.zeros_like(x) if half is None else damping * (half - 0.5 * h * grad)
+        kinetic = 0.5 * (momentum.double() ** 2).sum()
+        half = momentum - 0.5 * h * grad
+        return x + h * half, half, kinetic

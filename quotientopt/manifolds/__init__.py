@@ -1,14 +1,24 @@
 """Quotient manifolds of attention-head factorizations, as ``geoopt.manifolds.Manifold`` subclasses."""
 
 from quotientopt.manifolds.factor_quotient import FactorQuotient, balance, charge, product
+from quotientopt.manifolds.fixed_rank import (
+    FixedRank,
+    PymanoptPoint,
+    factor_pair_from_pymanopt,
+    factor_pair_to_pymanopt,
+)
 from quotientopt.manifolds.grassmann import Grassmann
 from quotientopt.manifolds.orthogonal_quotient import OrthogonalFactorQuotient
 
 __all__ = [
     "FactorQuotient",
+    "FixedRank",
     "Grassmann",
     "OrthogonalFactorQuotient",
+    "PymanoptPoint",
     "balance",
     "charge",
+    "factor_pair_from_pymanopt",
+    "factor_pair_to_pymanopt",
     "product",
 ]

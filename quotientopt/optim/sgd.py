@@ -62,9 +62,15 @@ def quotient_weight_decay(manifold: FactorQuotient, z: torch.Tensor, mode: str) 
     return torch.cat((grad_a, grad_b), dim=-2)
 
 
-def where_heads(ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where the per-head flag ``ok`` (shape ``new.shape[:ok.dim()]``) holds, else ``old``."""
-    return torch.where(ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim())), new, old)
+def where_heads(
+    ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``new`` where the per-head flag ``ok`` (shape ``new.shape[:ok.dim()]``) holds, else ``old``
+    (written into ``out`` when given, which may alias ``new`` or ``old``)."""
+    mask = ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim()))
+    if out is None:
+        return torch.where(mask, new, old)
+    return torch.where(mask, new, old, out=out)
 
 
 class QuotientSGD(HealthMixin, torch.optim.Optimizer):
@@ -153,48 +159,53 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         cached = self._gram_cache.get(p)
         if cached is not None and cached[0] == p._version:
             return cached[1]
-        return manifold.grams(p.detach(), check=False)
+        return manifold.grams(p.detach(), check=False, inverses=True)
 
     def _quotient_update(
         self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep: torch.Tensor
     ):
-        """Candidate new point, momentum and Grams for one FactorQuotient tensor (nothing written)."""
+        """Candidate new point, momentum and Grams for one FactorQuotient tensor (nothing written
+        to ``p`` or its state); the few full-size temporaries are reused in place."""
         manifold: FactorQuotient = p.manifold
         z = p.detach()
-        lr, beta = group["lr"], group["momentum"]
+        lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
         grams = self._grams(p, manifold)
-        if group["maximize"]:
-            grad = -grad
         rgrad = manifold.egrad2rgrad(z, grad, grams=grams)
+        if group["maximize"]:
+            rgrad.neg_()
         if group["weight_decay"]:
             if (
                 group["weight_decay_mode"] == "product"
                 and manifold.metric == "preconditioned"
                 and manifold.damping == 0
             ):
-                rgrad = rgrad.add(z, alpha=group["weight_decay"])  # exact: (A P) P^{-1} = A
+                rgrad.add_(z, alpha=group["weight_decay"])  # exact: (A P) P^{-1} = A
             else:
                 penalty = quotient_weight_decay(manifold, z, group["weight_decay_mode"])
-                rgrad = rgrad.add(
+                rgrad.add_(
                     manifold.egrad2rgrad(z, penalty, grams=grams), alpha=group["weight_decay"]
                 )
-        state = self.state[p]
         buf = None
         if beta:
-            old = state.get("momentum_buffer")
-            buf = (
-                rgrad.clone()
-                if old is None
-                else old.mul(beta).add_(rgrad, alpha=1 - group["dampening"])
-            )
-            direction = rgrad.add(buf, alpha=beta) if group["nesterov"] else buf
+            old = self.state[p].get("momentum_buffer")
+            if old is None:
+                buf = rgrad.clone() if group["nesterov"] else rgrad
+            elif group["nesterov"]:
+                buf = torch.add(rgrad, old, alpha=beta)  # dampening is 0 with Nesterov
+            else:
+                buf = (
+                    rgrad.mul_(1 - dampening).add_(old, alpha=beta)
+                    if dampening
+                    else rgrad.add_(old, alpha=beta)
+                )
+            direction = rgrad.add_(buf, alpha=beta) if group["nesterov"] else buf
         else:
             direction = rgrad
-        new = z.add(direction, alpha=-lr)
-        new_grams = manifold.grams(new, check=False, reference=grams)
-        ok = grams.ok & new_grams.ok & torch.isfinite(new).flatten(-2).all(-1) & keep
+        new = torch.add(z, direction, alpha=-lr)
+        new_grams = manifold.grams(new, check=False, reference=grams, inverses=True)
+        ok = grams.ok & new_grams.ok & keep  # non-finite points have non-finite Grams
         if buf is not None:
-            buf = manifold.proju(new, buf, grams=new_grams)
+            buf = manifold.proju_(new, buf, grams=new_grams)
         return new, buf, new_grams, ok
 
     def _manifold_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):
@@ -270,10 +281,11 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             state = self.state[p]
             old_buf = state.get("momentum_buffer")
             if buf is not None:
-                state["momentum_buffer"] = where_heads(
-                    ok, buf, torch.zeros_like(buf) if old_buf is None else old_buf
-                )
-            p.copy_(where_heads(ok, new, p))
+                if old_buf is None:
+                    state["momentum_buffer"] = where_heads(ok, buf, torch.zeros_like(buf), out=buf)
+                else:
+                    where_heads(ok, buf, old_buf, out=old_buf)
+            where_heads(ok, new, p.detach(), out=p.detach())
             if kind != "quotient":
                 continue
             state["step"] = state.get("step", 0) + 1

@@ -56,10 +56,10 @@ class Grams(NamedTuple):
     chol_p: torch.Tensor  # lower Cholesky factor of p; the identity for heads that are not ok
     chol_q: torch.Tensor  # lower Cholesky factor of q; the identity for heads that are not ok
     ok: torch.Tensor  # (...,) bool: both Grams positive definite, finite and regular
-    # optional inverses of the Cholesky factors: with them, X P^{-1} is two matmuls instead of
-    # two triangular solves (faster on every device, slightly less accurate at high condition)
-    chol_p_inv: torch.Tensor | None = None
-    chol_q_inv: torch.Tensor | None = None
+    # optional inverses P^{-1}, Q^{-1} (from the Cholesky factors): with them X P^{-1} is one
+    # matmul instead of two triangular solves (faster, slightly less accurate at high condition)
+    p_inv: torch.Tensor | None = None
+    q_inv: torch.Tensor | None = None
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -235,36 +235,30 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     def _right_solve(self, u: torch.Tensor, grams: Grams, left: str, right: str) -> torch.Tensor:
         r""":math:`[u_A G_1^{-1};\; u_B G_2^{-1}]` for the Grams named ``left``, ``right``
         (``"p"`` or ``"q"``), through their Cholesky factors :math:`G = L L^\top`: two right-sided
-        triangular solves (backward stable), or two matmuls by :math:`L^{-\top}`, :math:`L^{-1}`
-        when ``grams`` carries the inverse factors. One batched call each when ``n == m``."""
+        triangular solves (backward stable), or one matmul when ``grams`` carries the inverses.
+        One batched call each when ``n == m``."""
         chols = [getattr(grams, f"chol_{name}") for name in (left, right)]
-        inverses = [getattr(grams, f"chol_{name}_inv") for name in (left, right)]
+        inverses = [getattr(grams, f"{name}_inv") for name in (left, right)]
 
         def solve(
-            x: torch.Tensor, chol: torch.Tensor, chol_inv: torch.Tensor | None
+            x: torch.Tensor, chol: torch.Tensor, inverse: torch.Tensor | None
         ) -> torch.Tensor:
-            if chol_inv is not None:
-                return (x @ chol_inv.transpose(-1, -2)) @ chol_inv
+            if inverse is not None:
+                return x @ inverse
             x = torch.linalg.solve_triangular(chol.transpose(-1, -2), x, upper=True, left=False)
             return torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+
+        def stacked(mats: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if mats[0] is None else torch.stack(torch.broadcast_tensors(*mats), dim=-3)
 
         dtype = grams.p.dtype
         if self.n == self.m:
             self._assert_check_shape(u.shape, "u")
-            chol = torch.stack(torch.broadcast_tensors(*chols), dim=-3)
-            chol_inv = (
-                None
-                if inverses[0] is None
-                else torch.stack(torch.broadcast_tensors(*inverses), dim=-3)
-            )
-            return (
-                solve(u.unflatten(-2, (2, self.n)).to(dtype), chol, chol_inv)
-                .flatten(-3, -2)
-                .to(u.dtype)
-            )
+            x = solve(u.unflatten(-2, (2, self.n)).to(dtype), stacked(chols), stacked(inverses))
+            return x.flatten(-3, -2).to(u.dtype)
         parts = [
-            solve(part.to(dtype), chol, inv)
-            for part, chol, inv in zip(self.factors(u), chols, inverses, strict=True)
+            solve(part.to(dtype), chol, inverse)
+            for part, chol, inverse in zip(self.factors(u), chols, inverses, strict=True)
         ]
         return torch.cat(parts, dim=-2).to(u.dtype)
 
@@ -299,8 +293,8 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         results for those heads), and nothing synchronises.
         ``reference``: the Grams of the previous iterate; a factor whose Gram collapsed relative
         to them counts as rank-deficient (see :func:`quotientopt.linalg.spd_cholesky_flagged`).
-        ``inverses``: also form the inverse Cholesky factors, so that solves become matmuls (the
-        optimizers' fast path).
+        ``inverses``: also form :math:`P^{-1}`, :math:`Q^{-1}` (``k x k``), so that solves become
+        single matmuls (the optimizers' fast path).
         """
         q, p = self._cross(z, z)
         p, q = damp(p, self.damping), damp(q, self.damping)
@@ -315,10 +309,8 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         chol_p, chol_q = torch.where(mask, chol_p, eye), torch.where(mask, chol_q, eye)
         if not inverses:
             return Grams(p, q, chol_p, chol_q, ok)
-        inv_p, inv_q = (
-            torch.linalg.solve_triangular(c, eye, upper=False) for c in (chol_p, chol_q)
-        )
-        return Grams(p, q, chol_p, chol_q, ok, inv_p, inv_q)
+        p_inv, q_inv = torch.cholesky_inverse(chol_p), torch.cholesky_inverse(chol_q)
+        return Grams(p, q, chol_p, chol_q, ok, p_inv, q_inv)
 
     # ---------------------------------------------------------------------- the geometry
     def egrad2rgrad(

@@ -22,6 +22,7 @@ vectors" of this manifold are horizontal vectors, and ``proju`` is the horizonta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import geoopt
@@ -117,6 +118,12 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         ``eps > 0`` keeps near-singular heads finite at the price of the exact invariance: only
         rotations and scalings (:math:`\mathbb{R}_{>0} \times O(k)`) remain exact symmetries, the
         rest of GL(k) is broken at order :math:`\epsilon \kappa`.
+    row_reduce : callable, optional
+        For factors whose rows are sharded across processes (FSDP-style): a function that sums a
+        tensor over the shards in place and returns it, e.g.
+        :func:`quotientopt.distributed.all_reduce_sum`. Then ``n``, ``m`` are this shard's row
+        counts, and every ``k x k`` contraction over rows (Grams, cross products, metric values)
+        is reduced; everything else is row-local. :meth:`balance` needs whole factors.
     check : bool
         Validate the Grams (positive definite, finite) and raise a clear ``ValueError`` otherwise.
         Costs one host synchronisation per call; optimizers that check asynchronously turn it off.
@@ -142,6 +149,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         metric: Metric = "preconditioned",
         damping: float = 0.0,
         check: bool = True,
+        row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         for label, value in (("n", n), ("m", m)):
@@ -164,6 +172,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         self.metric = metric
         self.damping = float(damping)
         self.check = check
+        self.row_reduce = row_reduce
 
     def extra_repr(self) -> str:
         return f"n={self.n}, m={self.m}, metric={self.metric!r}, damping={self.damping}"
@@ -198,6 +207,11 @@ class FactorQuotient(geoopt.manifolds.Manifold):
 
     def balance(self, z: torch.Tensor) -> torch.Tensor:
         r"""The balanced representative of :math:`[Z]`, see :func:`balance`."""
+        if self.row_reduce is not None:
+            raise ValueError(
+                "FactorQuotient.balance needs whole factors, but this manifold's rows are sharded "
+                "(row_reduce is set); gather the shards first, or do not rebalance sharded sectors"
+            )
         return torch.cat(balance(*self.factors(z)), dim=-2)
 
     def act(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -267,12 +281,14 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         dtype = compute_dtype(z.dtype)
         if self.n == self.m:
             self._assert_check_shape(z.shape, "z")
-            c = z.unflatten(-2, (2, self.n)).to(dtype).transpose(-1, -2) @ u.unflatten(
-                -2, (2, self.n)
-            ).to(dtype)
-            return c[..., 0, :, :], c[..., 1, :, :]
-        (a, b), (ua, ub) = self.factors(z), self.factors(u)
-        return a.to(dtype).mT @ ua.to(dtype), b.to(dtype).mT @ ub.to(dtype)
+            z2, u2 = z.unflatten(-2, (2, self.n)), u.unflatten(-2, (2, self.n))
+            c = z2.to(dtype).transpose(-1, -2) @ u2.to(dtype)
+        else:
+            (a, b), (ua, ub) = self.factors(z), self.factors(u)
+            c = torch.stack((a.to(dtype).mT @ ua.to(dtype), b.to(dtype).mT @ ub.to(dtype)), dim=-3)
+        if self.row_reduce is not None:  # rows sharded across processes: sum the partial products
+            c = self.row_reduce(c.contiguous())
+        return c[..., 0, :, :], c[..., 1, :, :]
 
     def grams(
         self,
@@ -418,6 +434,8 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         else:
             weighted = self._right_solve(u.to(dtype), grams, "q", "p")
         value = (weighted * v.to(dtype)).sum((-1, -2))
+        if self.row_reduce is not None:
+            value = self.row_reduce(value.contiguous())
         value = value.to(torch.promote_types(u.dtype, v.dtype))
         return value[..., None, None] if keepdim else value
 
@@ -468,7 +486,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
                 f"`{name}` has {rows} rows but FactorQuotient(n={self.n}, m={self.m}) stacks "
                 f"[A; B] into n + m = {self.n + self.m} rows; reshape to (..., {self.n + self.m}, k)."
             )
-        if k > min(self.n, self.m):
+        if k > min(self.n, self.m) and self.row_reduce is None:
             return False, (
                 f"`{name}` has k = {k} columns, more than min(n, m) = {min(self.n, self.m)}: the "
                 "factors cannot have full column rank; use k <= min(n, m)."

@@ -137,3 +137,43 @@ def test_nonfinite_gradient_leaves_state_untouched():
     assert torch.equal(point.detach(), before)
     assert torch.equal(optimizer.state[point]["velocity"], momentum)
     assert optimizer.nonfinite_steps() == 1
+
+
+def ecd_run(manifold, z0, target, steps=300, lr=0.1):
+    point = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    optimizer = QuotientHamiltonian([point], lr=lr, mode="ecd", eta=1.0)
+    losses = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(manifold, point, target)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        losses.append(optimizer.step(closure).item())
+    return point.detach(), losses, optimizer
+
+
+def test_ecd_mode_descends_at_unit_speed_and_is_invariant():
+    manifold, target, z0, gen = smooth_problem()
+    z, losses, optimizer = ecd_run(manifold, z0, target)
+    assert losses[-1] < 0.1 * losses[0]
+    velocity = next(iter(optimizer.state.values()))["velocity"]
+    assert abs(float(manifold.inner(z, velocity).sum()) - 1.0) < 1e-9  # unit speed in the metric
+    assert float(manifold.proju(z, velocity).sub(velocity).abs().max()) < 1e-9  # horizontal
+    g = matrix_with_condition((3,), 2, 2, 1e3, gen, torch.float64)
+    z_g, _, _ = ecd_run(manifold, manifold.act(z0, g), target, steps=200, lr=0.05)
+    z_1, _, _ = ecd_run(manifold, z0, target, steps=200, lr=0.05)
+    assert relative_error(manifold.product(z_g), manifold.product(z_1)) < 1e-10
+
+
+def test_ecd_mode_needs_a_closure():
+    manifold, target, z0, _ = smooth_problem()
+    point = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    optimizer = QuotientHamiltonian([point], lr=0.1, mode="ecd")
+    loss_fn(manifold, point, target).backward()
+    with pytest.raises(ValueError, match="needs the loss value"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="invalid mode"):
+        QuotientHamiltonian([point], lr=0.1, mode="leapfrog")

@@ -47,7 +47,9 @@ import torch
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.optim._base import (
+    NONFINITE_POLICIES,
     HealthMixin,
+    check_choice,
     check_number,
     found_nonfinite,
     is_quotient_parameter,
@@ -143,6 +145,11 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
     :math:`J = 0` (its velocity replaced by the horizontal part): the exact scheme conserves
     :math:`J`, and this removes what the finite fixed-point iterations leave.
 
+    ``mode="ecd"`` replaces the leapfrog by energy-conserving descent (see :meth:`_ecd_group`):
+    unit-speed motion whose direction turns towards :math:`-g` at a rate
+    :math:`\propto 1/(F - F_0)`, with ``eta`` and ``loss_floor`` :math:`F_0`; it needs
+    ``step(closure)``.
+
     Quotient parameters must live on ``FactorQuotient(metric="preconditioned", damping=0)``; plain
     tensors follow the Euclidean leapfrog. Between steps ``state[p]["velocity"]`` holds the velocity
     of :math:`p_{n+1/2}` at the current point (for plain tensors, :math:`p_{n+1/2}` itself);
@@ -156,20 +163,32 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
         lr: float = 1e-2,
         friction: float = 0.0,
         *,
+        mode: str = "hamiltonian",
+        eta: float = 1.0,
+        loss_floor: float = 0.0,
         implicit_iterations: int = 3,
         on_nonfinite: str = "skip",
     ) -> None:
         check_number("lr", lr, 0.0, float("inf"))
         check_number("friction", friction, 0.0, float("inf"))
+        check_choice("mode", mode, ("hamiltonian", "ecd"))
+        check_number("eta", eta, 0.0, float("inf"), low_open=True)
+        check_number("loss_floor", loss_floor, -float("inf"), float("inf"))
         if not isinstance(implicit_iterations, int) or implicit_iterations < 1:
             raise ValueError(
                 f"invalid implicit_iterations: {implicit_iterations!r}; expected an int >= 1"
             )
-        from quotientopt.optim._base import NONFINITE_POLICIES, check_choice
-
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         super().__init__(
-            params, dict(lr=lr, friction=friction, implicit_iterations=implicit_iterations)
+            params,
+            dict(
+                lr=lr,
+                friction=friction,
+                mode=mode,
+                eta=eta,
+                loss_floor=loss_floor,
+                implicit_iterations=implicit_iterations,
+            ),
         )
         for group in self.param_groups:
             for p in group["params"]:
@@ -222,6 +241,14 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
         nonfinite = found_nonfinite(grads)
         pending = []
         for group in self.param_groups:
+            if group["mode"] == "ecd":
+                if loss is None:
+                    raise ValueError(
+                        "QuotientHamiltonian(mode='ecd') needs the loss value: call "
+                        "optimizer.step(closure) with a closure that returns the loss"
+                    )
+                pending += self._ecd_group(group, loss.detach(), nonfinite)
+                continue
             h, damping = group["lr"], math.exp(-group["friction"] * group["lr"])
             for p in group["params"]:
                 if p.grad is None:
@@ -253,10 +280,98 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
             state["velocity"] = torch.where(
                 keep, half, torch.zeros_like(half) if old_half is None else old_half
             )
-            state["kinetic"] = kinetic
+            if kinetic is not None:
+                state["kinetic"] = kinetic
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
         return loss
+
+    def _ecd_group(self, group: dict, loss: torch.Tensor, nonfinite: dict) -> list:
+        r"""Energy-conserving descent on the quotient (the unit-speed ECD variant of paper 003):
+
+        .. math::
+
+            v &\leftarrow \frac{v - \delta\,(g - v\, \langle v, g\rangle)}{\|\cdot\|},\quad
+                \delta = \frac{\Delta t\, \eta\, d}{2 (d - 1) (F - F_0)},\quad
+                \Delta t = \frac{\mathrm{lr}}{\sqrt{\eta}} \\
+            \theta &\leftarrow R_\theta(\Delta t\, v), \qquad
+                v \leftarrow \mathrm{proj}^h_{\theta}(v) / \|\cdot\|
+
+        with :math:`g` the Riemannian gradient (horizontal), inner products and norms in the
+        preconditioned metric for quotient parameters and Euclidean for the others, summed over
+        the group, and :math:`d` the dimension of the group's quotient. The speed is fixed, so
+        the step slows where :math:`F - F_0` is large relative to the gradient and the dynamics
+        concentrates at low loss. :math:`F - F_0` is floored at ``1e-12``.
+        """
+        params = [p for p in group["params"] if p.grad is not None]
+        dt = group["lr"] / math.sqrt(group["eta"])
+        dims = 0
+        for p in params:
+            if is_quotient_parameter(p):
+                heads = p[..., 0, 0].numel()
+                dims += heads * (p.shape[-2] - p.shape[-1]) * p.shape[-1]
+            else:
+                dims += p.numel()
+        gap = (loss.double() - group["loss_floor"]).clamp_min(1e-12)
+        delta = dt * group["eta"] * dims / (2 * max(dims - 1, 1)) / gap
+        grads, velocities, grams = [], [], []
+        for p in params:
+            z = p.detach()
+            if is_quotient_parameter(p):
+                gram = p.manifold.grams(z, check=False)
+                grads.append(p.manifold.egrad2rgrad(z, p.grad, grams=gram))
+            else:
+                gram = None
+                grads.append(p.grad)
+            grams.append(gram)
+            velocities.append(self.state[p].get("velocity"))
+
+        def inner(p, gram, u, v):
+            if gram is None:
+                return (u.double() * v.double()).sum()
+            return p.manifold.inner(p.detach(), u, v, grams=gram).double().sum()
+
+        if any(v is None for v in velocities):  # start downhill
+            norm = sum(
+                inner(p, gm, g, g) for p, gm, g in zip(params, grams, grads, strict=True)
+            ).sqrt()
+            velocities = [-g / norm.clamp_min(1e-30).to(g.dtype) for g in grads]
+        along = sum(
+            inner(p, gm, v, g) for p, gm, v, g in zip(params, grams, velocities, grads, strict=True)
+        )
+        velocities = [
+            v - delta.to(v.dtype) * (g - v * along.to(v.dtype))
+            for v, g in zip(velocities, grads, strict=True)
+        ]
+        norm = sum(
+            inner(p, gm, v, v) for p, gm, v in zip(params, grams, velocities, strict=True)
+        ).sqrt()
+        velocities = [v / norm.to(v.dtype) for v in velocities]
+        moved, transported, new_grams = [], [], []
+        for p, v in zip(params, velocities, strict=True):
+            z = p.detach()
+            if is_quotient_parameter(p):
+                new = p.manifold.retr(z, dt * v)
+                gram = p.manifold.grams(new, check=False)
+                v = p.manifold.proju(new, v, grams=gram)
+            else:
+                new, gram = z + dt * v, None
+            moved.append(new)
+            transported.append(v)
+            new_grams.append(gram)
+        norm = sum(
+            inner(p, gm, v, v)
+            if gm is None
+            else p.manifold.inner(new, v, v, grams=gm).double().sum()
+            for p, gm, v, new in zip(params, new_grams, transported, moved, strict=True)
+        ).sqrt()
+        out = []
+        for p, new, v, gram in zip(params, moved, transported, new_grams, strict=True):
+            keep = nonfinite[p.device] == 0
+            if gram is not None:
+                keep = keep & gram.ok.all()
+            out.append((p, new, v / norm.to(v.dtype), None, keep))
+        return out
 
     def _quotient_leapfrog(self, p, grad, h, damping, iterations):
         r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are

@@ -246,11 +246,19 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         ua, ub = self.factors(u)
         return torch.cat((ua.to(dtype) @ left, ub.to(dtype) @ right), dim=-2).to(u.dtype)
 
-    def _right_solve(self, u: torch.Tensor, grams: Grams, left: str, right: str) -> torch.Tensor:
+    def _right_solve(
+        self,
+        u: torch.Tensor,
+        grams: Grams,
+        left: str,
+        right: str,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         r""":math:`[u_A G_1^{-1};\; u_B G_2^{-1}]` for the Grams named ``left``, ``right``
         (``"p"`` or ``"q"``), through their Cholesky factors :math:`G = L L^\top`: two right-sided
         triangular solves (backward stable), or one matmul when ``grams`` carries the inverses.
-        One batched call each when ``n == m``."""
+        One batched call each when ``n == m``; then ``out`` (a contiguous tensor shaped like
+        ``u``, of ``u``'s dtype) receives the result without a new allocation."""
         chols = [getattr(grams, f"chol_{name}") for name in (left, right)]
         inverses = [getattr(grams, f"{name}_inv") for name in (left, right)]
 
@@ -268,7 +276,12 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         dtype = grams.p.dtype
         if self.n == self.m:
             self._assert_check_shape(u.shape, "u")
-            x = solve(u.unflatten(-2, (2, self.n)).to(dtype), stacked(chols), stacked(inverses))
+            u2 = u.unflatten(-2, (2, self.n))
+            fast = inverses[0] is not None and u.dtype == dtype
+            if out is not None and fast and out.is_contiguous():
+                torch.matmul(u2, stacked(inverses), out=out.view(u2.shape))
+                return out
+            x = solve(u2.to(dtype), stacked(chols), stacked(inverses))
             return x.flatten(-3, -2).to(u.dtype)
         parts = [
             solve(part.to(dtype), chol, inverse)
@@ -330,7 +343,12 @@ class FactorQuotient(geoopt.manifolds.Manifold):
 
     # ---------------------------------------------------------------------- the geometry
     def egrad2rgrad(
-        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        *,
+        grams: Grams | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Riemannian gradient from the Euclidean one :math:`(\nabla_A f, \nabla_B f)`.
 
@@ -344,7 +362,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         """
         grams = self.grams(x) if grams is None else grams
         if self.metric == "preconditioned":
-            return self._right_solve(u, grams, "p", "q")
+            return self._right_solve(u, grams, "p", "q", out=out)
         return self._right_multiply(u, grams.q, grams.p)
 
     def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor, grams: Grams) -> torch.Tensor:

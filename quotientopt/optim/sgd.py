@@ -145,11 +145,13 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.on_nonfinite = on_nonfinite
         self._gram_cache: dict[torch.Tensor, tuple[int, Grams]] = {}
+        self._work: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_health()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._gram_cache = {}
+        self._work = {}
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
 
@@ -161,6 +163,15 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             return cached[1]
         return manifold.grams(p.detach(), check=False, inverses=True)
 
+    def _work_buffers(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tensors shaped like ``p``, reused every step for the Riemannian gradient and the
+        candidate point: allocating them afresh each step (page faults) cost about as much as the
+        arithmetic on a CPU. Not part of ``state_dict``."""
+        buffers = self._work.get(p)
+        if buffers is None or buffers[0].shape != p.shape or buffers[0].dtype != p.dtype:
+            buffers = self._work[p] = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
+        return buffers
+
     def _quotient_update(
         self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep: torch.Tensor
     ):
@@ -170,7 +181,8 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         z = p.detach()
         lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
         grams = self._grams(p, manifold)
-        rgrad = manifold.egrad2rgrad(z, grad, grams=grams)
+        rgrad_out, new_out = self._work_buffers(p)
+        rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=rgrad_out)
         if group["maximize"]:
             rgrad.neg_()
         if group["weight_decay"]:
@@ -189,7 +201,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         if beta:
             old = self.state[p].get("momentum_buffer")
             if old is None:
-                buf = rgrad.clone() if group["nesterov"] else rgrad
+                buf = rgrad.clone()  # becomes the state; rgrad lives in a reused work buffer
             elif group["nesterov"]:
                 buf = torch.add(rgrad, old, alpha=beta)  # dampening is 0 with Nesterov
             else:
@@ -201,7 +213,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             direction = rgrad.add_(buf, alpha=beta) if group["nesterov"] else buf
         else:
             direction = rgrad
-        new = torch.add(z, direction, alpha=-lr)
+        new = torch.add(z, direction, alpha=-lr, out=new_out)
         new_grams = manifold.grams(new, check=False, reference=grams, inverses=True)
         ok = grams.ok & new_grams.ok & keep  # non-finite points have non-finite Grams
         if buf is not None:

@@ -108,9 +108,8 @@ def lower(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor, grams) -> 
 
 def kinetic_force(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v``."""
-    a, b = manifold.factors(z)
-    va, vb = manifold.factors(v)
-    return -torch.cat((a @ (vb.mT @ vb), b @ (va.mT @ va)), dim=-2)
+    va_va, vb_vb = manifold._cross(v, v)
+    return manifold._right_multiply(z, -vb_vb, -va_va)
 
 
 def kinetic_energy(

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+.venv/bin/ruff check quotientopt tests benchmarks examples
+.venv/bin/ruff format --check quotientopt tests benchmarks examples
 exec .venv/bin/python -m pytest "$@"

@@ -89,13 +89,19 @@ def main() -> None:
         out = []
         for p in params:
             q = p.detach().clone()
-            q = geoopt.ManifoldParameter(q, manifold=p.manifold) if hasattr(p, "manifold") else torch.nn.Parameter(q)
+            q = (
+                geoopt.ManifoldParameter(q, manifold=p.manifold)
+                if hasattr(p, "manifold")
+                else torch.nn.Parameter(q)
+            )
             q.grad = p.grad.clone()
             out.append(q)
         return out
 
     makers = {
-        "torch SGD-momentum (foreach)": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
+        "torch SGD-momentum (foreach)": lambda ps: torch.optim.SGD(
+            ps, lr=1e-3, momentum=0.9, foreach=True
+        ),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "QuotientSGD momentum": lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9),
         "QuotientHamiltonian": lambda ps: QuotientHamiltonian(ps, lr=1e-3),
@@ -116,7 +122,12 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     base, adamw = median["torch SGD-momentum (foreach)"], median["torch AdamW (foreach)"]
     rows = [
-        {"optimizer": name, "median_ms": 1e3 * m, "vs_sgd_momentum": m / base, "vs_adamw": m / adamw}
+        {
+            "optimizer": name,
+            "median_ms": 1e3 * m,
+            "vs_sgd_momentum": m / base,
+            "vs_adamw": m / adamw,
+        }
         for name, m in median.items()
     ]
     environment = {
@@ -130,7 +141,9 @@ def main() -> None:
         "rounds": args.rounds,
     }
     command = "python benchmarks/step_overhead.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and parser.get_default(k) != v
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k != "out" and parser.get_default(k) != v
     )
     lines = [
         f"Step time at GPT-2-small shapes ({n_params / 1e6:.1f}M parameters, {n_heads / 1e6:.1f}M in "
@@ -151,7 +164,10 @@ def main() -> None:
     tag = "cpu" if args.device == "cpu" else "cuda"
     (out / f"step_overhead-{tag}.md").write_text(report + "\n")
     (out / f"step_overhead-{tag}.json").write_text(
-        json.dumps({"command": command.strip(), "environment": environment, "results": rows}, indent=2) + "\n"
+        json.dumps(
+            {"command": command.strip(), "environment": environment, "results": rows}, indent=2
+        )
+        + "\n"
     )
 
 

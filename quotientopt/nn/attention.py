@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quotientopt.manifolds import FactorQuotient, FixedRank, OrthogonalFactorQuotient
+from quotientopt.manifolds.subgroup_quotient import SubgroupFactorQuotient
+from quotientopt.nn.groups import qk_group_generators
+from quotientopt.nn.rope import apply_rope, rms_normalize
+from quotientopt.nn.symmetry_breaking import SymmetryBreakingBiases
 
 GEOMETRIES = ("gl", "orthogonal", "fixed-rank")
 
@@ -40,6 +44,13 @@ def _sector_manifold(geometry: str, n: int, m: int) -> geoopt.manifolds.Manifold
     if geometry == "orthogonal":
         return OrthogonalFactorQuotient(n, m)
     return FixedRank(n, m)
+
+
+def qk_sector_manifold(n: int, m: int, k: int, geometry: str, rope: bool, qk_norm: bool):
+    """The QK sector's manifold for the group that really acts (see :mod:`quotientopt.nn.groups`)."""
+    if rope or qk_norm:
+        return SubgroupFactorQuotient(n, m, qk_group_generators(k, rope=rope, qk_norm=qk_norm))
+    return _sector_manifold(geometry, n, m)
 
 
 def _stack_pair(manifold, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,6 +106,10 @@ class QuotientMultiheadAttention(nn.Module):
         *,
         qk_geometry: str = "gl",
         vo_geometry: str = "gl",
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        symmetry_breaking: bool = False,
     ) -> None:
         super().__init__()
         if not (
@@ -132,7 +147,18 @@ class QuotientMultiheadAttention(nn.Module):
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout, self.batch_first, self.bias = dropout, batch_first, bias
         extra = 1 if bias else 0
-        self.qk_manifold = _sector_manifold(qk_geometry, embed_dim + extra, self.kdim + extra)
+        self.rope, self.rope_base, self.qk_norm = rope, rope_base, qk_norm
+        if (rope or qk_norm) and qk_geometry != "gl":
+            raise ValueError(
+                "with rope or qk_norm the architecture fixes the QK group (scaled rotations that "
+                "commute with RoPE, or O(k)); leave qk_geometry='gl'"
+            )
+        if rope and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dimension, got {self.head_dim}")
+        self.qk_manifold = qk_sector_manifold(
+            embed_dim + extra, self.kdim + extra, self.head_dim, qk_geometry, rope, qk_norm
+        )
+        self.breaking = SymmetryBreakingBiases(self.head_dim) if symmetry_breaking else None
         self.vo_manifold = _sector_manifold(vo_geometry, self.vdim + extra, embed_dim)
         self.qk_geometry, self.vo_geometry = qk_geometry, vo_geometry
         for sector, rows in (
@@ -173,27 +199,59 @@ class QuotientMultiheadAttention(nn.Module):
         return weight.reshape(self.num_heads, self.head_dim, -1).transpose(-1, -2)
 
     @torch.no_grad()
-    def _points_from_torch(self, mha: nn.MultiheadAttention):
-        """The two sector points and the output bias of a ``torch.nn.MultiheadAttention``."""
+    def _points_from_weights(self, w_q, w_k, w_v, in_bias, w_out, out_bias):
+        """The two sector points from standard projection weights: ``w_q`` (E, E), ``w_k``
+        (E, kdim), ``w_v`` (E, vdim), ``in_bias`` (3E) or None, ``w_out`` (E, E), ``out_bias``."""
         e, k = self.embed_dim, self.head_dim
-        if mha._qkv_same_embed_dim:
-            w_q, w_k, w_v = mha.in_proj_weight.split(e, dim=0)
-        else:
-            w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
         a_q, a_k, a_v = self._split_heads(w_q), self._split_heads(w_k), self._split_heads(w_v)
-        b_o = mha.out_proj.weight.reshape(e, self.num_heads, k).permute(1, 0, 2)  # (heads, E, k)
-        out_bias = None
+        b_o = w_out.reshape(e, self.num_heads, k).permute(1, 0, 2)  # (heads, E, k)
         if self.bias:
-            bias_q, bias_k, bias_v = (
-                b.reshape(self.num_heads, 1, k) for b in mha.in_proj_bias.split(e)
-            )
+            biases = (b.reshape(self.num_heads, 1, k) for b in in_bias.split(e))
             a_q, a_k, a_v = (
-                torch.cat((a, b), dim=-2) for a, b in ((a_q, bias_q), (a_k, bias_k), (a_v, bias_v))
+                torch.cat((a, b), dim=-2) for a, b in zip((a_q, a_k, a_v), biases, strict=True)
             )
-            out_bias = mha.out_proj.bias.detach().clone()
+            out_bias = out_bias.detach().clone()
         qk = _stack_pair(self.qk_manifold, a_q, a_k).detach().contiguous()
         vo = _stack_pair(self.vo_manifold, a_v, b_o).detach().contiguous()
-        return qk, vo, out_bias
+        return qk, vo, out_bias if self.bias else None
+
+    def _points_from_torch(self, mha: nn.MultiheadAttention):
+        """The two sector points and the output bias of a ``torch.nn.MultiheadAttention``."""
+        if mha._qkv_same_embed_dim:
+            w_q, w_k, w_v = mha.in_proj_weight.split(self.embed_dim, dim=0)
+        else:
+            w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        return self._points_from_weights(
+            w_q, w_k, w_v, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias
+        )
+
+    @torch.no_grad()
+    def load_weights(self, w_q, w_k, w_v, in_bias, w_out, out_bias) -> None:
+        """Copy standard projection weights (see :meth:`_points_from_weights`) into the sectors."""
+        qk, vo, bias = self._points_from_weights(w_q, w_k, w_v, in_bias, w_out, out_bias)
+        self.qk.copy_(qk)
+        self.vo.copy_(vo)
+        if self.bias:
+            self.out_bias.copy_(bias)
+
+    @torch.no_grad()
+    def to_weights(self) -> tuple[torch.Tensor, ...]:
+        """``(w_q, w_k, w_v, in_bias, w_out, out_bias)`` in the standard layout."""
+        (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
+        in_bias = None
+        if self.bias:
+            in_bias = torch.cat([a[:, -1, :].reshape(-1) for a in (a_q, a_k, a_v)])
+            a_q, a_k, a_v = a_q[:, :-1], a_k[:, :-1], a_v[:, :-1]
+        w_q, w_k, w_v = (a.transpose(-1, -2).reshape(self.embed_dim, -1) for a in (a_q, a_k, a_v))
+        w_out = b_o.permute(1, 0, 2).reshape(self.embed_dim, self.embed_dim)
+        return (
+            w_q,
+            w_k,
+            w_v,
+            in_bias,
+            w_out,
+            None if self.out_bias is None else self.out_bias.detach().clone(),
+        )
 
     @torch.no_grad()
     def load_from_torch(self, mha: nn.MultiheadAttention) -> None:
@@ -231,6 +289,11 @@ class QuotientMultiheadAttention(nn.Module):
     @torch.no_grad()
     def to_torch(self) -> nn.MultiheadAttention:
         """The standard ``torch.nn.MultiheadAttention`` computing the same function."""
+        if self.rope or self.qk_norm or self.breaking is not None:
+            raise ValueError(
+                "torch.nn.MultiheadAttention has no RoPE, QK-norm or symmetry-breaking biases; "
+                "this module cannot be exported to it"
+            )
         mha = nn.MultiheadAttention(
             self.embed_dim,
             self.num_heads,
@@ -242,19 +305,17 @@ class QuotientMultiheadAttention(nn.Module):
             device=self.qk.device,
             dtype=self.qk.dtype,
         )
-        (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
+        w_q, w_k, w_v, in_bias, w_out, out_bias = self.to_weights()
         if self.bias:
-            mha.in_proj_bias.copy_(torch.cat([a[:, -1, :].reshape(-1) for a in (a_q, a_k, a_v)]))
-            mha.out_proj.bias.copy_(self.out_bias)
-            a_q, a_k, a_v = a_q[:, :-1], a_k[:, :-1], a_v[:, :-1]
-        weights = [a.transpose(-1, -2).reshape(self.embed_dim, -1) for a in (a_q, a_k, a_v)]
+            mha.in_proj_bias.copy_(in_bias)
+            mha.out_proj.bias.copy_(out_bias)
         if mha._qkv_same_embed_dim:
-            mha.in_proj_weight.copy_(torch.cat(weights, dim=0))
+            mha.in_proj_weight.copy_(torch.cat((w_q, w_k, w_v), dim=0))
         else:
-            mha.q_proj_weight.copy_(weights[0])
-            mha.k_proj_weight.copy_(weights[1])
-            mha.v_proj_weight.copy_(weights[2])
-        mha.out_proj.weight.copy_(b_o.permute(1, 0, 2).reshape(self.embed_dim, self.embed_dim))
+            mha.q_proj_weight.copy_(w_q)
+            mha.k_proj_weight.copy_(w_k)
+            mha.v_proj_weight.copy_(w_v)
+        mha.out_proj.weight.copy_(w_out)
         mha.train(self.training)
         return mha
 
@@ -349,6 +410,13 @@ class QuotientMultiheadAttention(nn.Module):
         n, target, source = query.shape[0], query.shape[1], key.shape[1]
         (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
         q, k, v = self._project(query, a_q), self._project(key, a_k), self._project(value, a_v)
+        if self.qk_norm:
+            q, k = rms_normalize(q), rms_normalize(k)
+        if self.rope:
+            q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
+        if self.breaking is not None:
+            bias_q, bias_v = self.breaking(q)
+            q, v = q + bias_q, v + bias_v
         mask = self._merge_masks(attn_mask, key_padding_mask, n, target, source, q.dtype)
         causal = is_causal and mask is None
         if is_causal and mask is not None and attn_mask is None:  # padding mask plus causality

@@ -9,6 +9,12 @@ from quotientopt.manifolds.fixed_rank import (
 )
 from quotientopt.manifolds.grassmann import Grassmann
 from quotientopt.manifolds.orthogonal_quotient import OrthogonalFactorQuotient
+from quotientopt.manifolds.subgroup_quotient import (
+    SubgroupFactorQuotient,
+    full_generators,
+    orthogonal_generators,
+    rope_generators,
+)
 
 __all__ = [
     "FactorQuotient",
@@ -16,9 +22,13 @@ __all__ = [
     "Grassmann",
     "OrthogonalFactorQuotient",
     "PymanoptPoint",
+    "SubgroupFactorQuotient",
     "balance",
     "charge",
     "factor_pair_from_pymanopt",
     "factor_pair_to_pymanopt",
+    "full_generators",
+    "orthogonal_generators",
     "product",
+    "rope_generators",
 ]

@@ -39,8 +39,10 @@ def _swap(model: nn.Module, table: dict[type, Callable], what: str, **options) -
     replacements = []
     for path, module in model.named_modules():
         builder = table.get(type(module))
-        if builder is None:
-            continue
+        if builder is None or any(
+            path.startswith(f"{done}.") or done == "" for done, _ in replacements
+        ):
+            continue  # not convertible, or inside a module that is being replaced whole
         try:
             new = builder(module, **options) if options else builder(module)
         except (ValueError, TypeError) as error:

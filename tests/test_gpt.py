@@ -13,7 +13,15 @@ from quotientopt.optim import QuotientSGD
 from tests.helpers import rng
 
 SMALL = {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 16, "vocab_size": 32}
-VARIANTS = [{}, {"rope": True}, {"qk_norm": True}, {"rope": True, "qk_norm": True}, {"bias": False}]
+VARIANTS = [
+    {},
+    {"rope": True},
+    {"qk_norm": True},
+    {"rope": True, "qk_norm": True},
+    {"bias": False},
+    {"n_kv_head": 2},
+    {"n_kv_head": 1, "rope": True},
+]
 
 
 def pair(seed=0, **variant):
@@ -137,6 +145,31 @@ def test_bad_configs_and_inputs():
         GPTConfig(n_embd=12, n_head=4, rope=True)
     with pytest.raises(ValueError, match="n_layer must be a positive int"):
         GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
     model = GPT(GPTConfig(**SMALL))
     with pytest.raises(ValueError, match="longer than block_size"):
         model(tokens(length=20))
+
+
+def test_grouped_query_attention_keeps_one_gl_per_key_value_head():
+    """With 4 query heads sharing 2 key/value heads, GL(k) of a key/value head acts on its whole
+    group of query heads at once (one element per group is a symmetry); an element acting on one
+    query head and its shared key head is not (it changes the group's other query heads)."""
+    gen = rng(5)
+    k = SMALL["n_embd"] // SMALL["n_head"]
+    full = torch.eye(k * k, dtype=torch.float64).reshape(k * k, k, k)
+    _, model = pair(n_kv_head=2)
+    idx = tokens()
+    expected, _ = model(idx)
+    for sector in ("qk", "vo"):
+        act_on_layers(model, sector, random_group_element(full, 2, gen))
+    assert (model(idx)[0] - expected).abs().max() <= 1e-4
+    attention = model.h[0].attn.attn
+    g = random_group_element(full, 1, gen)[0].float()
+    with torch.no_grad():
+        a, b = attention.qk_manifold.factors(attention.qk)
+        rows = a.shape[-2] // 2  # the first query head of key/value head 0
+        a[0, :rows] = a[0, :rows] @ g
+        b[0] = b[0] @ torch.linalg.inv(g).T
+    assert (model(idx)[0] - expected).abs().max() > 1e-3

@@ -28,6 +28,7 @@ class GPTConfig:
     vocab_size: int = 256  # bytes by default
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads (None: n_head)
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and LayerNorms
@@ -45,6 +46,14 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        if self.n_kv_head is not None and (
+            not isinstance(self.n_kv_head, int)
+            or self.n_kv_head < 1
+            or self.n_head % self.n_kv_head
+        ):
+            raise ValueError(
+                f"GPTConfig: n_kv_head ({self.n_kv_head!r}) must be a positive int dividing n_head ({self.n_head})"
+            )
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise ValueError("GPTConfig: rope needs an even head dimension n_embd // n_head")
         if not 0.0 <= self.dropout < 1.0:
@@ -58,7 +67,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.kv_width = self.n_kv_head * (config.n_embd // config.n_head)
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.breaking = (
@@ -69,8 +80,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.c_attn(x).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split((width, self.kv_width, self.kv_width), dim=2)
+        q = q.view(batch, length, self.n_head, -1).transpose(1, 2)
+        k, v = (t.view(batch, length, self.n_kv_head, -1).transpose(1, 2) for t in (k, v))
         if self.config.qk_norm:
             q, k = rms_normalize(q), rms_normalize(k)
         if self.config.rope:
@@ -79,7 +91,9 @@ class CausalSelfAttention(nn.Module):
             bias_q, bias_v = self.breaking(q)
             q, v = q + bias_q, v + bias_v
         dropout = self.config.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
+        )
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.c_proj(y))
 
@@ -100,6 +114,7 @@ class QuotientCausalSelfAttention(nn.Module):
             rope=config.rope,
             qk_norm=config.qk_norm,
             symmetry_breaking=config.symmetry_breaking,
+            num_kv_heads=config.n_kv_head,
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -110,7 +125,9 @@ class QuotientCausalSelfAttention(nn.Module):
     @classmethod
     def from_standard(cls, module: CausalSelfAttention) -> QuotientCausalSelfAttention:
         new = cls(module.config).to(module.c_attn.weight.device, module.c_attn.weight.dtype)
-        w_q, w_k, w_v = module.c_attn.weight.split(module.n_embd, dim=0)
+        w_q, w_k, w_v = module.c_attn.weight.split(
+            (module.n_embd, module.kv_width, module.kv_width), dim=0
+        )
         new.attn.load_weights(
             w_q, w_k, w_v, module.c_attn.bias, module.c_proj.weight, module.c_proj.bias
         )

@@ -110,6 +110,7 @@ class QuotientMultiheadAttention(nn.Module):
         rope_base: float = 10000.0,
         qk_norm: bool = False,
         symmetry_breaking: bool = False,
+        num_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         if not (
@@ -143,6 +144,16 @@ class QuotientMultiheadAttention(nn.Module):
                 )
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if (
+            not isinstance(self.num_kv_heads, int)
+            or self.num_kv_heads < 1
+            or num_heads % self.num_kv_heads
+        ):
+            raise ValueError(
+                f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})"
+            )
+        self.group_size = num_heads // self.num_kv_heads  # query heads per key/value head
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout, self.batch_first, self.bias = dropout, batch_first, bias
@@ -155,11 +166,14 @@ class QuotientMultiheadAttention(nn.Module):
             )
         if rope and self.head_dim % 2:
             raise ValueError(f"rope needs an even head dimension, got {self.head_dim}")
+        # grouped-query attention: a key/value head's GL(k) acts on all the query heads (QK) and
+        # output blocks (VO) of its group at once, so their factors are stacked as rows of one A (B)
+        r = self.group_size
         self.qk_manifold = qk_sector_manifold(
-            embed_dim + extra, self.kdim + extra, self.head_dim, qk_geometry, rope, qk_norm
+            r * (embed_dim + extra), self.kdim + extra, self.head_dim, qk_geometry, rope, qk_norm
         )
         self.breaking = SymmetryBreakingBiases(self.head_dim) if symmetry_breaking else None
-        self.vo_manifold = _sector_manifold(vo_geometry, self.vdim + extra, embed_dim)
+        self.vo_manifold = _sector_manifold(vo_geometry, self.vdim + extra, r * embed_dim)
         self.qk_geometry, self.vo_geometry = qk_geometry, vo_geometry
         for sector, rows in (
             ("QK", (embed_dim + extra, self.kdim + extra)),
@@ -171,7 +185,7 @@ class QuotientMultiheadAttention(nn.Module):
                     f"dimension {self.head_dim}: the head cannot have full rank and GL(k) does not act "
                     "freely on it; use kdim, vdim >= embed_dim // num_heads"
                 )
-        qk, vo, out_bias = self._points_from_torch(self._fresh_torch_module(device, dtype))
+        qk, vo, out_bias = self._points_from_weights(*self._initial_weights(device, dtype))
         self.qk = geoopt.ManifoldParameter(qk, manifold=self.qk_manifold)
         self.vo = geoopt.ManifoldParameter(vo, manifold=self.vo_manifold)
         self.out_bias = nn.Parameter(out_bias) if bias else None
@@ -188,29 +202,61 @@ class QuotientMultiheadAttention(nn.Module):
             dtype=dtype,
         )
 
+    def _initial_weights(self, device=None, dtype=None) -> tuple:
+        """Standard-layout weights initialized as ``torch.nn.MultiheadAttention`` does
+        (Xavier-uniform projections, zero biases); with grouped-query attention the key and value
+        projections have ``num_kv_heads * head_dim`` rows."""
+        if self.num_kv_heads == self.num_heads:
+            mha = self._fresh_torch_module(device, dtype)
+            if mha._qkv_same_embed_dim:
+                w_q, w_k, w_v = mha.in_proj_weight.split(self.embed_dim, dim=0)
+            else:
+                w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            return w_q, w_k, w_v, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias
+        kv = self.num_kv_heads * self.head_dim
+        factory = {"device": device, "dtype": dtype}
+        w_q, w_k, w_v, w_out = (
+            nn.init.xavier_uniform_(torch.empty(rows, cols, **factory))
+            for rows, cols in (
+                (self.embed_dim, self.embed_dim),
+                (kv, self.kdim),
+                (kv, self.vdim),
+                (self.embed_dim, self.embed_dim),
+            )
+        )
+        in_bias = torch.zeros(self.embed_dim + 2 * kv, **factory) if self.bias else None
+        out_bias = torch.zeros(self.embed_dim, **factory) if self.bias else None
+        return w_q, w_k, w_v, in_bias, w_out, out_bias
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialize as ``torch.nn.MultiheadAttention`` does (Xavier-uniform projections, zero
         biases), then store the factors."""
-        self.load_from_torch(self._fresh_torch_module(self.qk.device, self.qk.dtype))
+        self.load_weights(*self._initial_weights(self.qk.device, self.qk.dtype))
 
-    def _split_heads(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(E, d)`` projection weight -> per-head factors ``(heads, d, k)`` (rows of W^T)."""
-        return weight.reshape(self.num_heads, self.head_dim, -1).transpose(-1, -2)
+    def _split_heads(self, weight: torch.Tensor, heads: int) -> torch.Tensor:
+        """``(heads * k, d)`` projection weight -> per-head factors ``(heads, d, k)`` (rows of W^T)."""
+        return weight.reshape(heads, self.head_dim, -1).transpose(-1, -2)
 
     @torch.no_grad()
     def _points_from_weights(self, w_q, w_k, w_v, in_bias, w_out, out_bias):
-        """The two sector points from standard projection weights: ``w_q`` (E, E), ``w_k``
-        (E, kdim), ``w_v`` (E, vdim), ``in_bias`` (3E) or None, ``w_out`` (E, E), ``out_bias``."""
-        e, k = self.embed_dim, self.head_dim
-        a_q, a_k, a_v = self._split_heads(w_q), self._split_heads(w_k), self._split_heads(w_v)
-        b_o = w_out.reshape(e, self.num_heads, k).permute(1, 0, 2)  # (heads, E, k)
+        """The two sector points from standard projection weights (``nn.Linear`` layout):
+        ``w_q`` (E, E), ``w_k`` (kv, kdim), ``w_v`` (kv, vdim) with ``kv = num_kv_heads * k``,
+        ``in_bias`` (E + 2 kv) or None, ``w_out`` (E, E), ``out_bias`` (E) or None."""
+        e, k, heads, kv_heads = self.embed_dim, self.head_dim, self.num_heads, self.num_kv_heads
+        a_q = self._split_heads(w_q, heads)
+        a_k, a_v = self._split_heads(w_k, kv_heads), self._split_heads(w_v, kv_heads)
+        b_o = w_out.reshape(e, heads, k).permute(1, 0, 2)  # (heads, E, k)
         if self.bias:
-            biases = (b.reshape(self.num_heads, 1, k) for b in in_bias.split(e))
+            sizes = (e, kv_heads * k, kv_heads * k)
+            biases = (b.reshape(-1, 1, k) for b in in_bias.split(sizes))
             a_q, a_k, a_v = (
                 torch.cat((a, b), dim=-2) for a, b in zip((a_q, a_k, a_v), biases, strict=True)
             )
             out_bias = out_bias.detach().clone()
+        # stack the query factors (output blocks) of each key/value group as rows
+        a_q = a_q.reshape(kv_heads, -1, k)
+        b_o = b_o.reshape(kv_heads, -1, k)
         qk = _stack_pair(self.qk_manifold, a_q, a_k).detach().contiguous()
         vo = _stack_pair(self.vo_manifold, a_v, b_o).detach().contiguous()
         return qk, vo, out_bias if self.bias else None
@@ -237,12 +283,12 @@ class QuotientMultiheadAttention(nn.Module):
     @torch.no_grad()
     def to_weights(self) -> tuple[torch.Tensor, ...]:
         """``(w_q, w_k, w_v, in_bias, w_out, out_bias)`` in the standard layout."""
-        (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
+        a_q, a_k, a_v, b_o = self._head_factors()
         in_bias = None
         if self.bias:
             in_bias = torch.cat([a[:, -1, :].reshape(-1) for a in (a_q, a_k, a_v)])
             a_q, a_k, a_v = a_q[:, :-1], a_k[:, :-1], a_v[:, :-1]
-        w_q, w_k, w_v = (a.transpose(-1, -2).reshape(self.embed_dim, -1) for a in (a_q, a_k, a_v))
+        w_q, w_k, w_v = (a.transpose(-1, -2).reshape(-1, a.shape[-2]) for a in (a_q, a_k, a_v))
         w_out = b_o.permute(1, 0, 2).reshape(self.embed_dim, self.embed_dim)
         return (
             w_q,
@@ -289,10 +335,10 @@ class QuotientMultiheadAttention(nn.Module):
     @torch.no_grad()
     def to_torch(self) -> nn.MultiheadAttention:
         """The standard ``torch.nn.MultiheadAttention`` computing the same function."""
-        if self.rope or self.qk_norm or self.breaking is not None:
+        if self.rope or self.qk_norm or self.breaking is not None or self.group_size > 1:
             raise ValueError(
-                "torch.nn.MultiheadAttention has no RoPE, QK-norm or symmetry-breaking biases; "
-                "this module cannot be exported to it"
+                "torch.nn.MultiheadAttention has no RoPE, QK-norm, grouped-query attention or "
+                "symmetry-breaking biases; this module cannot be exported to it"
             )
         mha = nn.MultiheadAttention(
             self.embed_dim,
@@ -322,6 +368,13 @@ class QuotientMultiheadAttention(nn.Module):
     def qk_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the QK sector, (heads, rows, k) each, bias rows last when ``bias``."""
         return _pair_of(self.qk_manifold, self.qk)
+
+    def _head_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head factors: queries ``(heads, E+b, k)``, keys and values ``(kv_heads, .., k)``,
+        output blocks ``(heads, E, k)``."""
+        (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
+        k = self.head_dim
+        return a_q.reshape(self.num_heads, -1, k), a_k, a_v, b_o.reshape(self.num_heads, -1, k)
 
     def vo_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the VO sector: ``A = [W_V^h; b_V^h]``, ``B = (W_O^h)^T``."""
@@ -408,7 +461,7 @@ class QuotientMultiheadAttention(nn.Module):
                     f"{name} has shape {tuple(tensor.shape)}; expected last dimension {dim} (and 2 or 3 dims)"
                 )
         n, target, source = query.shape[0], query.shape[1], key.shape[1]
-        (a_q, a_k), (a_v, b_o) = self.qk_factors(), self.vo_factors()
+        a_q, a_k, a_v, b_o = self._head_factors()
         q, k, v = self._project(query, a_q), self._project(key, a_k), self._project(value, a_v)
         if self.qk_norm:
             q, k = rms_normalize(q), rms_normalize(k)
@@ -426,6 +479,11 @@ class QuotientMultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
+            if self.group_size > 1:  # each key/value head serves group_size consecutive query heads
+                k, v = (
+                    k.repeat_interleave(self.group_size, 1),
+                    v.repeat_interleave(self.group_size, 1),
+                )
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
             if causal:
                 scores = scores + torch.full(
@@ -438,7 +496,13 @@ class QuotientMultiheadAttention(nn.Module):
             weights = weights.mean(1) if average_attn_weights else weights
         else:
             heads = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                enable_gqa=self.group_size > 1,
             )
         out = torch.einsum("nhlk,hek->nle", heads, b_o)
         if self.out_bias is not None:

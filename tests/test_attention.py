@@ -217,3 +217,32 @@ def test_convert_names_the_module_and_never_half_converts():
     with pytest.raises(ValueError, match="'bad'"):
         convert(model)
     assert type(model.good) is nn.MultiheadAttention  # untouched
+
+
+@pytest.mark.parametrize(
+    ("qk", "vo"), [("composite", "gl"), ("gl", "composite"), ("composite", "composite")]
+)
+def test_composite_sectors_convert_exactly_and_train_at_fixed_rank(qk, vo):
+    """Paper 002's invariant reparameterization: W_QK / W_VO trained directly, rank kept by a
+    truncated-SVD projection after each step."""
+    gen = rng(8)
+    mha = make_mha(kdim=6, vdim=5)
+    quotient = QuotientMultiheadAttention.from_torch(mha, qk_geometry=qk, vo_geometry=vo)
+    query, key, value = inputs({"kdim": 6, "vdim": 5}, gen)
+    assert (quotient(query, key, value)[0] - mha(query, key, value)[0]).abs().max() <= 1e-5
+    assert (
+        quotient.to_torch()(query, key, value)[0] - mha(query, key, value)[0]
+    ).abs().max() <= 1e-5
+    target = torch.randn(4, 3, 8, generator=gen)
+    optimizer = QuotientSGD(quotient.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = ((quotient(query, key, value, need_weights=False)[0] - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    for name in ("qk", "vo"):
+        manifold = getattr(quotient, f"{name}_manifold")
+        manifold.assert_check_point_on_manifold(getattr(quotient, name).detach(), atol=1e-4)

@@ -9,6 +9,7 @@ from quotientopt.manifolds.fixed_rank import (
 )
 from quotientopt.manifolds.grassmann import Grassmann
 from quotientopt.manifolds.orthogonal_quotient import OrthogonalFactorQuotient
+from quotientopt.manifolds.projected_rank import ProjectedRank
 from quotientopt.manifolds.subgroup_quotient import (
     SubgroupFactorQuotient,
     full_generators,
@@ -21,6 +22,7 @@ __all__ = [
     "FixedRank",
     "Grassmann",
     "OrthogonalFactorQuotient",
+    "ProjectedRank",
     "PymanoptPoint",
     "SubgroupFactorQuotient",
     "balance",

@@ -30,19 +30,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from quotientopt.manifolds import FactorQuotient, FixedRank, OrthogonalFactorQuotient
+from quotientopt.manifolds.projected_rank import ProjectedRank
 from quotientopt.manifolds.subgroup_quotient import SubgroupFactorQuotient
 from quotientopt.nn.groups import qk_group_generators
 from quotientopt.nn.rope import apply_rope, rms_normalize
 from quotientopt.nn.symmetry_breaking import SymmetryBreakingBiases
 
-GEOMETRIES = ("gl", "orthogonal", "fixed-rank")
+GEOMETRIES = ("gl", "orthogonal", "fixed-rank", "composite")
 
 
-def _sector_manifold(geometry: str, n: int, m: int) -> geoopt.manifolds.Manifold:
+def _sector_manifold(geometry: str, n: int, m: int, k: int) -> geoopt.manifolds.Manifold:
     if geometry == "gl":
         return FactorQuotient(n, m)
     if geometry == "orthogonal":
         return OrthogonalFactorQuotient(n, m)
+    if geometry == "composite":  # paper 002's invariant reparameterization
+        return ProjectedRank(k)
     return FixedRank(n, m)
 
 
@@ -50,11 +53,13 @@ def qk_sector_manifold(n: int, m: int, k: int, geometry: str, rope: bool, qk_nor
     """The QK sector's manifold for the group that really acts (see :mod:`quotientopt.nn.groups`)."""
     if rope or qk_norm:
         return SubgroupFactorQuotient(n, m, qk_group_generators(k, rope=rope, qk_norm=qk_norm))
-    return _sector_manifold(geometry, n, m)
+    return _sector_manifold(geometry, n, m, k)
 
 
 def _stack_pair(manifold, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A point of ``manifold`` for the factor pair ``(a, b)`` (heads, rows, k)."""
+    if isinstance(manifold, ProjectedRank):  # the composite itself
+        return a @ b.mT
     if isinstance(manifold, FixedRank):  # W = A B^T = U S V^T with S SPD (polar form)
         qa, ra = torch.linalg.qr(a.double())
         qb, rb = torch.linalg.qr(b.double())
@@ -66,6 +71,11 @@ def _stack_pair(manifold, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _pair_of(manifold, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The factor pair ``(A, B)`` with ``A B^T`` the sector's product, for any sector geometry."""
+    if isinstance(manifold, ProjectedRank):  # balanced factors of the composite
+        u, s, vh = torch.linalg.svd(z.double(), full_matrices=False)
+        root = s[..., : manifold.rank].sqrt()[..., None, :]
+        a, b = u[..., : manifold.rank] * root, vh[..., : manifold.rank, :].mT * root
+        return a.to(z.dtype), b.to(z.dtype)
     if isinstance(manifold, FixedRank):
         u, s, v = manifold.factors(z)
         return u @ s, v
@@ -173,7 +183,14 @@ class QuotientMultiheadAttention(nn.Module):
             r * (embed_dim + extra), self.kdim + extra, self.head_dim, qk_geometry, rope, qk_norm
         )
         self.breaking = SymmetryBreakingBiases(self.head_dim) if symmetry_breaking else None
-        self.vo_manifold = _sector_manifold(vo_geometry, self.vdim + extra, r * embed_dim)
+        self.vo_manifold = _sector_manifold(
+            vo_geometry, self.vdim + extra, r * embed_dim, self.head_dim
+        )
+        if "composite" in (qk_geometry, vo_geometry) and (r > 1 or rope or qk_norm):
+            raise ValueError(
+                "the 'composite' geometry trains W_QK / W_VO directly; it does not combine with "
+                "grouped-query attention, rope or qk_norm"
+            )
         self.qk_geometry, self.vo_geometry = qk_geometry, vo_geometry
         for sector, rows in (
             ("QK", (embed_dim + extra, self.kdim + extra)),
@@ -388,6 +405,23 @@ class QuotientMultiheadAttention(nn.Module):
             return torch.einsum("nld,hdk->nhlk", x, weight) + bias[None, :, None, :]
         return torch.einsum("nld,hdk->nhlk", x, factor)
 
+    def _queries_keys_values(self, query, key, value):
+        """Per-head ``q``, ``k``, ``v`` (batch, heads, length, dim) and the output blocks (None
+        for a composite VO sector). A composite QK sector gives ``q = [x, 1] W_QK`` and
+        ``k = [y, 1]`` (shared by the heads); a composite VO sector ``v = [y, 1] W_VO``."""
+        a_q, a_k, a_v, b_o = (None,) * 4
+        if self.qk_geometry != "composite" or self.vo_geometry != "composite":
+            a_q, a_k, a_v, b_o = self._head_factors()
+        if self.qk_geometry == "composite":
+            q = self._project(query, self.qk)
+            k = torch.cat((key, torch.ones_like(key[..., :1])), dim=-1) if self.bias else key
+            k = k.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
+        else:
+            q, k = self._project(query, a_q), self._project(key, a_k)
+        if self.vo_geometry == "composite":
+            return q, k, self._project(value, self.vo), None
+        return q, k, self._project(value, a_v), b_o
+
     def _merge_masks(
         self, attn_mask, key_padding_mask, n: int, target: int, source: int, dtype
     ) -> torch.Tensor | None:
@@ -461,8 +495,7 @@ class QuotientMultiheadAttention(nn.Module):
                     f"{name} has shape {tuple(tensor.shape)}; expected last dimension {dim} (and 2 or 3 dims)"
                 )
         n, target, source = query.shape[0], query.shape[1], key.shape[1]
-        a_q, a_k, a_v, b_o = self._head_factors()
-        q, k, v = self._project(query, a_q), self._project(key, a_k), self._project(value, a_v)
+        q, k, v, b_o = self._queries_keys_values(query, key, value)
         if self.qk_norm:
             q, k = rms_normalize(q), rms_normalize(k)
         if self.rope:
@@ -503,8 +536,12 @@ class QuotientMultiheadAttention(nn.Module):
                 dropout_p=dropout,
                 is_causal=causal,
                 enable_gqa=self.group_size > 1,
+                scale=1.0 / math.sqrt(self.head_dim),
             )
-        out = torch.einsum("nhlk,hek->nle", heads, b_o)
+        if b_o is None:  # composite VO sector: the heads already live in the output space
+            out = heads.sum(1)
+        else:
+            out = torch.einsum("nhlk,hek->nle", heads, b_o)
         if self.out_bias is not None:
             out = out + self.out_bias
         if not self.batch_first or unbatched:

@@ -41,6 +41,7 @@ _MIN_VERSION = 5
 
 try:
     import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import BertAttention
     from transformers.models.bert.modeling_bert import (
         eager_attention_forward as _bert_eager_attention,
@@ -49,7 +50,6 @@ try:
     from transformers.models.gpt2.modeling_gpt2 import (
         eager_attention_forward as _gpt2_eager_attention,
     )
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     _IMPORT_ERROR: str | None = (
         "quotientopt.nn.huggingface needs Hugging Face transformers "

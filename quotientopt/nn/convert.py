@@ -1,5 +1,9 @@
 """Convert a model's attention modules to quotient modules, and back, computing the same function.
 
+Supported: ``torch.nn.MultiheadAttention`` (also inside ``torch.nn.TransformerEncoder`` layers), the
+reference GPT's ``CausalSelfAttention``, and, with ``transformers`` installed (the ``hf`` extra),
+Hugging Face's ``GPT2Attention`` and ``BertAttention``.
+
 ``convert`` first builds every replacement and only then swaps them in, so an unsupported module
 raises before the model is touched: a model is never left half-converted.
 """
@@ -35,7 +39,19 @@ def register_conversion(
     _EXPORTERS[quotient] = to_standard
 
 
+def _load_optional_conversions() -> None:
+    """Register the reference GPT's attention, and Hugging Face's when transformers is installed."""
+    import quotientopt.models.gpt  # registers on import
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    import quotientopt.nn.huggingface  # noqa: F401  (registers on import)
+
+
 def _swap(model: nn.Module, table: dict[type, Callable], what: str, **options) -> nn.Module:
+    _load_optional_conversions()
     replacements = []
     for path, module in model.named_modules():
         builder = table.get(type(module))

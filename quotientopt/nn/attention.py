@@ -82,6 +82,40 @@ def _pair_of(manifold, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return manifold.factors(z)
 
 
+def factors_from_weights(
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    in_bias: torch.Tensor | None,
+    w_out: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per key/value head factor pairs of standard attention weights (``nn.Linear`` layout:
+    ``w_q`` (E, E), ``w_k`` (kv, kdim), ``w_v`` (kv, vdim), ``kv = kv_heads * head_dim``,
+    ``in_bias`` (E + 2 kv) or None, ``w_out`` (E, E)).
+
+    Returns ``(a_q, a_k, a_v, b_o)``: the QK pair ``a_q`` (kv_heads, r (E + b), k) (the query
+    factors of a group stacked as rows, bias rows last in each) and ``a_k`` (kv_heads, kdim + b, k),
+    the VO pair ``a_v`` (kv_heads, vdim + b, k) and ``b_o`` (kv_heads, r E, k). Linear in the
+    weights, so it maps gradients, updates and momenta the same way.
+    """
+    e, k = w_q.shape[0], head_dim
+
+    def split(weight: torch.Tensor, count: int) -> torch.Tensor:
+        return weight.reshape(count, k, -1).transpose(-1, -2)
+
+    a_q, a_k, a_v = split(w_q, heads), split(w_k, kv_heads), split(w_v, kv_heads)
+    b_o = w_out.reshape(e, heads, k).permute(1, 0, 2)  # (heads, E, k)
+    if in_bias is not None:
+        biases = (b.reshape(-1, 1, k) for b in in_bias.split((e, kv_heads * k, kv_heads * k)))
+        a_q, a_k, a_v = (
+            torch.cat((a, b), dim=-2) for a, b in zip((a_q, a_k, a_v), biases, strict=True)
+        )
+    return a_q.reshape(kv_heads, -1, k), a_k, a_v, b_o.reshape(kv_heads, -1, k)
+
+
 class QuotientMultiheadAttention(nn.Module):
     r"""Drop-in for ``torch.nn.MultiheadAttention`` with its heads on quotient manifolds.
 
@@ -251,29 +285,16 @@ class QuotientMultiheadAttention(nn.Module):
         biases), then store the factors."""
         self.load_weights(*self._initial_weights(self.qk.device, self.qk.dtype))
 
-    def _split_heads(self, weight: torch.Tensor, heads: int) -> torch.Tensor:
-        """``(heads * k, d)`` projection weight -> per-head factors ``(heads, d, k)`` (rows of W^T)."""
-        return weight.reshape(heads, self.head_dim, -1).transpose(-1, -2)
-
     @torch.no_grad()
     def _points_from_weights(self, w_q, w_k, w_v, in_bias, w_out, out_bias):
         """The two sector points from standard projection weights (``nn.Linear`` layout):
         ``w_q`` (E, E), ``w_k`` (kv, kdim), ``w_v`` (kv, vdim) with ``kv = num_kv_heads * k``,
         ``in_bias`` (E + 2 kv) or None, ``w_out`` (E, E), ``out_bias`` (E) or None."""
-        e, k, heads, kv_heads = self.embed_dim, self.head_dim, self.num_heads, self.num_kv_heads
-        a_q = self._split_heads(w_q, heads)
-        a_k, a_v = self._split_heads(w_k, kv_heads), self._split_heads(w_v, kv_heads)
-        b_o = w_out.reshape(e, heads, k).permute(1, 0, 2)  # (heads, E, k)
+        a_q, a_k, a_v, b_o = factors_from_weights(
+            w_q, w_k, w_v, in_bias, w_out, self.num_heads, self.num_kv_heads, self.head_dim
+        )
         if self.bias:
-            sizes = (e, kv_heads * k, kv_heads * k)
-            biases = (b.reshape(-1, 1, k) for b in in_bias.split(sizes))
-            a_q, a_k, a_v = (
-                torch.cat((a, b), dim=-2) for a, b in zip((a_q, a_k, a_v), biases, strict=True)
-            )
             out_bias = out_bias.detach().clone()
-        # stack the query factors (output blocks) of each key/value group as rows
-        a_q = a_q.reshape(kv_heads, -1, k)
-        b_o = b_o.reshape(kv_heads, -1, k)
         qk = _stack_pair(self.qk_manifold, a_q, a_k).detach().contiguous()
         vo = _stack_pair(self.vo_manifold, a_v, b_o).detach().contiguous()
         return qk, vo, out_bias if self.bias else None

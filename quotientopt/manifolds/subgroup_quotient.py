@@ -154,6 +154,13 @@ class SubgroupFactorQuotient(FactorQuotient):
         (:math:`\mathbb{R}_{>0} \times O(k)`) remain exact symmetries of the metric.
     name : str, optional
         A label for the group (``"rope"``, ``"qk-norm"``), shown in ``repr`` and error messages.
+    fast_paths : bool
+        When the span is all of :math:`\mathfrak{gl}(k)` (``r = k^2``) or all of
+        :math:`\mathfrak{o}(k)` (``r = k(k-1)/2`` skew generators), solve in closed form in
+        :math:`O(k^3)` instead of assembling the ``r x r`` system (:math:`O(k^5)` for these):
+        FactorQuotient's formula, resp. the generalized Lyapunov equation of
+        :meth:`_orthogonal_generator`. ``False`` forces the generic solve (used by the tests to
+        cross-check the two).
 
     Notes
     -----
@@ -177,6 +184,7 @@ class SubgroupFactorQuotient(FactorQuotient):
         damping: float = 0.0,
         check: bool = True,
         name: str | None = None,
+        fast_paths: bool = True,
         row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if metric != "preconditioned":
@@ -200,6 +208,14 @@ class SubgroupFactorQuotient(FactorQuotient):
         flat = gens.reshape(gens.shape[0], self.k * self.k).T
         basis = torch.linalg.qr(flat).Q.T.reshape(gens.shape) if gens.shape[0] else gens
         self.register_buffer("basis", basis, persistent=False)
+        r, k = gens.shape[0], self.k
+        self.structure = "generic"
+        if fast_paths and r == k * k:
+            self.structure = "full"
+        elif fast_paths and r == k * (k - 1) // 2 and r > 0:
+            asym = float((gens + gens.mT).abs().max())
+            if asym <= 1e-12 * float(gens.abs().max()):
+                self.structure = "orthogonal"
 
     @property
     def group_dimension(self) -> int:
@@ -208,7 +224,10 @@ class SubgroupFactorQuotient(FactorQuotient):
 
     def extra_repr(self) -> str:
         label = "" if self.group_name is None else f", name={self.group_name!r}"
-        return f"{super().extra_repr()}, k={self.k}, group_dimension={self.group_dimension}{label}"
+        return (
+            f"{super().extra_repr()}, k={self.k}, group_dimension={self.group_dimension}, "
+            f"structure={self.structure!r}{label}"
+        )
 
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         ok, reason = super()._check_shape(shape, name)
@@ -247,18 +266,46 @@ class SubgroupFactorQuotient(FactorQuotient):
     def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor, grams: Grams) -> torch.Tensor:
         r"""The :math:`W \in \mathfrak{h}` with ``u - vertical(x, W)`` horizontal: ``M c = b``,
         :math:`b_i = \langle C_A P - Q C_B^\top, E_i \rangle_F`, :math:`W = \sum_i c_i E_i`."""
+        if self.structure == "full":
+            return super()._vertical_generator(x, u, grams)
         at_ua, bt_ub = self._cross(x, u)
         p, q = grams.p, grams.q
         if self.group_dimension == 0:
             return torch.zeros_like(at_ua)
-        e = self._basis(p)
         rhs = at_ua @ p - q @ bt_ub.transpose(-1, -2)
+        if self.structure == "orthogonal":
+            return self._orthogonal_generator(rhs, grams)
+        e = self._basis(p)
         b = torch.einsum("rkl,...kl->...r", e, rhs)
         mat = self._vertical_gram(grams)
         eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
         mat = torch.where(grams.ok[..., None, None], mat, eye)  # bad heads: no NaN (check=False)
         c = torch.linalg.solve_ex(mat, b[..., None]).result[..., 0]
         return torch.einsum("...r,rkl->...kl", c, e)
+
+    @staticmethod
+    def _orthogonal_generator(rhs: torch.Tensor, grams: Grams) -> torch.Tensor:
+        r"""Closed form for :math:`\mathfrak{h} = \mathfrak{o}(k)`: the skew :math:`\Omega` with
+        :math:`\langle E, R - 2 Q \Omega P \rangle_F = 0` for every skew :math:`E`, i.e. the
+        generalized Lyapunov equation :math:`Q \Omega P + P \Omega Q = \mathrm{skew}(R)`
+        (:math:`2\,\mathrm{skew}(Q \Omega P)` for skew :math:`\Omega`),
+        :math:`R = C_A P - Q C_B^\top`, :math:`\mathrm{skew}(R) = (R - R^\top)/2`.
+
+        Simultaneous diagonalization of the pencil: with :math:`Q = L L^\top` and the eigenpairs
+        :math:`L^{-1} P L^{-\top} = U D U^\top`, :math:`V = L^{-\top} U` has
+        :math:`V^\top Q V = I`, :math:`V^\top P V = D`, and :math:`\Omega = V Y V^\top` with
+        :math:`Y_{ij} = (V^\top \mathrm{skew}(R) V)_{ij} / (d_i + d_j)`.
+        """
+        chol = grams.chol_q
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        half = torch.linalg.solve_triangular(chol, grams.p, upper=False)  # L^{-1} P
+        c = torch.linalg.solve_triangular(chol, half.mT, upper=False)  # L^{-1} P L^{-T}
+        c = torch.where(grams.ok[..., None, None], 0.5 * (c + c.mT), eye)
+        d, vecs = torch.linalg.eigh(c)
+        v = torch.linalg.solve_triangular(chol.mT, vecs, upper=True)  # L^{-T} U
+        skew_r = 0.5 * (rhs - rhs.mT)
+        y = (v.mT @ skew_r @ v) / (d[..., :, None] + d[..., None, :])
+        return v @ y @ v.mT
 
 
 def _validate_generators(generators: object, check: bool, where: str) -> torch.Tensor:

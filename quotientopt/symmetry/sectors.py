@@ -44,12 +44,14 @@ class Sector:
         return f"{self.path}.{self.kind}" if self.path else self.kind
 
     def pair(self, value_of: ValueOf = lambda p: p) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(A, B)`` of the tensors ``value_of(p)`` for this sector's parameters (None if any is)."""
+        """``(A, B)`` of the tensors ``value_of(p)`` for this sector's parameters (None if any is),
+        as copies: later in-place updates of the parameters do not change them."""
         values = tuple(value_of(p) for p in self.parameters)
         if any(v is None for v in values):
             return None
         with torch.no_grad():
-            return self.read(values)
+            a, b = self.read(tuple(v.detach() for v in values))
+            return a.clone(), b.clone()
 
 
 def _standard(

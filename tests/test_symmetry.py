@@ -134,7 +134,7 @@ def update_fractions(model, optimizer, x, target, steps=3):
         snapshot = {id(p): p.detach().clone() for p in model.parameters()}
         step(model, optimizer, x, target)
         for sector, (a, b) in zip(sectors, before, strict=True):
-            d_a, d_b = sector.pair(lambda p: p.detach() - snapshot[id(p)])
+            d_a, d_b = sector.pair(lambda p, before=snapshot: p.detach() - before[id(p)])
             euclidean.append(float(vertical_fraction(a, b, d_a, d_b, "euclidean").max()))
             preconditioned.append(float(vertical_fraction(a, b, d_a, d_b, "preconditioned").max()))
     return max(euclidean), max(preconditioned)

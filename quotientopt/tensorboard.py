@@ -1,0 +1,213 @@
+r"""Log the symmetry diagnostics of a training run to TensorBoard.
+
+>>> monitor = SymmetryMonitor(model, optimizer, "runs/adamw", every=50)
+>>> for batch in data:
+...     loss = model(batch).loss
+...     loss.backward()
+...     optimizer.step()          # the monitor hooks into step(): nothing else to call
+...     optimizer.zero_grad()
+...     monitor.log_loss(loss)     # optional: the training loss, and the energy of Hamiltonian runs
+>>> monitor.close()
+
+Every ``every`` steps it snapshots the attention sectors before ``optimizer.step()`` and, after
+it, logs per sector (mean over heads; ``per_head=True`` adds every head):
+
+* ``charge_norm`` and ``charge_drift`` of :math:`C = A^T A - B^T B`, the drift
+  :math:`\|C - C_0\| / (\|A_0^T A_0\| + \|B_0^T B_0\|)` relative to the starting Grams;
+* ``momentum_map/skew`` (optimizers with a Euclidean momentum: torch SGD's buffer, Adam's first
+  moment) or ``momentum_map/metric`` (quotientopt's optimizers: the pairing of their velocity
+  with the orbit in the preconditioned metric), relative to the momentum's size;
+* ``vertical_fraction/euclidean`` and ``vertical_fraction/preconditioned`` of the update;
+* ``conditioning/...``: condition numbers of the product and the Grams, effective rank;
+
+plus ``summary/...`` averages over all sectors (the tags to compare runs on), histograms of the
+per-head values, ``energy`` for :class:`~quotientopt.optim.QuotientHamiltonian`, and a custom-scalars
+layout that puts the same quantity of every run on one chart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from quotientopt.optim import HybridOptimizer, QuotientHamiltonian, QuotientSGD
+from quotientopt.symmetry import (
+    charge,
+    conditioning,
+    find_sectors,
+    momentum_map,
+    velocity_momentum_map,
+    vertical_fraction,
+)
+
+__all__ = ["SymmetryMonitor"]
+
+MOMENTUM_KEYS = ("momentum_buffer", "velocity", "exp_avg")
+LAYOUT = {
+    "symmetry": {
+        "charge drift": ["Multiline", [r"summary/charge_drift"]],
+        "momentum map": ["Multiline", [r"summary/momentum_map.*"]],
+        "vertical fraction": ["Multiline", [r"summary/vertical_fraction.*"]],
+        "conditioning": ["Multiline", [r"summary/cond_product", r"summary/effective_rank"]],
+    },
+    "training": {"loss": ["Multiline", [r"loss/.*"]], "energy": ["Multiline", [r"energy"]]},
+}
+
+
+def _owner(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.optim.Optimizer:
+    if isinstance(optimizer, HybridOptimizer):
+        for child in optimizer.optimizers:
+            if any(p is q for g in child.param_groups for q in g["params"]):
+                return child
+    return optimizer
+
+
+class SymmetryMonitor:
+    """See the module docstring. ``logdir_or_writer``: a folder for a new ``SummaryWriter`` or a
+    writer to use; ``every``: log every this many optimizer steps (>= 1)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        logdir_or_writer: str | Path | SummaryWriter,
+        every: int = 50,
+        *,
+        per_head: bool = False,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"SymmetryMonitor: every must be an int >= 1, got {every!r}")
+        self.model, self.optimizer, self.every, self.per_head = model, optimizer, every, per_head
+        self.writer = (
+            logdir_or_writer
+            if isinstance(logdir_or_writer, SummaryWriter)
+            else SummaryWriter(str(logdir_or_writer))
+        )
+        self.sectors = find_sectors(model)
+        if not self.sectors:
+            raise ValueError(
+                "SymmetryMonitor: found no attention module in the model (supported: torch "
+                "MultiheadAttention, quotientopt's modules, the reference GPT, HF GPT-2 and BERT)"
+            )
+        self.initial = {}  # charge and Gram scale ||A^T A|| + ||B^T B|| at the start
+        for s in self.sectors:
+            a, b = s.pair()
+            scale = torch.linalg.matrix_norm(a.double().mT @ a.double()) + torch.linalg.matrix_norm(
+                b.double().mT @ b.double()
+            )
+            self.initial[s.name] = (charge(a, b), scale)
+        self.steps = 0
+        self.last_loss: float | None = None
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._snapshot: dict[int, torch.Tensor] | None = None
+        self.writer.add_custom_scalars(LAYOUT)
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda *_: self._before_step()),
+            optimizer.register_step_post_hook(lambda *_: self._after_step()),
+        ]
+
+    # ---------------------------------------------------------------------------- hooks
+    def _due(self) -> bool:
+        return self.steps % self.every == 0
+
+    def _before_step(self) -> None:
+        if self._due():
+            self._snapshot = {id(p): p.detach().clone() for s in self.sectors for p in s.parameters}
+
+    def _after_step(self) -> None:
+        if self._snapshot is not None:
+            self.log_diagnostics(self._snapshot)
+            self._snapshot = None
+        self.steps += 1
+
+    # ---------------------------------------------------------------------------- logging
+    def _scalar(self, tag: str, value: float) -> None:
+        self.writer.add_scalar(tag, value, self.steps)
+        self.history[tag].append((self.steps, value))
+
+    def _momentum(self, sector) -> tuple[str, torch.Tensor] | None:
+        p0 = sector.parameters[0]
+        owner = _owner(self.optimizer, p0)
+        state = owner.state.get(p0, {})
+        key = next(
+            (k for k in MOMENTUM_KEYS if k in state and isinstance(state[k], torch.Tensor)), None
+        )
+        if key is None:
+            return None
+        pair = sector.pair(lambda p: owner.state.get(p, {}).get(key))
+        if pair is None:
+            return None
+        a, b = sector.pair()
+        metric = sector.manifold is not None and isinstance(
+            owner, (QuotientSGD, QuotientHamiltonian)
+        )
+        j = velocity_momentum_map(a, b, *pair) if metric else momentum_map(a, b, *pair)
+        scale = (
+            momentum_map(a, b, *pair).abs().amax((-1, -2)) if metric else j.abs().amax((-1, -2))
+        ).clamp_min(1e-300)
+        if metric:
+            return "metric", j.abs().amax((-1, -2)) / scale
+        return "skew", (0.5 * (j - j.mT)).abs().amax((-1, -2)) / scale
+
+    @torch.no_grad()
+    def log_diagnostics(self, snapshot: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
+        """Compute and log every diagnostic now; ``snapshot`` (parameter id -> value before the
+        step) adds the vertical fractions of the update. Returns the summary values."""
+        totals: dict[str, list[float]] = defaultdict(list)
+        for sector in self.sectors:
+            a, b = sector.pair()
+            values: dict[str, torch.Tensor] = {}
+            c = charge(a, b)
+            c0, scale = self.initial[sector.name]
+            values["charge_norm"] = torch.linalg.matrix_norm(c)
+            values["charge_drift"] = torch.linalg.matrix_norm(c - c0) / scale.clamp_min(1e-300)
+            momentum = self._momentum(sector)
+            if momentum is not None:
+                values[f"momentum_map_{momentum[0]}"] = momentum[1]
+            if snapshot is not None:
+                before = sector.pair(lambda p: snapshot[id(p)])
+                d_a, d_b = a - before[0], b - before[1]
+                for metric in ("euclidean", "preconditioned"):
+                    values[f"vertical_fraction_{metric}"] = vertical_fraction(
+                        *before, d_a, d_b, metric
+                    )
+            values.update(conditioning(a, b))
+            for key, per_head in values.items():
+                mean = float(per_head.mean())
+                self._scalar(f"{key}/{sector.name}", mean)
+                totals[key].append(mean)
+                if self.per_head:
+                    for h, v in enumerate(per_head.tolist()):
+                        self._scalar(f"{key}/{sector.name}/head{h}", v)
+                finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
+                if finite.numel():
+                    self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
+        summary = {key: sum(v) / len(v) for key, v in totals.items()}
+        for key, value in summary.items():
+            self._scalar(f"summary/{key}", value)
+        if isinstance(self.optimizer, QuotientHamiltonian) and self.last_loss is not None:
+            self._scalar("energy", float(self.optimizer.kinetic_energy()) + self.last_loss)
+        return summary
+
+    def log_loss(self, loss: torch.Tensor | float, tag: str = "train") -> None:
+        """Log a loss at the current step (a tensor is read once: one synchronisation)."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self.last_loss = value
+        self._scalar(f"loss/{tag}", value)
+
+    def close(self, hparams: dict | None = None) -> None:
+        """Write ``hparams`` with the final summary values, flush and close the writer."""
+        if hparams:
+            metrics = {
+                f"final/{tag}": points[-1][1]
+                for tag, points in self.history.items()
+                if tag.startswith(("summary/", "loss/"))
+            }
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+        for hook in self._hooks:
+            hook.remove()
+        self.writer.flush()
+        self.writer.close()

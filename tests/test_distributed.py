@@ -3,6 +3,9 @@ the ranks bitwise identical; row-sharded sectors reduce their Grams across shard
 
 from __future__ import annotations
 
+import os
+import sys
+
 import geoopt
 import torch
 import torch.distributed as dist
@@ -34,6 +37,16 @@ def _init(rank: int, init_file: str) -> None:
     torch.set_num_threads(1)
 
 
+def _finish() -> None:
+    """Leave the process group and exit at once: letting the interpreter tear down gloo's
+    threads at exit intermittently aborts ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _ddp_worker(rank: int, init_file: str) -> None:
     _init(rank, init_file)
     torch.manual_seed(rank)  # different initial values: DDP must broadcast rank 0's
@@ -55,7 +68,7 @@ def _ddp_worker(rank: int, init_file: str) -> None:
         dist.all_gather(gathered, flat)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks diverged"
     assert not torch.equal(flat, start), "nothing was trained"
-    dist.destroy_process_group()
+    _finish()
 
 
 def _sharded_worker(rank: int, init_file: str) -> None:
@@ -106,7 +119,7 @@ def _sharded_worker(rank: int, init_file: str) -> None:
     loss0 = 0.5 * ((full.product(z0) - target) ** 2).sum()
     loss = 0.5 * ((full.product(result) - target) ** 2).sum()
     assert float(loss) < 1e-3 * float(loss0), "the sharded run did not train"
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_ddp_ranks_stay_bitwise_identical(tmp_path):

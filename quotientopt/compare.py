@@ -278,14 +278,16 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
     )
     atomic_write(logdir / "results.md", header + "\n\n" + "\n".join(rows) + "\n")
     for filename, key, ylabel, log in (
-        ("losses.png", "losses", "training loss", False),
+        ("losses.png", "losses", "training loss (25-step moving average)", False),
         ("charges.png", "charge_drift", "charge drift ||C - C0|| / (||Q0|| + ||P0||)", True),
     ):
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in results:
             series = r[key]
-            if key == "losses":
-                ax.plot(range(len(series)), series, label=r["optimizer"], linewidth=1)
+            if key == "losses":  # a 25-step moving average; the raw curve is too noisy to compare
+                window = min(25, len(series))
+                smooth = torch.tensor(series).unfold(0, window, 1).mean(1).tolist()
+                ax.plot(range(window - 1, len(series)), smooth, label=r["optimizer"], linewidth=1.2)
             elif series:
                 ax.plot(
                     [s for s, _ in series],

@@ -67,7 +67,8 @@ def _owner(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.optim.Opt
 
 class SymmetryMonitor:
     """See the module docstring. ``logdir_or_writer``: a folder for a new ``SummaryWriter`` or a
-    writer to use; ``every``: log every this many optimizer steps (>= 1)."""
+    writer to use; ``every``: log every this many optimizer steps (>= 1); ``histogram_every``:
+    histograms every this many steps (default ``10 * every``)."""
 
     def __init__(
         self,
@@ -77,10 +78,12 @@ class SymmetryMonitor:
         every: int = 50,
         *,
         per_head: bool = False,
+        histogram_every: int | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"SymmetryMonitor: every must be an int >= 1, got {every!r}")
         self.model, self.optimizer, self.every, self.per_head = model, optimizer, every, per_head
+        self.histogram_every = histogram_every or 10 * every  # histograms cost half of a log
         self.writer = (
             logdir_or_writer
             if isinstance(logdir_or_writer, SummaryWriter)
@@ -183,7 +186,7 @@ class SymmetryMonitor:
                     for h, v in enumerate(per_head.tolist()):
                         self._scalar(f"{key}/{sector.name}/head{h}", v)
                 finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
-                if finite.numel():
+                if finite.numel() and self.steps % self.histogram_every == 0:
                     self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
         summary = {key: sum(v) / len(v) for key, v in totals.items()}
         for key, value in summary.items():

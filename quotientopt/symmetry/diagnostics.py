@@ -102,10 +102,11 @@ def conditioning(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per group: condition numbers of the product ``A B^T`` (on its rank-k part) and of the two
     Grams, and the effective rank of the product."""
     a, b = _f64(a, b)
-    _, r_a = torch.linalg.qr(a)
-    _, r_b = torch.linalg.qr(b)
-    s = torch.linalg.svdvals(r_a @ r_b.mT)  # the singular values of A B^T
-    eig_a, eig_b = torch.linalg.eigvalsh(sym(gram(a))), torch.linalg.eigvalsh(sym(gram(b)))
+    q, p = sym(gram(a)), sym(gram(b))
+    eig_a, eig_b = torch.linalg.eigvalsh(q), torch.linalg.eigvalsh(p)
+    # squared singular values of A B^T: the eigenvalues of L^T P L with Q = L L^T (k x k work only)
+    chol, _ = torch.linalg.cholesky_ex(q)
+    s = torch.linalg.eigvalsh(sym(chol.mT @ p @ chol)).clamp_min(0).sqrt().flip(-1)
     return {
         "cond_product": s[..., 0] / s[..., -1].clamp_min(1e-300),
         "effective_rank": effective_rank(s),

@@ -77,7 +77,11 @@ def main() -> None:
     monitor.close()
     plain, monitored = runs["plain"]["seconds"], runs["monitored"]["seconds"]
     overhead = monitored / plain - 1
-    command = f"python benchmarks/monitor_overhead.py --optimizer {args.optimizer} --steps {args.steps} --every {args.every}"
+    command = "python benchmarks/monitor_overhead.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k != "out" and parser.get_default(k) != v
+    )
     report = (
         f"SymmetryMonitor overhead, {args.optimizer}, GPT {args.n_layer} layers width {args.n_embd}, "
         f"{args.steps} steps, monitor every {args.every}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n"

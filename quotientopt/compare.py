@@ -202,7 +202,9 @@ def train_one(
     torch.manual_seed(settings.seed)  # the same initialization for every optimizer
     model = GPT(config).to(device)
     optimizer = contender.build(list(model.parameters()), lr)
-    monitor = SymmetryMonitor(model, optimizer, logdir / name, every=settings.every)
+    probe_gen = torch.Generator().manual_seed(12345)  # attention patterns on one fixed batch
+    probe = batches(val, settings.block_size, 2, probe_gen, device)[0]
+    monitor = SymmetryMonitor(model, optimizer, logdir / name, every=settings.every, probe=probe)
     gen = torch.Generator().manual_seed(settings.seed + 1)  # the same batches for every optimizer
     losses, elapsed = [], 0.0
     bar = progress(range(settings.steps), desc=f"{name:>20}", leave=True)

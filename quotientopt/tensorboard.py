@@ -18,7 +18,8 @@ it, logs per sector (mean over heads; ``per_head=True`` adds every head):
   moment) or ``momentum_map/metric`` (quotientopt's optimizers: the pairing of their velocity
   with the orbit in the preconditioned metric), relative to the momentum's size;
 * ``vertical_fraction/euclidean`` and ``vertical_fraction/preconditioned`` of the update;
-* ``conditioning/...``: condition numbers of the product and the Grams, effective rank;
+* ``cond_product``, ``cond_gram_a``, ``cond_gram_b``, ``effective_rank``: conditioning;
+* with a ``probe`` input: ``attention_entropy`` and attention-pattern images (every histogram step);
 
 plus ``summary/...`` averages over all sectors (the tags to compare runs on), histograms of the
 per-head values, ``energy`` for :class:`~quotientopt.optim.QuotientHamiltonian`, and a custom-scalars
@@ -65,10 +66,89 @@ def _owner(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.optim.Opt
     return optimizer
 
 
+def _causal_at(model: torch.nn.Module, path: str) -> bool | None:
+    """:func:`_causal` for the module at ``path``; a quotient module inside the reference GPT's
+    attention wrapper is causal like the wrapper."""
+    from quotientopt.models.gpt import QuotientCausalSelfAttention
+
+    module = model.get_submodule(path) if path else model
+    parent_path = path.rpartition(".")[0]
+    parent = model.get_submodule(parent_path) if path and parent_path else (model if path else None)
+    if isinstance(parent, QuotientCausalSelfAttention):
+        return _causal(parent)
+    return _causal(module)
+
+
+def _causal(module: torch.nn.Module) -> bool | None:
+    """True for causal self-attention, False for unmasked attention, None if the patterns cannot
+    be computed from the factors alone (RoPE, QK-norm, symmetry breaking)."""
+    from quotientopt.models.gpt import CausalSelfAttention, QuotientCausalSelfAttention
+    from quotientopt.nn import QuotientMultiheadAttention
+
+    config = getattr(module, "config", None)
+    if isinstance(module, (CausalSelfAttention, QuotientCausalSelfAttention)):
+        return None if (config.rope or config.qk_norm or config.symmetry_breaking) else True
+    if isinstance(module, QuotientMultiheadAttention):
+        return None if (module.rope or module.qk_norm or module.breaking is not None) else False
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return False
+    return None
+
+
+@torch.no_grad()
+def attention_patterns(model: torch.nn.Module, probe) -> dict[str, torch.Tensor]:
+    """Attention weights ``(batch, heads, length, length)`` of every self-attention module that
+    :func:`find_sectors` reads, recomputed from its QK factors on the input that ``model(probe)``
+    feeds it (causal for the reference GPT; unmasked for ``MultiheadAttention``, whose masks are
+    not known here). Modules with RoPE, QK-norm or symmetry-breaking biases are left out."""
+    sectors = {s.path: s for s in find_sectors(model) if s.kind == "QK"}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path in sectors:
+        module = model.get_submodule(path) if path else model
+        if _causal_at(model, path) is None:
+            continue
+
+        def grab(mod, args, path=path):
+            x = args[0]
+            if not getattr(mod, "batch_first", True) and x.dim() == 3:
+                x = x.transpose(0, 1)
+            inputs[path] = x.detach()
+
+        hooks.append(module.register_forward_pre_hook(grab))
+    try:
+        model(*probe) if isinstance(probe, tuple) else model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    patterns = {}
+    for path, x in inputs.items():
+        a, b = sectors[path].pair()
+        k = sectors[path].head_dim
+        heads = a.shape[0] * (a.shape[1] // b.shape[1]) if a.shape[1] != b.shape[1] else a.shape[0]
+        a = a.reshape(heads, -1, k)
+        b = b.repeat_interleave(heads // b.shape[0], 0)
+        x = x.to(a.dtype)
+        if a.shape[1] == x.shape[-1] + 1:  # bias rows
+            x = torch.cat((x, torch.ones_like(x[..., :1])), dim=-1)
+        q = torch.einsum("bld,hdk->bhlk", x, a)
+        key = torch.einsum("bld,hdk->bhlk", x, b)
+        scores = q @ key.transpose(-1, -2) / k**0.5
+        if _causal_at(model, path):
+            length = scores.shape[-1]
+            scores = scores.masked_fill(
+                torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf")
+            )
+        patterns[path] = scores.softmax(-1)
+    return patterns
+
+
 class SymmetryMonitor:
     """See the module docstring. ``logdir_or_writer``: a folder for a new ``SummaryWriter`` or a
     writer to use; ``every``: log every this many optimizer steps (>= 1); ``histogram_every``:
-    histograms every this many steps (default ``10 * every``)."""
+    histograms every this many steps (default ``10 * every``); ``probe``: model input(s) on which
+    the attention entropy and pattern images are computed at every histogram step (see
+    :func:`attention_patterns`)."""
 
     def __init__(
         self,
@@ -79,11 +159,13 @@ class SymmetryMonitor:
         *,
         per_head: bool = False,
         histogram_every: int | None = None,
+        probe: tuple | torch.Tensor | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"SymmetryMonitor: every must be an int >= 1, got {every!r}")
         self.model, self.optimizer, self.every, self.per_head = model, optimizer, every, per_head
         self.histogram_every = histogram_every or 10 * every  # histograms cost half of a log
+        self.probe = probe
         self.writer = (
             logdir_or_writer
             if isinstance(logdir_or_writer, SummaryWriter)
@@ -188,6 +270,17 @@ class SymmetryMonitor:
                 finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
                 if finite.numel() and self.steps % self.histogram_every == 0:
                     self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
+        if self.probe is not None and self.steps % self.histogram_every == 0:
+            for path, weights in attention_patterns(self.model, self.probe).items():
+                entropy = (
+                    -(weights * weights.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
+                )  # per head
+                self._scalar(f"attention_entropy/{path}", float(entropy.mean()))
+                totals["attention_entropy"].append(float(entropy.mean()))
+                image = weights[0] / weights[0].amax((-1, -2), keepdim=True).clamp_min(1e-30)
+                self.writer.add_images(
+                    f"attention/{path}", image[:, None], self.steps, dataformats="NCHW"
+                )
         summary = {key: sum(v) / len(v) for key, v in totals.items()}
         for key, value in summary.items():
             self._scalar(f"summary/{key}", value)

@@ -53,3 +53,47 @@ def test_bad_data_files_are_named(tmp_path):
     latin.write_bytes("é".encode("latin-1") * 2000)
     with pytest.raises(ValueError, match="not UTF-8"):
         read_text_file(latin)
+
+
+def test_audit_command_prints_the_table(capsys):
+    assert (
+        main(
+            [
+                "audit",
+                "--n-layer",
+                "2",
+                "--n-head",
+                "2",
+                "--n-embd",
+                "16",
+                "--rope",
+                "--n-kv-head",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "QK" in out and "VO" in out and "h.1.attn" in out
+
+
+def test_audit_command_bad_sizes_and_paths(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--n-embd", "10", "--n-head", "4"])
+    assert exit_info.value.code == 2 and "divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--hf", str(tmp_path / "missing")])
+    assert (
+        exit_info.value.code == 2 and "cannot load a Hugging Face model" in capsys.readouterr().err
+    )
+
+
+def test_audit_command_reads_a_local_hugging_face_model(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    ).save_pretrained(tmp_path)
+    assert main(["audit", "--hf", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2Attention" in out and "redundant dimensions" in out

@@ -65,10 +65,12 @@ def test_charge_follows_the_exact_law_under_sgd_with_coupled_weight_decay():
             assert relative_error(charge(*sector.pair()), predicted) < 1e-12, sector.name
 
 
-def test_momentum_map_skew_part_decays_by_beta_under_sgd_momentum():
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_momentum_map_skew_part_decays_by_beta_under_sgd_momentum(decay):
+    """SGD-momentum with decoupled decay mu: skew(J') = beta (1 - lr mu) skew(J) exactly."""
     model, x, target = problem()
-    beta = 0.9
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=beta)
+    beta, lr = 0.9, 0.01
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
     step(model, optimizer, x, target)
     gen = rng(1)
     for p in model.parameters():  # a random momentum: a non-zero skew charge to follow
@@ -85,10 +87,15 @@ def test_momentum_map_skew_part_decays_by_beta_under_sgd_momentum():
     previous = skew_charges()
     assert min(float(c.abs().max()) for c in previous) > 0.1
     for _ in range(10):
-        step(model, optimizer, x, target)
+        optimizer.zero_grad()
+        loss_of(model, x, target).backward()
+        with torch.no_grad():  # decoupled decay: theta <- (1 - lr mu) theta - lr v
+            for p in model.parameters():
+                p.mul_(1 - lr * decay)
+        optimizer.step()
         current = skew_charges()
         for now, then in zip(current, previous, strict=True):
-            assert relative_error(now, beta * then) < 1e-10
+            assert relative_error(now, beta * (1 - lr * decay) * then) < 1e-10
         previous = current
 
 

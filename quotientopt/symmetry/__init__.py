@@ -1,6 +1,7 @@
 """Symmetry diagnostics: conserved quantities, orbit motion and conditioning of attention sectors,
 for quotient and standard layouts alike."""
 
+from quotientopt.symmetry.audit import AuditReport, AuditRow, audit
 from quotientopt.symmetry.diagnostics import (
     charge,
     conditioning,
@@ -12,7 +13,10 @@ from quotientopt.symmetry.diagnostics import (
 from quotientopt.symmetry.sectors import Sector, find_sectors
 
 __all__ = [
+    "AuditReport",
+    "AuditRow",
     "Sector",
+    "audit",
     "charge",
     "conditioning",
     "effective_rank",

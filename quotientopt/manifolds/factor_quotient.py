@@ -484,14 +484,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         r"""Vector transport by projection: :math:`\mathcal{T}_{Z \to Y}(\xi) = \mathrm{proj}^h_Y(\xi)`."""
         return self.proju(y, v)
 
-    def retr_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retraction along ``u`` and transport of ``v`` to the new point."""
-        y = self.retr(x, u)
-        return y, self.transp(x, y, v)
-
-    expmap_transp = retr_transp
+    # retr_transp and expmap_transp: geoopt's defaults (retr or expmap, then transp)
 
     # --------------------------------------------------------------------- checks, samples
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:

@@ -446,13 +446,6 @@ class FixedRank(geoopt.manifolds.Manifold):
         new_vs = (e @ sym(vs.to(dtype)) @ e.transpose(-1, -2)).to(v.dtype)
         return self.proju(y, self.from_factors(vu, new_vs, vv))
 
-    def retr_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retraction along ``u`` and projection transport of ``v`` to the new point."""
-        y = self.retr(x, u)
-        return y, self.transp(x, y, v)
-
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         r"""Nearest total-space point: :math:`U, V` replaced by their polar factors (thin SVD
         :math:`U = P \Sigma Q^\top \mapsto P Q^\top`), :math:`S` symmetrized and its eigenvalues

@@ -191,30 +191,6 @@ class Grassmann(geoopt.manifolds.Manifold):
         Equivariant, so it is a transport on the quotient."""
         return self.proju(y, v)
 
-    def retr_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retraction along ``u`` and projection transport of ``v`` to the new point."""
-        y = self.retr(x, u)
-        return y, self.transp(x, y, v)
-
-    def expmap_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exponential map along ``u`` and projection transport of ``v`` to the new point."""
-        y = self.expmap(x, u)
-        return y, self.transp(x, y, v)
-
-    def transp_follow_retr(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Transport of ``v`` to ``retr(x, u)``."""
-        return self.retr_transp(x, u, v)[1]
-
-    def transp_follow_expmap(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """Transport of ``v`` to ``expmap(x, u)``."""
-        return self.expmap_transp(x, u, v)[1]
-
     # --------------------------------------------------------------------- checks, samples
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         ok, reason = super()._check_shape(shape, name)

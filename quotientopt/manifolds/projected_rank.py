@@ -100,12 +100,6 @@ class ProjectedRank(geoopt.manifolds.Manifold):
         """Transport by projection onto the tangent space at ``y``."""
         return self.proju(y, v)
 
-    def retr_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.retr(x, u)
-        return y, self.transp(x, y, v)
-
     def inner(
         self,
         x: torch.Tensor,

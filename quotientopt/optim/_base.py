@@ -77,6 +77,17 @@ class HealthMixin:
         self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
         self._rank_skips: dict[torch.device, torch.Tensor] = {}
 
+    def _closure_and_grads(self, closure) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Evaluate ``closure`` (with gradients enabled) and list the parameters' gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        return loss, grads
+
     def _count(self, store: dict, device: torch.device, amount: torch.Tensor) -> None:
         if device not in store:
             store[device] = torch.zeros((), dtype=torch.int64, device=device)

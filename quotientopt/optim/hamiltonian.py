@@ -228,13 +228,7 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
+        loss, grads = self._closure_and_grads(closure)
         if not grads:
             return loss
         nonfinite = found_nonfinite(grads)

@@ -248,14 +248,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
+        loss, grads = self._closure_and_grads(closure)
         for g in grads:
             if g.is_sparse:
                 raise ValueError(

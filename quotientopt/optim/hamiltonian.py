@@ -97,15 +97,6 @@ def velocity_momentum_map(
     return a.mT @ va @ grams.p - grams.q @ vb.mT @ b
 
 
-def lower(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor, grams) -> torch.Tensor:
-    r"""The covector of a velocity, :math:`(V_A P, V_B Q)` (inverse of :func:`velocity`)."""
-    va, vb = manifold.factors(v)
-    dtype = grams.p.dtype
-    return torch.cat(
-        ((va.to(dtype) @ grams.p).to(v.dtype), (vb.to(dtype) @ grams.q).to(v.dtype)), dim=-2
-    )
-
-
 def kinetic_force(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v``."""
     va_va, vb_vb = manifold._cross(v, v)

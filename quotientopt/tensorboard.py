@@ -116,9 +116,12 @@ def attention_patterns(model: torch.nn.Module, probe) -> dict[str, torch.Tensor]
             inputs[path] = x.detach()
 
         hooks.append(module.register_forward_pre_hook(grab))
+    was_training = model.training
+    model.eval()  # no dropout, no resampled biases: the probe must not consume the training RNG
     try:
         model(*probe) if isinstance(probe, tuple) else model(probe)
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     patterns = {}

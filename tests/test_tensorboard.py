@@ -98,3 +98,27 @@ def test_monitor_needs_attention_and_a_sane_interval(tmp_path):
     gpt = GPT(GPTConfig(**SMALL))
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         SymmetryMonitor(gpt, torch.optim.SGD(gpt.parameters(), lr=0.1), tmp_path, every=0)
+
+
+def test_monitoring_does_not_change_the_training_run(tmp_path):
+    """The probe forward pass runs in eval mode: it must not consume the random numbers that
+    paper 003's resampled biases (or dropout) draw during training."""
+    finals = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(symmetry_breaking=True, dropout=0.1, **SMALL))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        idx = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(1))
+        if monitored:
+            monitor = SymmetryMonitor(
+                model, optimizer, tmp_path, every=1, histogram_every=1, probe=idx[:1, :-1]
+            )
+        for _ in range(6):
+            optimizer.zero_grad()
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            optimizer.step()
+        if monitored:
+            monitor.close()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))

@@ -2,7 +2,7 @@
 
 Two identical copies of the reference GPT (the `quotientopt compare` default size unless told
 otherwise) train on the same random byte batches; blocks of ``--block`` steps alternate between
-the plain copy and the monitored one (monitor every ``--every`` steps), so machine noise hits both.
+the plain copy and the monitored one (and which of the two goes first) (monitor every ``--every`` steps), so machine noise hits both.
 
     python benchmarks/monitor_overhead.py [--optimizer adamw|quotient-sgd] [--steps 600] [--every 50]
 
@@ -62,8 +62,9 @@ def main() -> None:
         torch.randint(0, 256, (args.batch_size, args.block_size + 1), generator=gen)
         for _ in range(args.steps)
     ]
-    for start in range(0, args.steps, args.block):
-        for name, run in runs.items():
+    for block_index, start in enumerate(range(0, args.steps, args.block)):
+        order = ["plain", "monitored"] if block_index % 2 == 0 else ["monitored", "plain"]
+        for name, run in ((n, runs[n]) for n in order):  # alternate who goes first
             model, optimizer = run["model"], run["optimizer"]
             begin = time.perf_counter()
             for idx in data[start : start + args.block]:

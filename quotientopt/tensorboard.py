@@ -270,9 +270,10 @@ class SymmetryMonitor:
                 if self.per_head:
                     for h, v in enumerate(per_head.tolist()):
                         self._scalar(f"{key}/{sector.name}/head{h}", v)
-                finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
-                if finite.numel() and self.steps % self.histogram_every == 0:
-                    self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
+                if self.steps % self.histogram_every == 0:
+                    finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
+                    if finite.numel():
+                        self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
         if self.probe is not None and self.steps % self.histogram_every == 0:
             for path, weights in attention_patterns(self.model, self.probe).items():
                 entropy = (

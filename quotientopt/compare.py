@@ -204,7 +204,9 @@ def train_one(
     optimizer = contender.build(list(model.parameters()), lr)
     probe_gen = torch.Generator().manual_seed(12345)  # attention patterns on one fixed batch
     probe = batches(val, settings.block_size, 2, probe_gen, device)[0]
-    monitor = SymmetryMonitor(model, optimizer, logdir / name, every=settings.every, probe=probe)
+    monitor = SymmetryMonitor(
+        model, optimizer, logdir / name, every=settings.every, probe=probe, loss_every=1
+    )
     gen = torch.Generator().manual_seed(settings.seed + 1)  # the same batches for every optimizer
     losses, elapsed = [], 0.0
     bar = progress(range(settings.steps), desc=f"{name:>20}", leave=True)

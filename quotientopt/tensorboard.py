@@ -151,7 +151,8 @@ class SymmetryMonitor:
     writer to use; ``every``: log every this many optimizer steps (>= 1); ``histogram_every``:
     histograms every this many steps (default ``10 * every``); ``probe``: model input(s) on which
     the attention entropy and pattern images are computed at every histogram step (see
-    :func:`attention_patterns`)."""
+    :func:`attention_patterns`); ``loss_every``: losses are averaged over and written every this
+    many :meth:`log_loss` calls (default 10)."""
 
     def __init__(
         self,
@@ -163,12 +164,16 @@ class SymmetryMonitor:
         per_head: bool = False,
         histogram_every: int | None = None,
         probe: tuple | torch.Tensor | None = None,
+        loss_every: int = 10,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"SymmetryMonitor: every must be an int >= 1, got {every!r}")
         self.model, self.optimizer, self.every, self.per_head = model, optimizer, every, per_head
         self.histogram_every = histogram_every or 10 * every  # histograms cost half of a log
         self.probe = probe
+        if not isinstance(loss_every, int) or loss_every < 1:
+            raise ValueError(f"SymmetryMonitor: loss_every must be an int >= 1, got {loss_every!r}")
+        self.loss_every = loss_every
         self.writer = (
             logdir_or_writer
             if isinstance(logdir_or_writer, SummaryWriter)
@@ -189,6 +194,7 @@ class SymmetryMonitor:
             self.initial[s.name] = (charge(a, b), scale)
         self.steps = 0
         self.last_loss: float | None = None
+        self._loss_window: dict[str, tuple[torch.Tensor | None, int]] = {}
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._snapshot: dict[int, torch.Tensor] | None = None
         self.writer.add_custom_scalars(LAYOUT)
@@ -293,10 +299,23 @@ class SymmetryMonitor:
         return summary
 
     def log_loss(self, loss: torch.Tensor | float, tag: str = "train") -> None:
-        """Log a loss at the current step (a tensor is read once: one synchronisation)."""
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        self.last_loss = value
-        self._scalar(f"loss/{tag}", value)
+        """Record a loss. It is averaged over ``loss_every`` calls on the device and written then
+        (one synchronisation per ``loss_every`` steps; reading and writing a scalar every step cost
+        about 3% of a small model's training time). For QuotientHamiltonian the loss of every
+        step is read, since the energy needs it."""
+        value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if isinstance(self.optimizer, QuotientHamiltonian):
+            self.last_loss = float(value)
+        total, count = self._loss_window.get(tag, (None, 0))
+        total, count = (value if total is None else total + value), count + 1
+        if count >= self.loss_every:
+            mean = float(total) / count
+            if tag == "train" and not isinstance(self.optimizer, QuotientHamiltonian):
+                self.last_loss = mean
+            self._scalar(f"loss/{tag}", mean)
+            self._loss_window.pop(tag, None)
+        else:
+            self._loss_window[tag] = (total, count)
 
     def close(self, hparams: dict | None = None) -> None:
         """Write ``hparams`` with the final summary values, flush and close the writer."""

@@ -122,3 +122,18 @@ def test_monitoring_does_not_change_the_training_run(tmp_path):
             monitor.close()
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def test_losses_are_averaged_over_a_window(tmp_path):
+    model = GPT(GPTConfig(**SMALL))
+    monitor = SymmetryMonitor(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, loss_every=4
+    )
+    for value in range(1, 10):
+        monitor.log_loss(torch.tensor(float(value)))
+    assert [v for _, v in monitor.history["loss/train"]] == [
+        2.5,
+        6.5,
+    ]  # the 9th waits for its window
+    with pytest.raises(ValueError, match="loss_every"):
+        SymmetryMonitor(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, loss_every=0)

@@ -37,6 +37,7 @@ from quotientopt.linalg import (
     spd_cholesky_flagged,
     sym_funm,
 )
+from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
 
 __all__ = ["FactorQuotient", "Grams", "balance", "charge", "product"]
 
@@ -152,12 +153,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        for label, value in (("n", n), ("m", m)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"FactorQuotient: {label} must be a positive int (rows of factor "
-                    f"{'A' if label == 'n' else 'B'}), got {value!r}."
-                )
+        check_row_counts("FactorQuotient", n, m)
         if metric not in ("preconditioned", "inv"):
             raise ValueError(
                 f"FactorQuotient: unknown metric {metric!r}; use 'preconditioned' (cross-Gram, "
@@ -188,14 +184,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
 
     def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         r"""Stack :math:`Z = [A; B]`; checks the shapes against ``n``, ``m``."""
-        if a.shape[-2] != self.n or b.shape[-2] != self.m or a.shape[-1] != b.shape[-1]:
-            raise ValueError(
-                f"FactorQuotient(n={self.n}, m={self.m}).from_factors: expected A of shape "
-                f"(..., {self.n}, k) and B of shape (..., {self.m}, k), got {tuple(a.shape)} and "
-                f"{tuple(b.shape)}."
-            )
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        return torch.cat((a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])), dim=-2)
+        return stack_factor_pair("FactorQuotient", self.n, self.m, a, b)
 
     def product(self, z: torch.Tensor) -> torch.Tensor:
         r"""The composite :math:`W = A B^\top`, shape ``(..., n, m)``."""

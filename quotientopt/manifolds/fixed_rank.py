@@ -40,6 +40,7 @@ import torch
 from geoopt.utils import size2shape
 
 from quotientopt.linalg import compute_dtype, gram, skew, spd_cholesky_flagged, sym, sym_funm
+from quotientopt.manifolds._common import check_row_counts
 
 __all__ = [
     "FixedRank",
@@ -164,12 +165,7 @@ class FixedRank(geoopt.manifolds.Manifold):
 
     def __init__(self, n: int, m: int) -> None:
         super().__init__()
-        for label, value in (("n", n), ("m", m)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"FixedRank: {label} must be a positive int (rows of "
-                    f"{'U' if label == 'n' else 'V'}), got {value!r}"
-                )
+        check_row_counts("FixedRank", n, m, ("U", "V"))
         self.n, self.m = n, m
         self.stiefel = geoopt.manifolds.EuclideanStiefel()
 

@@ -26,6 +26,7 @@ import torch
 from geoopt.utils import size2shape
 
 from quotientopt.linalg import compute_dtype, gram, skew, solve_sylvester_sym
+from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
 
 __all__ = ["OrthogonalFactorQuotient"]
 
@@ -54,12 +55,7 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
 
     def __init__(self, n: int, m: int) -> None:
         super().__init__()
-        for label, value in (("n", n), ("m", m)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"OrthogonalFactorQuotient: {label} must be a positive int (rows of factor "
-                    f"{'A' if label == 'n' else 'B'}), got {value!r}."
-                )
+        check_row_counts("OrthogonalFactorQuotient", n, m)
         self.n, self.m = n, m
 
     def extra_repr(self) -> str:
@@ -73,14 +69,7 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
     def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         r"""Stack :math:`Z = [A; B]`, shape ``(..., n + m, k)``; checks the shapes and broadcasts
         the leading dims."""
-        if a.shape[-2] != self.n or b.shape[-2] != self.m or a.shape[-1] != b.shape[-1]:
-            raise ValueError(
-                f"OrthogonalFactorQuotient(n={self.n}, m={self.m}).from_factors: expected A of "
-                f"shape (..., {self.n}, k) and B of shape (..., {self.m}, k), got "
-                f"{tuple(a.shape)} and {tuple(b.shape)}."
-            )
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        return torch.cat((a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])), dim=-2)
+        return stack_factor_pair("OrthogonalFactorQuotient", self.n, self.m, a, b)
 
     def product(self, z: torch.Tensor) -> torch.Tensor:
         r"""The invariant composite :math:`W = A B^\top`, shape ``(..., n, m)``."""

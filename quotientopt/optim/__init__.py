@@ -1,7 +1,14 @@
 """Optimizers on the head quotients, drop-in replacements for torch.optim ones."""
 
+from quotientopt.optim.adam import QuotientAdam
 from quotientopt.optim.hamiltonian import QuotientHamiltonian
 from quotientopt.optim.hybrid import HybridOptimizer, split_parameters
 from quotientopt.optim.sgd import QuotientSGD
 
-__all__ = ["HybridOptimizer", "QuotientHamiltonian", "QuotientSGD", "split_parameters"]
+__all__ = [
+    "HybridOptimizer",
+    "QuotientAdam",
+    "QuotientHamiltonian",
+    "QuotientSGD",
+    "split_parameters",
+]

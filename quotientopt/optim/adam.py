@@ -336,7 +336,7 @@ class QuotientAdam(HealthMixin, torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.where(
                     ok, exp_avg_sq, state.get("exp_avg_sq", 0 * exp_avg_sq)
                 )
-                state["step"] = step
+                state["step"] = torch.where(ok, step, step - 1)
                 p.copy_(torch.where(ok, new, p))
                 continue
             for name, value, previous in zip(

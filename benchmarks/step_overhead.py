@@ -25,7 +25,7 @@ import geoopt
 import torch
 
 from quotientopt.manifolds import FactorQuotient
-from quotientopt.optim import QuotientHamiltonian, QuotientSGD
+from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD
 
 
 def gpt2_small_parameters(layers, heads, width, head_dim, vocab, context, device, dtype):
@@ -55,6 +55,16 @@ def gpt2_small_parameters(layers, heads, width, head_dim, vocab, context, device
     for p in params:
         p.grad = randn(*p.shape, scale=1e-3)
     return params
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (moments, buffers, step counts)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def synchronize(device: str) -> None:
@@ -104,6 +114,7 @@ def main() -> None:
         ),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "QuotientSGD momentum": lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9),
+        "QuotientAdam (rest: fused AdamW)": lambda ps: QuotientAdam(ps, lr=1e-3),
         "QuotientHamiltonian": lambda ps: QuotientHamiltonian(ps, lr=1e-3),
     }
     optimizers = {}
@@ -120,6 +131,7 @@ def main() -> None:
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
+    state_bytes = {name: optimizer_state_bytes(optimizer) for name, optimizer in optimizers.items()}
     base, adamw = median["torch SGD-momentum (foreach)"], median["torch AdamW (foreach)"]
     rows = [
         {
@@ -127,6 +139,7 @@ def main() -> None:
             "median_ms": 1e3 * m,
             "vs_sgd_momentum": m / base,
             "vs_adamw": m / adamw,
+            "state_mib": state_bytes[name] / 2**20,
         }
         for name, m in median.items()
     ]
@@ -150,11 +163,12 @@ def main() -> None:
         f"the heads), {environment['device']}, {environment['threads']} threads, torch {torch.__version__}, "
         f"{args.dtype}, median of {args.rounds} interleaved rounds. Command: `{command.strip()}`",
         "",
-        "| optimizer | step (ms) | / SGD-momentum | / AdamW |",
-        "|---|---:|---:|---:|",
+        "| optimizer | step (ms) | / SGD-momentum | / AdamW | state (MiB) |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_sgd_momentum']:.2f} | {r['vs_adamw']:.2f} |"
+        f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_sgd_momentum']:.2f} "
+        f"| {r['vs_adamw']:.2f} | {r['state_mib']:.0f} |"
         for r in rows
     ]
     report = "\n".join(lines)

@@ -119,11 +119,13 @@ def factors_from_weights(
 class QuotientMultiheadAttention(nn.Module):
     r"""Drop-in for ``torch.nn.MultiheadAttention`` with its heads on quotient manifolds.
 
+    ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``kdim``, ``vdim``, ``batch_first``,
+    ``device``, ``dtype``: as for ``torch.nn.MultiheadAttention`` (``add_bias_kv`` and
+    ``add_zero_attn`` are not supported).
+
     Args:
-        embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first, device, dtype: as for
-            ``torch.nn.MultiheadAttention`` (``add_bias_kv`` and ``add_zero_attn`` are not
-            supported).
-        qk_geometry, vo_geometry: ``"gl"`` (default), ``"orthogonal"`` or ``"fixed-rank"``.
+        qk_geometry: ``"gl"`` (default), ``"orthogonal"``, ``"fixed-rank"`` or ``"composite"``.
+        vo_geometry: ``"gl"`` (default), ``"orthogonal"``, ``"fixed-rank"`` or ``"composite"``.
 
     Parameters: ``qk`` (heads, (E + b) + (kdim + b), k), ``vo`` (heads, (vdim + b) + E, k) with
     ``b = 1`` when ``bias`` (the bias rows, see the module docstring), ``out_bias`` (E) or None.

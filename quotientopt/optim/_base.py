@@ -65,6 +65,17 @@ def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tenso
     return flags
 
 
+def where_heads(
+    ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``new`` where the per-head flag ``ok`` (shape ``new.shape[:ok.dim()]``) holds, else ``old``
+    (written into ``out`` when given, which may alias ``new`` or ``old``)."""
+    mask = ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim()))
+    if out is None:
+        return torch.where(mask, new, old)
+    return torch.where(mask, new, old, out=out)
+
+
 class HealthMixin:
     """Counters of skipped updates, kept as device tensors (no synchronisation while stepping).
 

@@ -74,8 +74,9 @@ from quotientopt.optim._base import (
     found_nonfinite,
     is_quotient_parameter,
     manifold_of,
+    where_heads,
 )
-from quotientopt.optim.sgd import WEIGHT_DECAY_MODES, quotient_weight_decay, where_heads
+from quotientopt.optim.sgd import WEIGHT_DECAY_MODES, quotient_weight_decay
 
 
 def adam_root(v: torch.Tensor, eps: float) -> torch.Tensor:

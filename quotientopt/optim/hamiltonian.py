@@ -54,6 +54,7 @@ from quotientopt.optim._base import (
     found_nonfinite,
     is_quotient_parameter,
     manifold_of,
+    where_heads,
 )
 
 
@@ -251,19 +252,31 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
                 else:
                     pending.append((p, *self._euclidean_leapfrog(p, p.grad, h, damping), keep))
         if self.on_nonfinite != "skip":
+            any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
+            lost = [
+                (~healthy & ~any_nonfinite).flatten()
+                for *_, healthy, _ in pending
+                if healthy is not None
+            ]
             self._apply_policy(
                 self.on_nonfinite,
-                torch.stack(list(nonfinite.values())).amax() > 0,
-                torch.zeros(0, dtype=torch.bool),
-                "",
+                any_nonfinite,
+                torch.cat(lost) if lost else torch.zeros(0, dtype=torch.bool),
+                "the quotient parameters",
             )
-        for p, new, half, kinetic, keep in pending:
+        for p, new, half, kinetic, healthy, keep in pending:
             state = self.state[p]
             old_half = state.get("velocity")
-            p.copy_(torch.where(keep, new, p))
-            state["velocity"] = torch.where(
-                keep, half, torch.zeros_like(half) if old_half is None else old_half
-            )
+            ok = keep if healthy is None else keep & healthy
+            if old_half is None:
+                old_half = torch.zeros_like(half)
+            if healthy is None:
+                p.copy_(torch.where(ok, new, p))
+                state["velocity"] = torch.where(ok, half, old_half)
+            else:
+                where_heads(ok, new, p.detach(), out=p.detach())
+                state["velocity"] = where_heads(ok, half, old_half)
+                self._count(self._rank_skips, p.device, (~healthy & keep).sum())
             if kinetic is not None:
                 state["kinetic"] = kinetic
         for device, flag in nonfinite.items():
@@ -354,7 +367,7 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
             keep = nonfinite[p.device] == 0
             if gram is not None:
                 keep = keep & gram.ok.all()
-            out.append((p, new, v / norm.to(v.dtype), None, keep))
+            out.append((p, new, v / norm.to(v.dtype), None, None, keep))
         return out
 
     def _quotient_leapfrog(self, p, grad, h, damping, iterations):
@@ -382,7 +395,11 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
         for _ in range(iterations):  # Z_{n+1} = Z_n + h/2 [v_{n+1/2} + transfer(v_{n+1/2})]
             moved = transfer(manifold, z, new, v_half)
             new = z + 0.5 * h * (v_half + moved)
-        return new, transfer(manifold, z, new, v_half), kinetic
+        v_new = transfer(manifold, z, new, v_half)
+        # a step too large for the implicit stage diverges: such heads keep their point
+        healthy = manifold.grams(new, check=False, reference=grams).ok & grams.ok
+        healthy = healthy & torch.isfinite(v_new).flatten(-2).all(-1)
+        return new, v_new, kinetic, healthy
 
     def _euclidean_leapfrog(self, p, grad, h, damping):
         x = p.detach()
@@ -390,4 +407,4 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
         momentum = torch.zeros_like(x) if half is None else damping * (half - 0.5 * h * grad)
         kinetic = 0.5 * (momentum.double() ** 2).sum()
         half = momentum - 0.5 * h * grad
-        return x + h * half, half, kinetic
+        return x + h * half, half, kinetic, None

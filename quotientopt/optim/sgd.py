@@ -35,6 +35,7 @@ from quotientopt.optim._base import (
     found_nonfinite,
     is_quotient_parameter,
     manifold_of,
+    where_heads,
 )
 
 WEIGHT_DECAY_MODES = ("product", "nuclear")
@@ -60,17 +61,6 @@ def quotient_weight_decay(manifold: FactorQuotient, z: torch.Tensor, mode: str) 
     grad_a = (a_bal * s_inv[..., None, :]) @ (b_bal.mT @ b)
     grad_b = (b_bal * s_inv[..., None, :]) @ (a_bal.mT @ a)
     return torch.cat((grad_a, grad_b), dim=-2)
-
-
-def where_heads(
-    ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``new`` where the per-head flag ``ok`` (shape ``new.shape[:ok.dim()]``) holds, else ``old``
-    (written into ``out`` when given, which may alias ``new`` or ``old``)."""
-    mask = ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim()))
-    if out is None:
-        return torch.where(mask, new, old)
-    return torch.where(mask, new, old, out=out)
 
 
 class QuotientSGD(HealthMixin, torch.optim.Optimizer):

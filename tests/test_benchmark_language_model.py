@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/language_model.py: a tiny setting end to end, through the worker pool."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def language_model(monkeypatch):
+    # imported by name from its folder, so that the pool's spawned workers can import it too
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("language_model")
+    yield module
+    sys.modules.pop("language_model", None)
+
+
+TINY = ["--n-layer", "1", "--n-embd", "32", "--block-size", "32", "--batch-size", "8"]
+TINY += ["--eval-batches", "4", "--eval-every", "10"]
+
+
+def test_tiny_benchmark_writes_rows_with_falling_finite_losses(language_model, tmp_path):
+    argv = ["--optimizers", "adamw", "quotient-sgd", "--seeds", "2", "--steps", "20"]
+    argv += ["--grid-steps", "10", "--workers", "2", "--out", str(tmp_path), *TINY]
+    language_model.main(argv)
+    data = json.loads((tmp_path / "language_model.json").read_text())
+    assert (tmp_path / "language_model.md").read_text().count("| adamw |") == 2  # table, grid
+    assert (tmp_path / "language_model.png").stat().st_size > 0
+    rows = {row["optimizer"]: row for row in data["rows"]}
+    assert set(rows) == {"adamw", "quotient-sgd"}
+    initial = math.log(256)
+    for name, row in rows.items():
+        assert row["best_lr"] in language_model.METHODS[name].grid
+        assert len(row["grid"]) == len(language_model.METHODS[name].grid)
+        assert row["seeds"] == [1, 2] and len(row["val_losses"]) == 2
+        assert all(math.isfinite(v) for v in row["val_losses"]), name
+        assert row["val_loss_mean"] < initial - 0.5, name
+        assert row["curve_steps"] == [0, 10, 20]
+        assert abs(row["curve_mean"][0] - initial) < 0.1  # starts at ln(vocab)
+        assert row["curve_mean"][-1] == pytest.approx(row["val_loss_mean"])
+        assert row["optimizer_state_bytes"] > 0 and row["step_ms_median"] > 0
+    assert data["tokens_per_run"] == 20 * 8 * 32
+    assert "command" in data and "environment" in data
+
+
+def test_a_run_depends_only_on_its_seed(language_model):
+    """The pool may give a run to any worker: its result must be a function of the job alone."""
+    import torch
+
+    from quotientopt.compare import split_corpus
+    from quotientopt.data import stdlib_text
+
+    train, val = split_corpus(stdlib_text(200_000), 32, 8)
+    setup = language_model.Setup(n_layer=1, n_embd=32, block_size=32, batch_size=8, eval_batches=2)
+    job = language_model.Job("breaking-sgd", 0.1, seed=3, steps=5, curve=False)
+    first = language_model.run_job(job, setup, train, val)
+    torch.manual_seed(99)  # other global state must not matter
+    second = language_model.run_job(job, setup, train, val)
+    assert first["val_loss"] == second["val_loss"]
+    assert first["train_loss_last10"] == second["train_loss_last10"]

@@ -361,3 +361,18 @@ def test_row_sharded_sectors_are_refused_clearly():
 def test_invalid_hyperparameters(options, message):
     with pytest.raises(ValueError, match=message):
         QuotientAdam([torch.nn.Parameter(torch.zeros(2))], **{"lr": 0.1, **options})
+
+
+def test_nuclear_decay_near_rank_loss_skips_instead_of_raising():
+    gen = rng(12)
+    manifold = FactorQuotient(6, 5)  # check=True: a checked Gram would raise inside the step
+    z = torch.randn(2, 11, 2, generator=gen, dtype=torch.float64)
+    z[1, :, 1] = 0.0  # head 1 is rank-deficient
+    point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+    optimizer = QuotientAdam([point], lr=1e-2, weight_decay=0.1, weight_decay_mode="nuclear")
+    point.grad = torch.randn(2, 11, 2, generator=gen, dtype=torch.float64)
+    optimizer.step()
+    assert torch.equal(point.detach()[1], z[1])
+    assert not torch.equal(point.detach()[0], z[0])
+    assert bool(torch.isfinite(point.detach()).all())
+    assert optimizer.rank_skips() == 1

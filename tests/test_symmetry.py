@@ -174,3 +174,14 @@ def test_conditioning_of_a_known_pair():
     assert float(report["cond_gram_a"]) == pytest.approx(100.0)
     assert float(report["cond_gram_b"]) == pytest.approx(1.0)
     assert 1.0 < float(report["effective_rank"]) < 2.0
+
+
+def test_conditioning_reports_nan_for_a_diverged_head():
+    a = torch.randn(3, 6, 2, generator=rng(21), dtype=torch.float64)
+    b = torch.randn(3, 5, 2, generator=rng(22), dtype=torch.float64)
+    a[1, 0, 0] = float("nan")
+    report = conditioning(a, b)
+    healthy = conditioning(a[[0, 2]], b[[0, 2]])
+    for name, value in report.items():
+        assert bool(torch.isnan(value[1])), name
+        assert torch.allclose(value[[0, 2]], healthy[name]), name

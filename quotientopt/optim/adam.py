@@ -261,7 +261,8 @@ class QuotientAdam(HealthMixin, torch.optim.Optimizer):
                 new = new * (1 - decay)  # the preconditioned Riemannian gradient of |AB^T|^2 / 2
             else:
                 penalty = quotient_weight_decay(manifold, z, "nuclear")
-                new = new - decay * manifold.egrad2rgrad(z, penalty).to(dtype)
+                unchecked = manifold.grams(z, check=False)  # bad heads are caught below
+                new = new - decay * manifold.egrad2rgrad(z, penalty, grams=unchecked).to(dtype)
         new = (new - lr * torch.cat((delta_a, delta_b), dim=-2)).to(z.dtype)
 
         new_frames = Frames.of(*manifold.factors(new), reference=frames)

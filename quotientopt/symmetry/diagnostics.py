@@ -100,16 +100,20 @@ def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
 
 def conditioning(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per group: condition numbers of the product ``A B^T`` (on its rank-k part) and of the two
-    Grams, and the effective rank of the product."""
+    Grams, and the effective rank of the product; NaN for a group whose factors hold NaN/Inf."""
     a, b = _f64(a, b)
+    finite = torch.isfinite(a).flatten(-2).all(-1) & torch.isfinite(b).flatten(-2).all(-1)
+    a = torch.where(finite[..., None, None], a, torch.eye(*a.shape[-2:], dtype=a.dtype))
+    b = torch.where(finite[..., None, None], b, torch.eye(*b.shape[-2:], dtype=b.dtype))
     q, p = sym(gram(a)), sym(gram(b))
     eig_a, eig_b = torch.linalg.eigvalsh(q), torch.linalg.eigvalsh(p)
     # squared singular values of A B^T: the eigenvalues of L^T P L with Q = L L^T (k x k work only)
     chol, _ = torch.linalg.cholesky_ex(q)
     s = torch.linalg.eigvalsh(sym(chol.mT @ p @ chol)).clamp_min(0).sqrt().flip(-1)
-    return {
+    values = {
         "cond_product": s[..., 0] / s[..., -1].clamp_min(1e-300),
         "effective_rank": effective_rank(s),
         "cond_gram_a": eig_a[..., -1] / eig_a[..., 0].clamp_min(1e-300),
         "cond_gram_b": eig_b[..., -1] / eig_b[..., 0].clamp_min(1e-300),
     }
+    return {name: torch.where(finite, v, torch.nan) for name, v in values.items()}

@@ -97,7 +97,25 @@ class HealthMixin:
         grads = [
             p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
+        if any(g.is_sparse for g in grads):
+            raise ValueError(
+                f"{type(self).__name__} does not support sparse gradients; use dense gradients"
+            )
         return loss, grads
+
+    def _enforce_policy(self, nonfinite: dict, head_flags: list[torch.Tensor]) -> None:
+        """Apply ``on_nonfinite`` (``warn`` / ``raise``; ``skip`` does nothing) to a non-finite
+        gradient and to the heads whose flag in ``head_flags`` is False (rank loss; heads of a step
+        already skipped for a non-finite gradient do not count twice)."""
+        if self.on_nonfinite == "skip":
+            return
+        any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
+        lost = (
+            torch.cat([(~ok & ~any_nonfinite).flatten() for ok in head_flags])
+            if head_flags
+            else torch.zeros(0, dtype=torch.bool)
+        )
+        self._apply_policy(self.on_nonfinite, any_nonfinite, lost, "the quotient parameters")
 
     def _count(self, store: dict, device: torch.device, amount: torch.Tensor) -> None:
         if device not in store:

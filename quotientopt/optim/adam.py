@@ -300,11 +300,6 @@ class QuotientAdam(HealthMixin, torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)
-        for g in grads:
-            if g.is_sparse:
-                raise ValueError(
-                    "QuotientAdam does not support sparse gradients; use dense gradients"
-                )
         if not grads:
             return loss
         nonfinite = found_nonfinite(grads)
@@ -321,13 +316,7 @@ class QuotientAdam(HealthMixin, torch.optim.Optimizer):
                 elif manifold_of(p) is not None:
                     new, moments = self._manifold_update(p, p.grad, group)
                     pending.append(("manifold", p, new, moments, None, None, keep))
-        if self.on_nonfinite != "skip":
-            any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
-            lost = [~entry[-1] & ~any_nonfinite for entry in pending if entry[0] == "quotient"]
-            lost = (
-                torch.cat([x.flatten() for x in lost]) if lost else torch.zeros(0, dtype=torch.bool)
-            )
-            self._apply_policy(self.on_nonfinite, any_nonfinite, lost, "the quotient parameters")
+        self._enforce_policy(nonfinite, [ok for kind, *_, ok in pending if kind == "quotient"])
 
         # phase 2: write
         for kind, p, new, moments, old, frames, ok in pending:

@@ -251,19 +251,9 @@ class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
                     )
                 else:
                     pending.append((p, *self._euclidean_leapfrog(p, p.grad, h, damping), keep))
-        if self.on_nonfinite != "skip":
-            any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
-            lost = [
-                (~healthy & ~any_nonfinite).flatten()
-                for *_, healthy, _ in pending
-                if healthy is not None
-            ]
-            self._apply_policy(
-                self.on_nonfinite,
-                any_nonfinite,
-                torch.cat(lost) if lost else torch.zeros(0, dtype=torch.bool),
-                "the quotient parameters",
-            )
+        self._enforce_policy(
+            nonfinite, [healthy for *_, healthy, _ in pending if healthy is not None]
+        )
         for p, new, half, kinetic, healthy, keep in pending:
             state = self.state[p]
             old_half = state.get("velocity")

@@ -239,11 +239,6 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)
-        for g in grads:
-            if g.is_sparse:
-                raise ValueError(
-                    "QuotientSGD does not support sparse gradients; use dense gradients"
-                )
         if not grads:
             return loss
         nonfinite = found_nonfinite(grads)
@@ -261,15 +256,7 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
                 elif manifold_of(p) is not None:
                     new, buf = self._manifold_update(p, p.grad, group)
                     pending.append(("manifold", p, group, new, buf, None, flag == 0))
-        if self.on_nonfinite != "skip":
-            any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
-            rank_lost = [~ok & ~any_nonfinite for kind, *_, ok in pending if kind == "quotient"]
-            lost = (
-                torch.cat([r.flatten() for r in rank_lost])
-                if rank_lost
-                else torch.zeros(0, dtype=torch.bool)
-            )
-            self._apply_policy(self.on_nonfinite, any_nonfinite, lost, "the quotient parameters")
+        self._enforce_policy(nonfinite, [ok for kind, *_, ok in pending if kind == "quotient"])
 
         # phase 2: write
         for kind, p, group, new, buf, new_grams, ok in pending:

@@ -376,3 +376,14 @@ def test_nuclear_decay_near_rank_loss_skips_instead_of_raising():
     assert not torch.equal(point.detach()[0], z[0])
     assert bool(torch.isfinite(point.detach()).all())
     assert optimizer.rank_skips() == 1
+
+
+@pytest.mark.parametrize("name", ["QuotientSGD", "QuotientAdam", "QuotientHamiltonian"])
+def test_sparse_gradients_are_refused_clearly(name):
+    import quotientopt.optim
+
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    weight.grad = torch.zeros(4, 3).to_sparse()
+    optimizer = getattr(quotientopt.optim, name)([weight], lr=0.1)
+    with pytest.raises(ValueError, match=f"{name} does not support sparse gradients"):
+        optimizer.step()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quotientopt.models import GPT, GPTConfig
-from quotientopt.optim import QuotientHamiltonian, QuotientSGD, split_parameters
+from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD, split_parameters
 from quotientopt.tensorboard import SymmetryMonitor
 
 
@@ -70,6 +70,22 @@ CONTENDERS = {
             0.01,
             lambda ps, lr: QuotientSGD(
                 _groups(ps, lr, 30 * lr), lr=lr, momentum=0.9, nesterov=True
+            ),
+        ),
+        Contender(
+            "quotient-adam",
+            "QuotientAdam, betas (0.9, 0.99), on the heads at lr (no decay); AdamW on the rest at "
+            "lr (its fused step inside QuotientAdam; weight decay 0.1)",
+            True,
+            False,
+            3e-3,
+            lambda ps, lr: QuotientAdam(
+                [
+                    {"params": group["params"], "weight_decay": decay}
+                    for group, decay in zip(_groups(ps, lr, lr), (0.0, 0.1), strict=True)
+                ],
+                lr=lr,
+                betas=(0.9, 0.99),
             ),
         ),
         Contender(

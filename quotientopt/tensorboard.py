@@ -277,7 +277,9 @@ class SymmetryMonitor:
                     for h, v in enumerate(per_head.tolist()):
                         self._scalar(f"{key}/{sector.name}/head{h}", v)
                 if self.steps % self.histogram_every == 0:
-                    finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e30)]
+                    # tensorboard's TensorFlow-style buckets end at 1e20: larger values (a run
+                    # blowing up) would leave every bucket empty, which its writer rejects
+                    finite = per_head[torch.isfinite(per_head) & (per_head.abs() < 1e20)]
                     if finite.numel():
                         self.writer.add_histogram(f"{key}/{sector.name}", finite, self.steps)
         if self.probe is not None and self.steps % self.histogram_every == 0:

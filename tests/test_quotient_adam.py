@@ -287,6 +287,12 @@ def test_bfloat16_parameters_train_without_nan():
     assert optimizer.state[point]["exp_avg"].dtype == torch.float32
     assert bool(torch.isfinite(point).all())
     assert losses[-1] < 1e-2 * losses[0]  # measured 2e-3: bf16 resolution stalls the end
+    # a resumed run gets the float32 moments back (torch's loader casts to the parameter dtype)
+    resumed = QuotientAdam([point], lr=0.3)
+    resumed.load_state_dict(optimizer.state_dict())
+    for name, value in optimizer.state[point].items():
+        assert resumed.state[point][name].dtype == value.dtype, name
+        assert torch.equal(resumed.state[point][name], value), name
 
 
 @pytest.mark.parametrize("policy", ["skip", "warn", "raise"])

@@ -137,3 +137,24 @@ def test_losses_are_averaged_over_a_window(tmp_path):
     ]  # the 9th waits for its window
     with pytest.raises(ValueError, match="loss_every"):
         SymmetryMonitor(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path, loss_every=0)
+
+
+def test_monitor_survives_a_diverging_run(tmp_path):
+    """Per-head values beyond 1e20 (a run blowing up) reach the scalars, not the histograms, whose
+    TensorFlow-style buckets stop at 1e20 (tensorboard's writer raises 'histogram is empty')."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    with torch.no_grad():
+        for block in model.h:
+            for p in block.attn.parameters():
+                p.mul_(1e12)  # charges ~1e22
+    optimizer = QuotientSGD(model.parameters(), lr=0.0)
+    monitor = SymmetryMonitor(model, optimizer, tmp_path, every=1, histogram_every=1)
+    idx = torch.randint(0, 256, (2, 9))
+    optimizer.zero_grad()
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    optimizer.step()
+    monitor.close({"optimizer": "quotient-sgd", "lr": 0.0})
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert events.Scalars("summary/charge_norm")[-1].value > 1e20

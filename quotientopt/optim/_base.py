@@ -3,10 +3,13 @@ the non-finite-gradient rule and the per-head health counters."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import chain
+from typing import Any
 
 import geoopt
 import torch
@@ -74,6 +77,35 @@ def where_heads(
     if out is None:
         return torch.where(mask, new, old)
     return torch.where(mask, new, old, out=out)
+
+
+def _copy_to(value: Any, device: torch.device) -> Any:
+    """A deep copy of a state entry with its tensors on ``device``, dtypes unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {key: _copy_to(item, device) for key, item in value.items()}
+    return copy.deepcopy(value)
+
+
+class KeepStateDtypes:
+    """``load_state_dict`` that keeps the saved dtypes of the quotient parameters' state.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating tensor of a parameter's state to
+    the parameter's dtype (and boolean flags too); the quotient optimizers keep their ``k x k``
+    data and moments in float32 or better whatever the parameter dtype, so a resumed run must
+    get them back unchanged.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
+        by_id = dict(zip(saved_ids, params, strict=True))
+        for param_id, entries in state_dict["state"].items():
+            p = by_id.get(param_id)
+            if p is not None and is_quotient_parameter(p):
+                self.state[p] = _copy_to(entries, p.device)  # type: ignore[attr-defined]
 
 
 class HealthMixin:

@@ -69,6 +69,7 @@ from quotientopt.manifolds import FactorQuotient
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
+    KeepStateDtypes,
     check_choice,
     check_number,
     found_nonfinite,
@@ -138,7 +139,7 @@ class Frames(NamedTuple):
         return cls(u_a, r_a, u_b, r_b, scale, ok)
 
 
-class QuotientAdam(HealthMixin, torch.optim.Optimizer):
+class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Adam on the head quotients, exactly invariant under re-factorization (see the module docs).
 
     Args:

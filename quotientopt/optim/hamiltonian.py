@@ -49,6 +49,7 @@ from quotientopt.manifolds import FactorQuotient
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
+    KeepStateDtypes,
     check_choice,
     check_number,
     found_nonfinite,
@@ -121,7 +122,7 @@ def momentum_map(manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor) -> 
     return a.mT @ pa - pb.mT @ b
 
 
-class QuotientHamiltonian(HealthMixin, torch.optim.Optimizer):
+class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations).
 
     Args:

@@ -12,10 +12,37 @@ For a parameter ``Z = [A; B]`` on :class:`~quotientopt.manifolds.FactorQuotient`
 
 with :math:`\beta` = ``momentum``, :math:`\tau` = ``dampening``, :math:`\eta` = ``lr``. Every
 term transforms as :math:`Z \mapsto Z G` under a re-factorization, so the trajectory of products
-:math:`A_t B_t^\top` does not depend on the factorization the run starts from. Parameters on
-other geoopt manifolds step as in geoopt's ``RiemannianSGD`` (gradient, retraction, transport);
-plain tensors step exactly as ``torch.optim.SGD`` (its fused kernel).
-"""
+:math:`A_t B_t^\top` does not depend on the factorization the run starts from.
+
+With ``refresh_every = R > 1`` the Grams :math:`P, Q` of the metric are computed only on
+refresh steps, at the point the step reaches, and the steps in between use them:
+
+.. math::
+
+    \xi_t = (\nabla_A f\, P_s^{-1},\; \nabla_B f\, Q_s^{-1}), \qquad
+    m_t = \beta\, m_{t-1} + (1 - \tau)\, \xi_t, \qquad Z_{t+1} = Z_t - \eta\, d_t
+
+where :math:`s \le t` is the last refresh. Stale Grams transform like fresh ones
+(:math:`P_s \mapsto G^{-1} P_s G^{-\top}`), so the invariance stays exact; the momentum is carried
+unchanged between refreshes and projected to the horizontal space at each refresh (its vertical
+part is second order in the step). A step in between costs one batched product with a
+``k x k`` matrix and torch's fused SGD kernel.
+
+A stale metric is only safe while the Grams move slowly: a Gram that grew since the refresh makes
+the step too long in its directions (the preconditioned curvature is
+:math:`P_s^{-1} P_t`, not :math:`I`). So the interval adapts. Each refresh measures how far the
+metric moved over the interval just finished,
+
+.. math::
+
+    \delta^2 = \max_{\text{heads}} \sum_i (\mu_i - 1)^2 \;\ge\; \max_i (\mu_i - 1)^2, \qquad
+    \mu_i \text{ the eigenvalues of } P_{\text{old}}^{-1} P_{\text{new}} \text{ (and of the } Q
+    \text{ pair)},
+
+computed as :math:`\operatorname{tr}(X^2) - 2 \operatorname{tr} X + k` with
+:math:`X = P_{\text{old}}^{-1} P_{\text{new}}` (invariant: the :math:`\mu_i` do not depend on the
+representative). The next interval doubles, up to :math:`R`, while :math:`\delta` stays below
+``refresh_tolerance``, and falls back to one step when it does not."""
 
 from __future__ import annotations
 
@@ -30,6 +57,7 @@ from quotientopt.manifolds.factor_quotient import Grams, balance
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
+    KeepStateDtypes,
     check_choice,
     check_number,
     found_nonfinite,
@@ -63,7 +91,7 @@ def quotient_weight_decay(manifold: FactorQuotient, z: torch.Tensor, mode: str) 
     return torch.cat((grad_a, grad_b), dim=-2)
 
 
-class QuotientSGD(HealthMixin, torch.optim.Optimizer):
+class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Stochastic gradient descent (optionally with momentum) on the head quotients.
 
     Args:
@@ -82,6 +110,15 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         rebalance_every: every this many steps move each quotient parameter to its balanced
             representative (paper 002's dressed representatives): the function is unchanged,
             the momentum is pushed along, and the factor Grams stay well conditioned. 0: never.
+        refresh_every: at most this many steps between two computations of the metric's Grams
+            (and with them the rank check and the momentum's horizontal projection); the steps
+            in between use the last ones. 1 (default): every step, the exact Riemannian heavy
+            ball. ``R > 1`` keeps the invariance exact (stale Grams transform equivariantly) and
+            makes the steps in between cost one product with a ``k x k`` matrix plus torch's
+            fused SGD kernel; rank loss is then caught at the refresh steps, and each refresh
+            reads one number on the host (a synchronisation on CUDA). See the module docstring.
+        refresh_tolerance: how far the metric may move over an interval (``delta`` in the
+            module docstring) for the next interval to double; otherwise it restarts at 1.
         on_nonfinite: what a NaN/Inf gradient or a head update that loses rank does.
             ``"skip"`` (default): the step is not applied (all parameters for a non-finite
             gradient, the head alone for rank loss), with no host synchronisation; read the
@@ -106,12 +143,15 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         weight_decay_mode: str = "product",
         maximize: bool = False,
         rebalance_every: int = 0,
+        refresh_every: int = 1,
+        refresh_tolerance: float = 0.1,
         on_nonfinite: str = "skip",
     ) -> None:
         check_number("lr", lr, 0.0, float("inf"))
         check_number("momentum", momentum, 0.0, 1.0, high_open=True)
         check_number("dampening", dampening, 0.0, 1.0)
         check_number("weight_decay", weight_decay, 0.0, float("inf"))
+        check_number("refresh_tolerance", refresh_tolerance, 0.0, float("inf"), low_open=True)
         check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -122,6 +162,14 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             raise ValueError(
                 f"invalid rebalance_every: {rebalance_every!r}; expected an int >= 0 (0 = never)"
             )
+        if (
+            not isinstance(refresh_every, int)
+            or isinstance(refresh_every, bool)
+            or refresh_every < 1
+        ):
+            raise ValueError(
+                f"invalid refresh_every: {refresh_every!r}; expected an int >= 1 (1 = every step)"
+            )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -131,27 +179,64 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             weight_decay_mode=weight_decay_mode,
             maximize=maximize,
             rebalance_every=rebalance_every,
+            refresh_every=refresh_every,
+            refresh_tolerance=refresh_tolerance,
         )
         super().__init__(params, defaults)
         self.on_nonfinite = on_nonfinite
-        self._gram_cache: dict[torch.Tensor, tuple[int, Grams]] = {}
+        self._written: dict[torch.Tensor, int] = {}
         self._work: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_health()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._gram_cache = {}
+        for group in self.param_groups:
+            group.setdefault("refresh_every", 1)
+            group.setdefault("refresh_tolerance", 0.1)
+        self._written = {}
         self._work = {}
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
 
     # ----------------------------------------------------------------------------- helpers
-    def _grams(self, p: torch.Tensor, manifold: FactorQuotient) -> Grams:
-        """The Grams at ``p``: cached from the previous step if ``p`` was not modified since."""
-        cached = self._gram_cache.get(p)
-        if cached is not None and cached[0] == p._version:
-            return cached[1]
-        return manifold.grams(p.detach(), check=False, inverses=True)
+    def _metric(self, p: torch.Tensor, group: dict) -> tuple[Grams, bool]:
+        """The Grams this step uses at ``p`` and whether the step refreshes them.
+
+        They live in ``state["grams"]`` (so that a resumed run is bitwise identical): the Grams of
+        the point the last refresh step reached. They are computed afresh at the current point
+        when missing, or when something other than this optimizer modified ``p`` since.
+        """
+        state = self.state[p]
+        stored = state.get("grams")
+        written = self._written.get(p)
+        if stored is None or (written is not None and written != p._version):
+            return p.manifold.grams(p.detach(), check=False, inverses=True), True
+        return Grams(**stored), state.get("step", 0) >= state.get("next_refresh", 0)
+
+    @staticmethod
+    def _metric_drift(old: Grams, new: Grams) -> torch.Tensor:
+        r"""How far the metric moved between two refreshes, largest over the healthy heads
+        (0-dim): :math:`\delta^2 = \operatorname{tr}(X^2) - 2 \operatorname{tr} X + k` with
+        :math:`X = P_{\text{old}}^{-1} P_{\text{new}}`, the larger of the P and Q values."""
+        k = new.p.shape[-1]
+        drifts = []
+        for old_inverse, gram in ((old.p_inv, new.p), (old.q_inv, new.q)):
+            x = old_inverse @ gram
+            trace = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1)
+            squared = (x * x.transpose(-1, -2)).sum((-2, -1)) - 2 * trace + k
+            drifts.append(torch.where(old.ok & new.ok, squared, 0.0).clamp_min(0.0))
+        return torch.maximum(*drifts).amax().sqrt()
+
+    def _schedule_next_refresh(self, p: torch.Tensor, group: dict, drift: torch.Tensor) -> None:
+        """Set the step of the next refresh: the interval doubles (up to ``refresh_every``)
+        while the metric moved less than ``refresh_tolerance`` over the last one, else it is 1.
+        Reads ``drift`` on the host."""
+        state = self.state[p]
+        interval = state.get("refresh_interval", 1)
+        calm = float(drift) <= group["refresh_tolerance"]  # NaN counts as not calm
+        interval = min(2 * interval, group["refresh_every"]) if calm else 1
+        state["refresh_interval"] = interval
+        state["next_refresh"] = state.get("step", 0) + interval
 
     def _work_buffers(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two tensors shaped like ``p``, reused every step for the Riemannian gradient and the
@@ -162,17 +247,14 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             buffers = self._work[p] = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
         return buffers
 
-    def _quotient_update(
-        self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep: torch.Tensor
-    ):
-        """Candidate new point, momentum and Grams for one FactorQuotient tensor (nothing written
-        to ``p`` or its state); the few full-size temporaries are reused in place."""
+    def _riemannian_gradient(
+        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams
+    ) -> torch.Tensor:
+        r"""The Riemannian gradient of the loss plus the quotient weight decay at ``p`` (sign
+        flipped for ``maximize``), in ``p``'s dtype, written into a reused work buffer."""
         manifold: FactorQuotient = p.manifold
         z = p.detach()
-        lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
-        grams = self._grams(p, manifold)
-        rgrad_out, new_out = self._work_buffers(p)
-        rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=rgrad_out)
+        rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=self._work_buffers(p)[0])
         if group["maximize"]:
             rgrad.neg_()
         if group["weight_decay"]:
@@ -187,6 +269,17 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
                 rgrad.add_(
                     manifold.egrad2rgrad(z, penalty, grams=grams), alpha=group["weight_decay"]
                 )
+        return rgrad
+
+    def _refresh_update(
+        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams, keep: torch.Tensor
+    ):
+        """Candidate new point, momentum and Grams for one FactorQuotient tensor on a refresh
+        step (nothing written to ``p`` or its state); the few full-size temporaries are reused."""
+        manifold: FactorQuotient = p.manifold
+        z = p.detach()
+        lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
+        rgrad = self._riemannian_gradient(p, grad, group, grams)
         buf = None
         if beta:
             old = self.state[p].get("momentum_buffer")
@@ -203,12 +296,24 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             direction = rgrad.add_(buf, alpha=beta) if group["nesterov"] else buf
         else:
             direction = rgrad
-        new = torch.add(z, direction, alpha=-lr, out=new_out)
+        new = torch.add(z, direction, alpha=-lr, out=self._work_buffers(p)[1])
         new_grams = manifold.grams(new, check=False, reference=grams, inverses=True)
         ok = grams.ok & new_grams.ok & keep  # non-finite points have non-finite Grams
         if buf is not None:
             buf = manifold.proju_(new, buf, grams=new_grams)
         return new, buf, new_grams, ok
+
+    @staticmethod
+    def _frozen_where_unhealthy(grams: Grams) -> Grams:
+        """The Grams with a zero preconditioner for heads flagged unhealthy, so that the steps
+        between refreshes leave their gradient out as the refresh steps do."""
+        mask = grams.ok[..., None, None]
+        zero = torch.zeros((), dtype=grams.p.dtype, device=grams.p.device)
+        fields = grams._asdict()
+        for name in ("p", "q", "p_inv", "q_inv"):
+            if fields[name] is not None:
+                fields[name] = torch.where(mask, fields[name], zero)
+        return Grams(**fields)
 
     def _manifold_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):
         """geoopt RiemannianSGD's step for a parameter on another geoopt manifold (nothing written)."""
@@ -243,71 +348,121 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
             return loss
         nonfinite = found_nonfinite(grads)
 
-        # phase 1: every quotient and manifold update, computed and checked, nothing written
-        pending = []
-        for group in self.param_groups:
+        # phase 1: every update computed and checked, nothing written
+        refreshed, manifold_updates = [], []
+        between: dict[tuple[int, torch.device], list] = {}  # quotient steps between refreshes
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 flag = nonfinite[p.device]
                 if is_quotient_parameter(p):
-                    new, buf, new_grams, ok = self._quotient_update(p, p.grad, group, flag == 0)
-                    pending.append(("quotient", p, group, new, buf, new_grams, ok))
+                    grams, refresh = self._metric(p, group)
+                    if refresh:
+                        update = self._refresh_update(p, p.grad, group, grams, flag == 0)
+                        refreshed.append((p, group, grams, *update))
+                    else:
+                        rgrad = self._riemannian_gradient(
+                            p, p.grad, group, self._frozen_where_unhealthy(grams)
+                        )
+                        between.setdefault((index, p.device), []).append((p, rgrad))
                 elif manifold_of(p) is not None:
-                    new, buf = self._manifold_update(p, p.grad, group)
-                    pending.append(("manifold", p, group, new, buf, None, flag == 0))
-        self._enforce_policy(nonfinite, [ok for kind, *_, ok in pending if kind == "quotient"])
+                    manifold_updates.append((p, *self._manifold_update(p, p.grad, group)))
+        self._enforce_policy(nonfinite, [ok for *_, ok in refreshed])
 
         # phase 2: write
-        for kind, p, group, new, buf, new_grams, ok in pending:
-            state = self.state[p]
-            old_buf = state.get("momentum_buffer")
-            if buf is not None:
-                if old_buf is None:
-                    state["momentum_buffer"] = where_heads(ok, buf, torch.zeros_like(buf), out=buf)
-                else:
-                    where_heads(ok, buf, old_buf, out=old_buf)
-            where_heads(ok, new, p.detach(), out=p.detach())
-            if kind != "quotient":
-                continue
-            state["step"] = state.get("step", 0) + 1
-            cached = self._gram_cache.get(p)
-            if cached is not None:
-                new_grams = Grams(
-                    *(where_heads(ok, t, c) for t, c in zip(new_grams, cached[1], strict=True))
-                )
-            self._gram_cache[p] = (p._version, new_grams)
+        for p, group, grams, new, buf, new_grams, ok in refreshed:
+            self._write(p, new, buf, ok)
+            if group["refresh_every"] > 1:
+                self._schedule_next_refresh(p, group, self._metric_drift(grams, new_grams))
+            # heads whose update was withheld keep the Grams they stepped with
+            self.state[p]["grams"] = {
+                name: where_heads(ok, fresh, kept)
+                for name, fresh, kept in zip(Grams._fields, new_grams, grams, strict=True)
+            }
             self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
-            every = group["rebalance_every"]
-            if every and state["step"] % every == 0:
-                self._rebalance(p)
+        for p, new, buf in manifold_updates:
+            self._write(p, new, buf, nonfinite[p.device] == 0)
+        for (index, device), entries in between.items():
+            self._fused_sgd(
+                self.param_groups[index],
+                [p.detach() for p, _ in entries],
+                [rgrad for _, rgrad in entries],
+                [self.state[p] for p, _ in entries],
+                nonfinite[device],
+            )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not is_quotient_parameter(p):
+                    continue
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                every = group["rebalance_every"]
+                if every and state["step"] % every == 0:
+                    self._rebalance(p)
+                self._written[p] = p._version
 
         for group in self.param_groups:
             plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]
-            if not plain:
-                continue
             for device in {p.device for p in plain}:
                 params = [p for p in plain if p.device == device]
-                buffers = [self.state[p].get("momentum_buffer") for p in params]
-                torch_sgd(
+                self._fused_sgd(
+                    group,
                     params,
                     [p.grad for p in params],
-                    buffers,
+                    [self.state[p] for p in params],
+                    nonfinite[device],
                     weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    lr=group["lr"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
                     maximize=group["maximize"],
-                    fused=True,
-                    found_inf=nonfinite[device],
                 )
-                if group["momentum"]:
-                    for p, buf in zip(params, buffers, strict=True):
-                        self.state[p]["momentum_buffer"] = buf
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
         return loss
+
+    def _write(
+        self, p: torch.Tensor, new: torch.Tensor, buf: torch.Tensor | None, ok: torch.Tensor
+    ) -> None:
+        """Write a checked candidate point and momentum, head by head where ``ok`` holds."""
+        state = self.state[p]
+        if buf is not None:
+            old_buf = state.get("momentum_buffer")
+            if old_buf is None:
+                state["momentum_buffer"] = where_heads(ok, buf, torch.zeros_like(buf), out=buf)
+            else:
+                where_heads(ok, buf, old_buf, out=old_buf)
+        where_heads(ok, new, p.detach(), out=p.detach())
+
+    def _fused_sgd(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        directions: list[torch.Tensor],
+        states: list[dict],
+        found_inf: torch.Tensor,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        """torch's fused SGD kernel on ``params`` along ``directions`` (gradients, or Riemannian
+        gradients with weight decay and sign already applied), skipping everything on the device
+        when ``found_inf`` is set; momentum buffers are read from and stored in ``states``."""
+        buffers = [state.get("momentum_buffer") for state in states]
+        torch_sgd(
+            params,
+            directions,
+            buffers,
+            weight_decay=weight_decay,
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=maximize,
+            fused=True,
+            found_inf=found_inf,
+        )
+        if group["momentum"]:
+            for state, buf in zip(states, buffers, strict=True):
+                state["momentum_buffer"] = buf
 
     @torch.no_grad()
     def _rebalance(self, p: torch.Tensor) -> None:
@@ -321,8 +476,8 @@ class QuotientSGD(HealthMixin, torch.optim.Optimizer):
         if buf is not None:
             a, _ = manifold.factors(z)
             a_bal, _ = manifold.factors(balanced)
-            grams = self._grams(p, manifold)
+            grams = manifold.grams(z, check=False)  # of this point, not the stored ones
             g = torch.cholesky_solve(a.mT.to(grams.q.dtype) @ a_bal.to(grams.q.dtype), grams.chol_q)
             state["momentum_buffer"] = manifold.push(buf, g)
         p.copy_(balanced)
-        self._gram_cache.pop(p, None)
+        state.pop("grams", None)  # the next step computes the Grams of the balanced point

@@ -196,6 +196,26 @@ def test_random_and_origin_are_points():
 # ----------------------------------------------------------------------- balance and charge
 @given(setups())
 @settings(max_examples=30)
+def test_balancing_transform_is_one_group_element_reaching_the_balanced_point(setup):
+    manifold, z, g, _, dtype = setup
+    z = manifold.act(z, g)  # an unbalanced representative
+    a, b = manifold.factors(z)
+    m_a, m_b = manifold.balancing_transform(z)
+    assert m_a.dtype == m_b.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    k = m_a.shape[-1]
+    # M_B = M_A^{-T}: the pair is the action of one G, so the product is unchanged
+    identity = torch.eye(k, dtype=m_a.dtype).expand_as(m_a)
+    assert relative_error(m_a.mT @ m_b, identity) < tol(dtype, cond_of(g))
+    a_bal, b_bal = balance(a, b)
+    moved = manifold._right_multiply(z, m_a, m_b)
+    assert relative_error(moved, manifold.from_factors(a_bal, b_bal)) < tol(dtype, cond_of(g))
+    # and the inverse action (M_B^T, M_A^T) brings the balanced point back
+    back = manifold._right_multiply(moved, m_b.mT, m_a.mT)
+    assert relative_error(back, z) < tol(dtype, cond_of(g))
+
+
+@given(setups())
+@settings(max_examples=30)
 def test_balance_preserves_the_function_and_zeroes_the_charge(setup):
     manifold, z, g, _, dtype = setup
     z = manifold.act(z, g)  # an unbalanced representative

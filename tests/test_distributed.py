@@ -7,6 +7,7 @@ import os
 import sys
 
 import geoopt
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,13 +48,18 @@ def _finish() -> None:
     os._exit(0)
 
 
-def _ddp_worker(rank: int, init_file: str) -> None:
+def _ddp_worker(rank: int, init_file: str, refresh_every: int) -> None:
     _init(rank, init_file)
     torch.manual_seed(rank)  # different initial values: DDP must broadcast rank 0's
     model = TinyAttentionLike()
     ddp = DistributedDataParallel(model)
     optimizer = QuotientSGD(
-        ddp.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+        ddp.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
+        refresh_every=refresh_every,
     )
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
@@ -71,7 +77,7 @@ def _ddp_worker(rank: int, init_file: str) -> None:
     _finish()
 
 
-def _sharded_worker(rank: int, init_file: str) -> None:
+def _sharded_worker(rank: int, init_file: str, refresh_every: int) -> None:
     _init(rank, init_file)
     n = m = 8
     gen = torch.Generator().manual_seed(0)  # the same full problem on every rank
@@ -88,7 +94,9 @@ def _sharded_worker(rank: int, init_file: str) -> None:
 
     # the reference: one process holding whole factors
     reference = geoopt.ManifoldParameter(z0.clone(), manifold=full)
-    reference_optimizer = QuotientSGD([reference], lr=0.1, momentum=0.5)
+    reference_optimizer = QuotientSGD(
+        [reference], lr=0.1, momentum=0.5, refresh_every=refresh_every
+    )
     # this rank's shard: rows [rank * n/2, (rank+1) * n/2) of A and of B
     rows_a = slice(rank * n // WORLD, (rank + 1) * n // WORLD)
     rows_b = slice(n + rank * m // WORLD, n + (rank + 1) * m // WORLD)
@@ -105,7 +113,7 @@ def _sharded_worker(rank: int, init_file: str) -> None:
 
     local_manifold = FactorQuotient(n // WORLD, m // WORLD, row_reduce=all_reduce_sum())
     local = geoopt.ManifoldParameter(shard(z0), manifold=local_manifold)
-    optimizer = QuotientSGD([local], lr=0.1, momentum=0.5)
+    optimizer = QuotientSGD([local], lr=0.1, momentum=0.5, refresh_every=refresh_every)
     for _ in range(30):
         reference.grad = full_gradient(reference.detach())
         reference_optimizer.step()
@@ -122,9 +130,11 @@ def _sharded_worker(rank: int, init_file: str) -> None:
     _finish()
 
 
-def test_ddp_ranks_stay_bitwise_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("refresh_every", [1, 4])
+def test_ddp_ranks_stay_bitwise_identical(tmp_path, refresh_every):
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), refresh_every), nprocs=WORLD, join=True)
 
 
-def test_row_sharded_sector_matches_the_whole_sector(tmp_path):
-    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("refresh_every", [1, 4])
+def test_row_sharded_sector_matches_the_whole_sector(tmp_path, refresh_every):
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), refresh_every), nprocs=WORLD, join=True)

@@ -445,3 +445,23 @@ def test_state_in_float32_survives_a_bfloat16_resume():
     assert grams["ok"].dtype == torch.bool
     for name, value in optimizer.state[point]["grams"].items():
         assert torch.equal(grams[name], value), name
+
+
+def test_lazy_refresh_leaves_a_rank_deficient_head_in_place():
+    gen = rng(12)
+    manifold = FactorQuotient(6, 5)
+    z = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    z[1, :6, 1] = 0.0  # head 1: A has a zero column, the Gram Q is singular
+    point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+    optimizer = QuotientSGD([point], lr=0.01, momentum=0.9, refresh_every=4)
+    refreshed = []
+    for step in range(12):
+        point.grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+        before = optimizer.state[point].get("next_refresh")
+        optimizer.step()
+        if optimizer.state[point].get("next_refresh") != before:
+            refreshed.append(step)
+    assert len(refreshed) < 12  # some steps ran between refreshes
+    assert torch.equal(point.detach()[1], z[1])  # neither kind of step moved the bad head
+    assert not torch.equal(point.detach()[0], z[0])
+    assert optimizer.rank_skips() == len(refreshed)  # one per refresh step, for head 1

@@ -9,7 +9,7 @@ from torch import nn
 
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.nn import QuotientMultiheadAttention
-from quotientopt.optim import QuotientHamiltonian, QuotientSGD, split_parameters
+from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD, split_parameters
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -28,18 +28,24 @@ def test_attention_conversion_on_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("optimizer", ["QuotientSGD", "QuotientHamiltonian"])
+@pytest.mark.parametrize(
+    "optimizer", ["QuotientSGD", "QuotientSGD-lazy", "QuotientAdam", "QuotientHamiltonian"]
+)
 def test_gpt_trains_on_device(device, optimizer):
     torch.manual_seed(0)
     model = GPT(
         GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, vocab_size=32, rope=True)
     ).to(device)
     heads, rest = split_parameters(model.parameters())
-    opt = (
-        QuotientSGD([{"params": heads, "lr": 0.01}, {"params": rest}], lr=0.3, momentum=0.9)
-        if optimizer == "QuotientSGD"
-        else QuotientHamiltonian(model.parameters(), lr=0.1, friction=3.0)
-    )
+    groups = [{"params": heads, "lr": 0.01}, {"params": rest}]
+    opt = {
+        "QuotientSGD": lambda: QuotientSGD(groups, lr=0.3, momentum=0.9),
+        "QuotientSGD-lazy": lambda: QuotientSGD(groups, lr=0.3, momentum=0.9, refresh_every=8),
+        "QuotientAdam": lambda: QuotientAdam(model.parameters(), lr=3e-3),
+        "QuotientHamiltonian": lambda: QuotientHamiltonian(
+            model.parameters(), lr=0.1, friction=3.0
+        ),
+    }[optimizer]()
     idx = torch.randint(0, 32, (4, 17), device=device)
     losses = []
     for _ in range(60):

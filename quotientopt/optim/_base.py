@@ -3,7 +3,6 @@ the non-finite-gradient rule and the per-head health counters."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections import defaultdict
@@ -14,6 +13,7 @@ from typing import Any
 import geoopt
 import torch
 
+from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds import FactorQuotient
 
 NONFINITE_POLICIES = ("skip", "warn", "raise")
@@ -79,23 +79,29 @@ def where_heads(
     return torch.where(mask, new, old, out=out)
 
 
-def _copy_to(value: Any, device: torch.device) -> Any:
-    """A deep copy of a state entry with its tensors on ``device``, dtypes unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {key: _copy_to(item, device) for key, item in value.items()}
-    return copy.deepcopy(value)
+def _restore(saved: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """``saved`` (a state entry as written by ``state_dict``) with its tensors copied to
+    ``device``, floating ones in ``dtype``, the others (flags, counts) in their own dtype."""
+    if isinstance(saved, torch.Tensor):
+        target = dtype if saved.is_floating_point() else saved.dtype
+        return saved.to(device=device, dtype=target, copy=True)
+    if isinstance(saved, dict):
+        return {key: _restore(item, dtype, device) for key, item in saved.items()}
+    return saved
 
 
 class KeepStateDtypes:
-    """``load_state_dict`` that keeps the saved dtypes of the quotient parameters' state.
+    """``load_state_dict`` that keeps the quotient parameters' full-precision state in full
+    precision.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating tensor of a parameter's state to
-    the parameter's dtype (and boolean flags too); the quotient optimizers keep their ``k x k``
-    data and moments in float32 or better whatever the parameter dtype, so a resumed run must
-    get them back unchanged.
+    the parameter's dtype, and boolean flags too. The entries named in ``full_precision_state``
+    (``k x k`` data, moments kept in float32 or better whatever the parameter dtype) are restored
+    in ``compute_dtype(p.dtype)`` instead, flags in their own dtype; the other entries (momentum
+    buffers like the parameter) keep torch's rule.
     """
+
+    full_precision_state: tuple[str, ...] = ()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -104,8 +110,12 @@ class KeepStateDtypes:
         by_id = dict(zip(saved_ids, params, strict=True))
         for param_id, entries in state_dict["state"].items():
             p = by_id.get(param_id)
-            if p is not None and is_quotient_parameter(p):
-                self.state[p] = _copy_to(entries, p.device)  # type: ignore[attr-defined]
+            if p is None or not is_quotient_parameter(p):
+                continue
+            state = self.state[p]  # type: ignore[attr-defined]
+            for key in self.full_precision_state:
+                if key in entries:
+                    state[key] = _restore(entries[key], compute_dtype(p.dtype), p.device)
 
 
 class HealthMixin:

@@ -149,6 +149,11 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     the kinetic energy :math:`T(Z_n, p_n)`, of the last step.
     """
 
+    full_precision_state = (
+        "kinetic",
+        "momentum_map",
+    )  # kept in float32 or better by load_state_dict
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -376,15 +381,23 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         (1.4e-10 computed in the parameter's own representative). Row-sharded sectors step in
         their own representative."""
         manifold: FactorQuotient = p.manifold
-        z = p.detach()
+        point = z = p.detach()
         carried = self.state[p].get("velocity")
         frame = None if manifold.row_reduce is not None else manifold.balancing_transform(z)
-        if frame is not None:  # tangent vectors move like points, gradients (covectors) inversely
+        if frame is not None:
+            # rank-deficient heads have no balanced representative: they step in their own
             m_a, m_b = frame
-            z = manifold._right_multiply(z, m_a, m_b)
-            grad = manifold._right_multiply(grad, m_b, m_a)
+            finite = (torch.isfinite(m_a) & torch.isfinite(m_b)).flatten(-2).all(-1)
+            eye = torch.eye(m_a.shape[-1], dtype=m_a.dtype, device=m_a.device)
+            m_a = torch.where(finite[..., None, None], m_a, eye)
+            m_b = torch.where(finite[..., None, None], m_b, eye)
+            # in float32 or better, so that a bf16 point is not rounded on the way; tangent
+            # vectors move like points, gradients (covectors) inversely
+            dtype = m_a.dtype
+            z = manifold._right_multiply(z.to(dtype), m_a, m_b)
+            grad = manifold._right_multiply(grad.to(dtype), m_b, m_a)
             if carried is not None:
-                carried = manifold._right_multiply(carried, m_a, m_b)
+                carried = manifold._right_multiply(carried.to(dtype), m_a, m_b)
         grams = manifold.grams(z, check=False)
 
         def force(v):  # raised [grad L + dT/dZ](Z_n, v)
@@ -399,16 +412,18 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         v_half = v_n
         for _ in range(iterations):  # v_{n+1/2} = v_n - h/2 force(v_{n+1/2})
             v_half = v_n - 0.5 * h * force(v_half)
-        new, moved = z + h * v_half, v_half
+        increment = h * v_half
+        new = z + increment
         for _ in range(iterations):  # Z_{n+1} = Z_n + h/2 [v_{n+1/2} + transfer(v_{n+1/2})]
-            moved = transfer(manifold, z, new, v_half)
-            new = z + 0.5 * h * (v_half + moved)
+            increment = 0.5 * h * (v_half + transfer(manifold, z, new, v_half))
+            new = z + increment
         v_new = transfer(manifold, z, new, v_half)
         # a step too large for the implicit stage diverges: such heads keep their point
         healthy = manifold.grams(new, check=False, reference=grams).ok & grams.ok
         if frame is not None:  # back to the parameter's representative: M^{-1} = (M_B^T, M_A^T)
-            new = manifold._right_multiply(new, m_b.mT, m_a.mT)
-            v_new = manifold._right_multiply(v_new, m_b.mT, m_a.mT)
+            # only the increment is carried back and added, so a point at rest stays bitwise put
+            new = point + manifold._right_multiply(increment, m_b.mT, m_a.mT).to(point.dtype)
+            v_new = manifold._right_multiply(v_new, m_b.mT, m_a.mT).to(point.dtype)
             momentum_map = m_b @ momentum_map @ m_a.mT  # J' = M_A^T J M_B
         healthy = healthy & torch.isfinite(v_new).flatten(-2).all(-1)
         healthy = healthy & torch.isfinite(new).flatten(-2).all(-1)

@@ -39,10 +39,12 @@ metric moved over the interval just finished,
     \mu_i \text{ the eigenvalues of } P_{\text{old}}^{-1} P_{\text{new}} \text{ (and of the } Q
     \text{ pair)},
 
-computed as :math:`\operatorname{tr}(X^2) - 2 \operatorname{tr} X + k` with
-:math:`X = P_{\text{old}}^{-1} P_{\text{new}}` (invariant: the :math:`\mu_i` do not depend on the
-representative). The next interval doubles, up to :math:`R`, while :math:`\delta` stays below
-``refresh_tolerance``, and falls back to one step when it does not."""
+computed as :math:`\|L^{-1} P_{\text{new}} L^{-\top} - I\|_F^2` with
+:math:`P_{\text{old}} = L L^\top` (a symmetric matrix similar to
+:math:`P_{\text{old}}^{-1} P_{\text{new}}`, so a sum of squares without cancellation; invariant:
+the :math:`\mu_i` do not depend on the representative). The next interval doubles, up to
+:math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
+it does not, or when the step was withheld (a non-finite gradient)."""
 
 from __future__ import annotations
 
@@ -91,6 +93,43 @@ def quotient_weight_decay(manifold: FactorQuotient, z: torch.Tensor, mode: str) 
     return torch.cat((grad_a, grad_b), dim=-2)
 
 
+def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
+    """Whether torch's fused SGD kernel computes torch.optim.SGD's step for ``p``."""
+    return p.device.type != "cpu" or p.dtype in (torch.float32, torch.float64)
+
+
+def _single_tensor_sgd(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor | None,
+    found_inf: torch.Tensor,
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> torch.Tensor | None:
+    """torch.optim.SGD's single-tensor step, operation for operation (so with its roundings),
+    written into ``param`` and ``buf`` only where ``found_inf`` is 0 (no synchronisation).
+    Returns the momentum buffer (new on the first step)."""
+    skip = found_inf > 0
+    grad = -grad if maximize else grad
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum:
+        if buf is None:
+            new_buf = torch.clone(grad).detach()
+            buf = torch.where(skip, torch.zeros_like(new_buf), new_buf)
+        else:
+            new_buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
+            torch.where(skip, buf, new_buf, out=buf)
+        grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
+    torch.where(skip, param, param.add(grad, alpha=-lr), out=param)
+    return buf
+
+
 class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Stochastic gradient descent (optionally with momentum) on the head quotients.
 
@@ -130,6 +169,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     :class:`~quotientopt.manifolds.FactorQuotient`; their ``k x k`` algebra runs in float32 or
     better whatever their dtype, batched over all heads of the tensor.
     """
+
+    full_precision_state = ("grams",)  # kept in float32 or better by load_state_dict
 
     def __init__(
         self,
@@ -184,7 +225,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.on_nonfinite = on_nonfinite
-        self._written: dict[torch.Tensor, int] = {}
+        self._written: dict[torch.Tensor, tuple[int, int]] = {}
         self._work: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_health()
 
@@ -209,23 +250,29 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         state = self.state[p]
         stored = state.get("grams")
         written = self._written.get(p)
-        if stored is None or (written is not None and written != p._version):
+        if stored is None or (written is not None and written != (p._version, p.data_ptr())):
             return p.manifold.grams(p.detach(), check=False, inverses=True), True
-        return Grams(**stored), state.get("step", 0) >= state.get("next_refresh", 0)
+        step, due = state.get("step", 0), state.get("next_refresh", 0)
+        # a refresh_every lowered since the last refresh shortens the current interval
+        due = min(due, due - state.get("refresh_interval", 1) + group["refresh_every"])
+        return Grams(**stored), step >= due
 
     @staticmethod
-    def _metric_drift(old: Grams, new: Grams) -> torch.Tensor:
-        r"""How far the metric moved between two refreshes, largest over the healthy heads
-        (0-dim): :math:`\delta^2 = \operatorname{tr}(X^2) - 2 \operatorname{tr} X + k` with
-        :math:`X = P_{\text{old}}^{-1} P_{\text{new}}`, the larger of the P and Q values."""
-        k = new.p.shape[-1]
-        drifts = []
-        for old_inverse, gram in ((old.p_inv, new.p), (old.q_inv, new.q)):
-            x = old_inverse @ gram
-            trace = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1)
-            squared = (x * x.transpose(-1, -2)).sum((-2, -1)) - 2 * trace + k
-            drifts.append(torch.where(old.ok & new.ok, squared, 0.0).clamp_min(0.0))
-        return torch.maximum(*drifts).amax().sqrt()
+    def _metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
+        r"""How far the metric moved between two refreshes, largest over the heads that moved
+        (0-dim; ``inf`` when none did, e.g. a step withheld for a non-finite gradient):
+        :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with :math:`P_{\text{old}} = L
+        L^\top`, the larger of the P and Q values. The matrix is symmetric and similar to
+        :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so :math:`\delta^2 = \sum_i (\mu_i - 1)^2`
+        over its eigenvalues, computed as a sum of squares (the trace form cancels badly when
+        the factors are ill-conditioned)."""
+        chol = torch.stack((old.chol_p, old.chol_q), dim=-3)
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
+        squared = (similar - eye).square().sum((-1, -2)).amax(-1)
+        squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
+        return torch.where(moved.any(), squared.amax().sqrt(), torch.inf)
 
     def _schedule_next_refresh(self, p: torch.Tensor, group: dict, drift: torch.Tensor) -> None:
         """Set the step of the next refresh: the interval doubles (up to ``refresh_every``)
@@ -266,9 +313,9 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 rgrad.add_(z, alpha=group["weight_decay"])  # exact: (A P) P^{-1} = A
             else:
                 penalty = quotient_weight_decay(manifold, z, group["weight_decay_mode"])
-                rgrad.add_(
-                    manifold.egrad2rgrad(z, penalty, grams=grams), alpha=group["weight_decay"]
-                )
+                # (NaN at a rank-deficient head, where the nuclear norm has no gradient)
+                penalty = where_heads(grams.ok, manifold.egrad2rgrad(z, penalty, grams=grams), 0)
+                rgrad.add_(penalty, alpha=group["weight_decay"])
         return rgrad
 
     def _refresh_update(
@@ -374,12 +421,19 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         for p, group, grams, new, buf, new_grams, ok in refreshed:
             self._write(p, new, buf, ok)
             if group["refresh_every"] > 1:
-                self._schedule_next_refresh(p, group, self._metric_drift(grams, new_grams))
+                self._schedule_next_refresh(p, group, self._metric_drift(grams, new_grams, ok))
             # heads whose update was withheld keep the Grams they stepped with
-            self.state[p]["grams"] = {
+            stored = self.state[p]["grams"] = {
                 name: where_heads(ok, fresh, kept)
                 for name, fresh, kept in zip(Grams._fields, new_grams, grams, strict=True)
             }
+            buf = self.state[p].get("momentum_buffer")
+            if group["refresh_every"] > 1 and buf is not None:
+                # a head left at a rank-deficient point must not coast on its momentum through
+                # the steps until the next refresh (with refresh_every=1 it never moves anyway)
+                where_heads(
+                    stored["ok"], buf, torch.zeros((), dtype=buf.dtype, device=buf.device), out=buf
+                )
             self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
         for p, new, buf in manifold_updates:
             self._write(p, new, buf, nonfinite[p.device] == 0)
@@ -400,7 +454,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 every = group["rebalance_every"]
                 if every and state["step"] % every == 0:
                     self._rebalance(p)
-                self._written[p] = p._version
+                self._written[p] = (p._version, p.data_ptr())
 
         for group in self.param_groups:
             plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]
@@ -445,21 +499,44 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     ) -> None:
         """torch's fused SGD kernel on ``params`` along ``directions`` (gradients, or Riemannian
         gradients with weight decay and sign already applied), skipping everything on the device
-        when ``found_inf`` is set; momentum buffers are read from and stored in ``states``."""
+        when ``found_inf`` is set; momentum buffers are read from and stored in ``states``.
+
+        torch 2.13's fused CPU kernel writes wrong momentum buffers for bfloat16 and float16
+        (``tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd``),
+        so reduced-precision tensors on a CPU take :func:`_single_tensor_sgd` instead."""
         buffers = [state.get("momentum_buffer") for state in states]
-        torch_sgd(
-            params,
-            directions,
-            buffers,
+        options = dict(
             weight_decay=weight_decay,
             momentum=group["momentum"],
             lr=group["lr"],
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=maximize,
-            fused=True,
-            found_inf=found_inf,
         )
+        fused = [i for i, p in enumerate(params) if _fused_kernel_is_exact(p)]
+        if fused:
+            some = [buffers[i] for i in fused]
+            torch_sgd(
+                [params[i] for i in fused],
+                [directions[i] for i in fused],
+                some,
+                fused=True,
+                found_inf=found_inf,
+                **options,
+            )
+            for i, buf in zip(fused, some, strict=True):
+                if buffers[i] is None and buf is not None:
+                    # the kernel allocates first-step buffers uninitialized and skips them too
+                    torch.where(
+                        found_inf > 0,
+                        torch.zeros((), dtype=buf.dtype, device=buf.device),
+                        buf,
+                        out=buf,
+                    )
+                buffers[i] = buf
+        for i, p in enumerate(params):
+            if i not in fused:
+                buffers[i] = _single_tensor_sgd(p, directions[i], buffers[i], found_inf, **options)
         if group["momentum"]:
             for state, buf in zip(states, buffers, strict=True):
                 state["momentum_buffer"] = buf

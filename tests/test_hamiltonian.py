@@ -235,3 +235,16 @@ def test_a_rank_deficient_head_keeps_the_energy_finite():
     assert bool(torch.isfinite(point).all())
     assert math.isfinite(float(optimizer.kinetic_energy()))
     assert bool(torch.isfinite(optimizer.state[point]["momentum_map"]).all())
+
+
+def test_the_kinetic_energy_survives_a_resume_in_float64():
+    gen = rng(23)
+    weight = torch.nn.Parameter(torch.randn(30, generator=gen).bfloat16())
+    optimizer = QuotientHamiltonian([weight], lr=0.1)
+    for _ in range(2):
+        weight.grad = torch.randn(30, generator=gen).bfloat16()
+        optimizer.step()
+    resumed = QuotientHamiltonian([weight], lr=0.1)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.state[weight]["kinetic"].dtype == torch.float64  # torch's loader: bfloat16
+    assert float(resumed.kinetic_energy()) == float(optimizer.kinetic_energy())

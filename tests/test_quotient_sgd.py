@@ -637,3 +637,51 @@ def test_a_float32_checkpoint_loads_into_a_bfloat16_model():
     half.grad = torch.randn(2, 11, 2, generator=gen).bfloat16()
     resumed.step()
     assert bool(torch.isfinite(half).all())
+
+
+def test_a_tensor_joining_late_starts_its_momentum_like_torch():
+    """A group where some tensors already have momentum and one gets its first gradient: torch's
+    fused kernel cannot mix first and later steps in one call."""
+    gen = rng(19)
+    old, late = (torch.nn.Parameter(torch.randn(40, generator=gen)) for _ in range(2))
+    start = late.detach().clone()
+    optimizer = QuotientSGD([old, late], lr=0.1, momentum=0.9)
+    old.grad = torch.randn(40, generator=gen)
+    optimizer.step()
+    grad = torch.randn(40, generator=gen)
+    old.grad, late.grad = torch.randn(40, generator=gen), grad.clone()
+    optimizer.step()
+    assert torch.equal(optimizer.state[late]["momentum_buffer"], grad)  # m_1 = g_1
+    assert torch.allclose(late.detach(), start - 0.1 * grad, rtol=1e-6, atol=1e-7)  # fma
+
+
+def test_product_decay_leaves_a_rank_deficient_head_in_place_between_refreshes():
+    gen = rng(20)
+    manifold = FactorQuotient(6, 5)
+    z = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    z[1, :6, 1] = 0.0
+    point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+    optimizer = QuotientSGD(
+        [point], lr=0.01, momentum=0.9, weight_decay=0.1, refresh_every=4, refresh_tolerance=10
+    )
+    for _ in range(12):
+        point.grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+        optimizer.step()
+    assert torch.equal(point.detach()[1], z[1])
+    assert not torch.equal(point.detach()[0], z[0])
+
+
+def test_a_withheld_head_update_restarts_the_refresh_interval():
+    """Rank loss of a healthy head, or a withheld step, is not a calm interval; a head that was
+    unhealthy already (a rank-deficient start) does not block the interval from growing."""
+    gen = rng(21)
+    manifold = FactorQuotient(6, 5)
+    old = manifold.grams(torch.randn(3, 11, 2, generator=gen), check=False, inverses=True)
+    new = manifold.grams(torch.randn(3, 11, 2, generator=gen), check=False, inverses=True)
+    everyone = torch.ones(3, dtype=torch.bool)
+    one_failed = torch.tensor([True, False, True])
+    assert math.isfinite(float(QuotientSGD._metric_drift(old, new, everyone)))
+    assert float(QuotientSGD._metric_drift(old, new, one_failed)) == math.inf
+    assert float(QuotientSGD._metric_drift(old, new, ~everyone)) == math.inf
+    old_sick = old._replace(ok=one_failed)  # head 1 was unhealthy before this interval
+    assert math.isfinite(float(QuotientSGD._metric_drift(old_sick, new, one_failed)))

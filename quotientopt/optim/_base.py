@@ -81,9 +81,12 @@ def where_heads(
 
 def _restore(saved: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """``saved`` (a state entry as written by ``state_dict``) with its tensors copied to
-    ``device``, floating ones in ``dtype``, the others (flags, counts) in their own dtype."""
+    ``device``, floating ones in their dtype or ``dtype`` if that is wider, the others (flags,
+    counts) in their own dtype."""
     if isinstance(saved, torch.Tensor):
-        target = dtype if saved.is_floating_point() else saved.dtype
+        target = (
+            torch.promote_types(saved.dtype, dtype) if saved.is_floating_point() else saved.dtype
+        )
         return saved.to(device=device, dtype=target, copy=True)
     if isinstance(saved, dict):
         return {key: _restore(item, dtype, device) for key, item in saved.items()}
@@ -97,11 +100,16 @@ class KeepStateDtypes:
     ``torch.optim.Optimizer.load_state_dict`` casts every floating tensor of a parameter's state to
     the parameter's dtype, and boolean flags too. The entries named in ``full_precision_state``
     (``k x k`` data, moments kept in float32 or better whatever the parameter dtype) are restored
-    in ``compute_dtype(p.dtype)`` instead, flags in their own dtype; the other entries (momentum
-    buffers like the parameter) keep torch's rule.
+    in their saved dtype or ``compute_dtype(p.dtype)`` if that is wider, flags in their own
+    dtype; the other entries (momentum buffers like the parameter) keep torch's rule.
     """
 
     full_precision_state: tuple[str, ...] = ()
+
+    def _full_precision_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The state entries of ``p`` to restore in full precision (by default: those named in
+        ``full_precision_state``, for quotient parameters; the others step like torch's)."""
+        return self.full_precision_state if is_quotient_parameter(p) else ()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -110,10 +118,10 @@ class KeepStateDtypes:
         by_id = dict(zip(saved_ids, params, strict=True))
         for param_id, entries in state_dict["state"].items():
             p = by_id.get(param_id)
-            if p is None or not is_quotient_parameter(p):
+            if p is None:
                 continue
             state = self.state[p]  # type: ignore[attr-defined]
-            for key in self.full_precision_state:
+            for key in self._full_precision_keys(p):
                 if key in entries:
                     state[key] = _restore(entries[key], compute_dtype(p.dtype), p.device)
 

@@ -168,11 +168,8 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     convergence on CUDA, which is one host synchronisation per quotient tensor and step.
     """
 
-    full_precision_state = (
-        "exp_avg",
-        "exp_avg_sq",
-        "step",
-    )  # kept in float32 or better by load_state_dict
+    # restored in float32 or better by load_state_dict (KeepStateDtypes)
+    full_precision_state = ("exp_avg", "exp_avg_sq", "step")
 
     def __init__(
         self,

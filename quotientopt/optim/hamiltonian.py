@@ -149,10 +149,11 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     the kinetic energy :math:`T(Z_n, p_n)`, of the last step.
     """
 
-    full_precision_state = (
-        "kinetic",
-        "momentum_map",
-    )  # kept in float32 or better by load_state_dict
+    # restored in float32 or better by load_state_dict (KeepStateDtypes)
+    full_precision_state = ("kinetic", "momentum_map")
+
+    def _full_precision_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        return self.full_precision_state  # the kinetic energy is float64 for plain tensors too
 
     def __init__(
         self,

@@ -170,7 +170,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     better whatever their dtype, batched over all heads of the tensor.
     """
 
-    full_precision_state = ("grams",)  # kept in float32 or better by load_state_dict
+    # restored in float32 or better by load_state_dict (KeepStateDtypes)
+    full_precision_state = ("grams",)
 
     def __init__(
         self,
@@ -260,7 +261,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     @staticmethod
     def _metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
         r"""How far the metric moved between two refreshes, largest over the heads that moved
-        (0-dim; ``inf`` when none did, e.g. a step withheld for a non-finite gradient):
+        (0-dim; ``inf`` when the step was withheld, for a non-finite gradient or a healthy
+        head's rank loss):
         :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with :math:`P_{\text{old}} = L
         L^\top`, the larger of the P and Q values. The matrix is symmetric and similar to
         :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so :math:`\delta^2 = \sum_i (\mu_i - 1)^2`
@@ -272,7 +274,10 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
         squared = (similar - eye).square().sum((-1, -2)).amax(-1)
         squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
-        return torch.where(moved.any(), squared.amax().sqrt(), torch.inf)
+        # a withheld step (non-finite gradient), or a healthy head whose update was withheld for
+        # rank loss, is not a calm interval (heads unhealthy since earlier do not count)
+        calm_to_judge = moved.any() & ~(old.ok & ~moved).any()
+        return torch.where(calm_to_judge, squared.amax().sqrt(), torch.inf)
 
     def _schedule_next_refresh(self, p: torch.Tensor, group: dict, drift: torch.Tensor) -> None:
         """Set the step of the next refresh: the interval doubles (up to ``refresh_every``)
@@ -290,15 +295,23 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         candidate point: allocating them afresh each step (page faults) cost about as much as the
         arithmetic on a CPU. Not part of ``state_dict``."""
         buffers = self._work.get(p)
-        if buffers is None or buffers[0].shape != p.shape or buffers[0].dtype != p.dtype:
+        if (
+            buffers is None
+            or buffers[0].shape != p.shape
+            or buffers[0].dtype != p.dtype
+            or buffers[0].device != p.device
+        ):
             buffers = self._work[p] = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
         return buffers
 
     def _riemannian_gradient(
-        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams
+        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams, *, between=False
     ) -> torch.Tensor:
         r"""The Riemannian gradient of the loss plus the quotient weight decay at ``p`` (sign
-        flipped for ``maximize``), in ``p``'s dtype, written into a reused work buffer."""
+        flipped for ``maximize``), in ``p``'s dtype, written into a reused work buffer. On steps
+        ``between`` refreshes, which nothing checks afterwards, heads flagged unhealthy in
+        ``grams`` get no decay either, and a non-finite decay (the nuclear norm at a head that
+        lost rank since the refresh) is left out."""
         manifold: FactorQuotient = p.manifold
         z = p.detach()
         rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=self._work_buffers(p)[0])
@@ -309,13 +322,16 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 group["weight_decay_mode"] == "product"
                 and manifold.metric == "preconditioned"
                 and manifold.damping == 0
-            ):
-                rgrad.add_(z, alpha=group["weight_decay"])  # exact: (A P) P^{-1} = A
+            ):  # exact: (A P) P^{-1} = A
+                rgrad.add_(
+                    where_heads(grams.ok, z, 0) if between else z, alpha=group["weight_decay"]
+                )
             else:
                 penalty = quotient_weight_decay(manifold, z, group["weight_decay_mode"])
+                penalty = manifold.egrad2rgrad(z, penalty, grams=grams)
                 # (NaN at a rank-deficient head, where the nuclear norm has no gradient)
-                penalty = where_heads(grams.ok, manifold.egrad2rgrad(z, penalty, grams=grams), 0)
-                rgrad.add_(penalty, alpha=group["weight_decay"])
+                healthy = grams.ok & torch.isfinite(penalty).flatten(-2).all(-1)
+                rgrad.add_(where_heads(healthy, penalty, 0), alpha=group["weight_decay"])
         return rgrad
 
     def _refresh_update(
@@ -410,7 +426,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                         refreshed.append((p, group, grams, *update))
                     else:
                         rgrad = self._riemannian_gradient(
-                            p, p.grad, group, self._frozen_where_unhealthy(grams)
+                            p, p.grad, group, self._frozen_where_unhealthy(grams), between=True
                         )
                         between.setdefault((index, p.device), []).append((p, rgrad))
                 elif manifold_of(p) is not None:
@@ -514,25 +530,27 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             maximize=maximize,
         )
         fused = [i for i, p in enumerate(params) if _fused_kernel_is_exact(p)]
-        if fused:
-            some = [buffers[i] for i in fused]
+        # the kernel treats a call as a first step only if every buffer is missing
+        for subset in (
+            [i for i in fused if buffers[i] is not None],
+            [i for i in fused if buffers[i] is None],
+        ):
+            if not subset:
+                continue
+            some = [buffers[i] for i in subset]
             torch_sgd(
-                [params[i] for i in fused],
-                [directions[i] for i in fused],
+                [params[i] for i in subset],
+                [directions[i] for i in subset],
                 some,
                 fused=True,
                 found_inf=found_inf,
                 **options,
             )
-            for i, buf in zip(fused, some, strict=True):
+            for i, buf in zip(subset, some, strict=True):
                 if buffers[i] is None and buf is not None:
                     # the kernel allocates first-step buffers uninitialized and skips them too
-                    torch.where(
-                        found_inf > 0,
-                        torch.zeros((), dtype=buf.dtype, device=buf.device),
-                        buf,
-                        out=buf,
-                    )
+                    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
+                    torch.where(found_inf > 0, zero, buf, out=buf)
                 buffers[i] = buf
         for i, p in enumerate(params):
             if i not in fused:

@@ -454,7 +454,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         for p, new, buf in manifold_updates:
             self._write(p, new, buf, nonfinite[p.device] == 0)
         for (index, device), entries in between.items():
-            self._fused_sgd(
+            self._torch_sgd_step(
                 self.param_groups[index],
                 [p.detach() for p, _ in entries],
                 [rgrad for _, rgrad in entries],
@@ -476,7 +476,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]
             for device in {p.device for p in plain}:
                 params = [p for p in plain if p.device == device]
-                self._fused_sgd(
+                self._torch_sgd_step(
                     group,
                     params,
                     [p.grad for p in params],
@@ -502,7 +502,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 where_heads(ok, buf, old_buf, out=old_buf)
         where_heads(ok, new, p.detach(), out=p.detach())
 
-    def _fused_sgd(
+    def _torch_sgd_step(
         self,
         group: dict,
         params: list[torch.Tensor],

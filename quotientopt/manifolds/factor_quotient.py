@@ -39,7 +39,15 @@ from quotientopt.linalg import (
 )
 from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
 
-__all__ = ["FactorQuotient", "Grams", "balance", "balancing_transform", "charge", "product"]
+__all__ = [
+    "FactorQuotient",
+    "Grams",
+    "balance",
+    "balancing_transform",
+    "charge",
+    "product",
+    "product_decay_egrad",
+]
 
 Metric = Literal["preconditioned", "inv"]
 
@@ -119,6 +127,29 @@ def balancing_transform(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     m_a = torch.linalg.solve_triangular(r_a, u * root, upper=True)
     m_b = torch.linalg.solve_triangular(r_b, vh.transpose(-1, -2) * root, upper=True)
     return m_a, m_b
+
+
+def product_decay_egrad(manifold: FactorQuotient, z: torch.Tensor, mode: str) -> torch.Tensor:
+    r"""Euclidean gradient of a weight-decay penalty that depends on the product only.
+
+    * ``"product"``: :math:`\tfrac12 \|A B^\top\|_F^2`, gradient :math:`(A\, B^\top B,\; B\, A^\top A)`;
+    * ``"nuclear"``: :math:`\|A B^\top\|_*`, the factor norm
+      :math:`\tfrac12(\|A'\|_F^2 + \|B'\|_F^2)` of the balanced representative :math:`(A', B')`;
+      with :math:`S = A'^\top A'` its gradient is :math:`(A' S^{-1} B'^\top B,\; B' S^{-1} A'^\top A)`.
+
+    Neither is the representative-dependent factor decay :math:`\tfrac12(\|A\|^2 + \|B\|^2)`, so
+    both are invariant under every subgroup of :math:`GL(k)`.
+    """
+    if mode not in ("product", "nuclear"):
+        raise ValueError(f"unknown weight-decay mode {mode!r}; use 'product' or 'nuclear'")
+    a, b = manifold.factors(z)
+    if mode == "product":
+        return torch.cat((a @ (b.mT @ b), b @ (a.mT @ a)), dim=-2)
+    a_bal, b_bal = balance(a, b)
+    s_inv = 1.0 / (a_bal * a_bal).sum(-2)  # S is diagonal: the singular values of A B^T
+    grad_a = (a_bal * s_inv[..., None, :]) @ (b_bal.mT @ b)
+    grad_b = (b_bal * s_inv[..., None, :]) @ (a_bal.mT @ a)
+    return torch.cat((grad_a, grad_b), dim=-2)
 
 
 class FactorQuotient(geoopt.manifolds.Manifold):
@@ -236,7 +267,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     def act(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         r"""The group action :math:`(A, B) \mapsto (A G, B G^{-\top})` for ``g`` of shape ``(..., k, k)``."""
         g = g.to(compute_dtype(z.dtype))
-        return self._right_multiply(z, g, torch.linalg.inv(g).transpose(-1, -2))
+        return self.right_multiply(z, g, torch.linalg.inv(g).transpose(-1, -2))
 
     def push(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         r"""Differential of the action on a tangent vector: :math:`(\xi_A G, \xi_B G^{-\top})`."""
@@ -248,14 +279,38 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         :math:`G = e^{t\Omega}` at :math:`t = 0`. It changes :math:`A B^\top` by zero to first order.
         """
         omega = omega.to(compute_dtype(z.dtype))
-        return self._right_multiply(z, omega, -omega.transpose(-1, -2))
+        return self.right_multiply(z, omega, -omega.transpose(-1, -2))
+
+    def momentum_map(
+        self, z: torch.Tensor, v: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor:
+        r"""The momentum map of a tangent vector ``v``: the ``k x k`` matrix :math:`J` with
+        :math:`g_Z(v, V(\Omega)) = \langle J, \Omega \rangle_F` for every orbit direction
+        :math:`V(\Omega) = (A \Omega, -B \Omega^\top)` (see :meth:`vertical`).
+
+        * preconditioned: :math:`J = A^\top v_A P - Q v_B^\top B`;
+        * inv: :math:`J = A^\top v_A Q^{-1} - P^{-1} v_B^\top B`.
+
+        :math:`J = 0` exactly when ``v`` is horizontal. Under :math:`Z \mapsto Z G` with
+        :math:`v \mapsto v G` it transforms as :math:`J \mapsto G^{-1} J G`, so its invariants
+        (eigenvalues, and the norm relative to :math:`g(v, v)`) do not depend on the
+        representative. Float32 or better, shape ``(..., k, k)``.
+        """
+        grams = self.grams(z, check=False) if grams is None else grams
+        at_va, bt_vb = self.cross(z, v)
+        if self.metric == "preconditioned":
+            return at_va @ grams.p - grams.q @ bt_vb.transpose(-1, -2)
+        left = torch.cholesky_solve(at_va.transpose(-1, -2), grams.chol_q).transpose(-1, -2)
+        return left - torch.cholesky_solve(bt_vb.transpose(-1, -2), grams.chol_p)
 
     # ------------------------------------------------------------------------ k x k pieces
-    def _right_multiply(
+    def right_multiply(
         self, u: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     ) -> torch.Tensor:
-        r""":math:`[u_A L;\; u_B R]` for ``k x k`` matrices ``L``, ``R``, in their dtype, returned in
-        ``u``'s. When ``n == m`` (square sectors) this is one batched matmul on the view
+        r""":math:`[u_A L;\; u_B R]` for ``k x k`` matrices ``L``, ``R`` (broadcast over the leading
+        dims), computed in their dtype and returned in ``u``'s. With :math:`(L, R) = (G, G^{-\top})`
+        this is the group action on points and tangent vectors; with :math:`(G^{-\top}, G)` its
+        action on gradients (covectors). When ``n == m`` (square sectors) this is one batched matmul on the view
         ``(..., 2, n, k)``: no slicing, no concatenation."""
         dtype = left.dtype
         if self.n == self.m:
@@ -308,8 +363,9 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         ]
         return torch.cat(parts, dim=-2).to(u.dtype)
 
-    def _cross(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`(A^\top u_A,\; B^\top u_B)` in float32 or better (one batched matmul if ``n == m``)."""
+    def cross(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(A^\top u_A,\; B^\top u_B)` (``k x k`` each) in float32 or better (one batched
+        matmul if ``n == m``), summed over the row shards when ``row_reduce`` is set."""
         dtype = compute_dtype(z.dtype)
         if self.n == self.m:
             self._assert_check_shape(z.shape, "z")
@@ -344,7 +400,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         ``inverses``: also form :math:`P^{-1}`, :math:`Q^{-1}` (``k x k``), so that solves become
         single matmuls (the optimizers' fast path).
         """
-        q, p = self._cross(z, z)
+        q, p = self.cross(z, z)
         p, q = damp(p, self.damping), damp(q, self.damping)
         chol_p, ok_p = spd_cholesky_flagged(p, None if reference is None else reference.p)
         chol_q, ok_q = spd_cholesky_flagged(q, None if reference is None else reference.q)
@@ -382,11 +438,11 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         grams = self.grams(x) if grams is None else grams
         if self.metric == "preconditioned":
             return self._right_solve(u, grams, "p", "q", out=out)
-        return self._right_multiply(u, grams.q, grams.p)
+        return self.right_multiply(u, grams.q, grams.p)
 
     def _vertical_generator(self, x: torch.Tensor, u: torch.Tensor, grams: Grams) -> torch.Tensor:
         r"""The :math:`W` with ``u - vertical(x, W)`` horizontal (metric-orthogonal to the orbit)."""
-        at_ua, bt_ub = self._cross(x, u)
+        at_ua, bt_ub = self.cross(x, u)
         p, q = grams.p, grams.q
         if self.metric == "preconditioned":
             # W = 1/2 (Q^{-1} A^T u_A - u_B^T B P^{-1})
@@ -444,6 +500,46 @@ class FactorQuotient(geoopt.manifolds.Manifold):
             return u
         return u.sub_(self.vertical(x, w))
 
+    def decay_rgrad(self, z: torch.Tensor, mode: str, grams: Grams) -> torch.Tensor:
+        r"""Riemannian gradient of a weight-decay penalty that depends on the product only
+        (see :func:`product_decay_egrad`), in ``z``'s dtype.
+
+        For ``"product"`` in the undamped preconditioned metric it is exactly :math:`Z` itself:
+        :math:`(A\,P)\,P^{-1} = A`, so a step scales the product by :math:`(1 - \eta\lambda)^2`.
+        Otherwise the Euclidean gradient is raised with ``grams``; heads that ``grams`` flags as
+        unhealthy (and the nuclear norm at a rank-deficient head, which has no gradient) give 0.
+        """
+        if mode == "product" and self.metric == "preconditioned" and self.damping == 0:
+            return z
+        penalty = self.egrad2rgrad(z, product_decay_egrad(self, z, mode), grams=grams)
+        healthy = grams.ok & torch.isfinite(penalty).flatten(-2).all(-1)
+        return torch.where(healthy[..., None, None], penalty, torch.zeros((), dtype=z.dtype))
+
+    @property
+    def supports_kinetic_energy(self) -> bool:
+        """Whether :meth:`kinetic_force` is available: the undamped preconditioned metric."""
+        return self.metric == "preconditioned" and self.damping == 0
+
+    def kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r""":math:`\partial_Z T` of the kinetic energy
+        :math:`T = \tfrac12 \mathrm{tr}(p_A P^{-1} p_A^\top) + \tfrac12 \mathrm{tr}(p_B Q^{-1} p_B^\top)`
+        at fixed momentum, written with the velocity :math:`V = (p_A P^{-1}, p_B Q^{-1})`:
+        :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`. Only for the undamped preconditioned
+        metric (:attr:`supports_kinetic_energy`)."""
+        if not self.supports_kinetic_energy:
+            raise ValueError(
+                f"{self.name}: the kinetic energy is implemented for the undamped preconditioned "
+                f"metric only, got metric={self.metric!r}, damping={self.damping}; build the "
+                "manifold with metric='preconditioned', damping=0."
+            )
+        va_va, vb_vb = self.cross(v, v)
+        return self.right_multiply(z, -vb_vb, -va_va)
+
+    @property
+    def is_row_sharded(self) -> bool:
+        """Whether the rows are sharded across processes (``row_reduce`` is set)."""
+        return self.row_reduce is not None
+
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Identity: full-rank pairs form an open set (see the class notes; use :meth:`balance`)."""
         return x
@@ -467,7 +563,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         grams = self.grams(x) if grams is None else grams
         dtype = grams.p.dtype
         if self.metric == "preconditioned":
-            weighted = self._right_multiply(u.to(dtype), grams.p, grams.q)
+            weighted = self.right_multiply(u.to(dtype), grams.p, grams.q)
         else:
             weighted = self._right_solve(u.to(dtype), grams, "q", "p")
         value = (weighted * v.to(dtype)).sum((-1, -2))

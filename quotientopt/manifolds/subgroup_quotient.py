@@ -208,6 +208,7 @@ class SubgroupFactorQuotient(FactorQuotient):
         flat = gens.reshape(gens.shape[0], self.k * self.k).T
         basis = torch.linalg.qr(flat).Q.T.reshape(gens.shape) if gens.shape[0] else gens
         self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("scaling_blocks", _scaling_blocks(gens, basis), persistent=False)
         r, k = gens.shape[0], self.k
         self.structure = "generic"
         if fast_paths and r == k * k:
@@ -239,6 +240,62 @@ class SubgroupFactorQuotient(FactorQuotient):
             )
         return ok, reason
 
+    # ------------------------------------------------------- what depends on the group H
+    def momentum_map(
+        self, z: torch.Tensor, v: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor:
+        r"""The momentum map of :math:`H`: the Frobenius projection onto :math:`\mathfrak{h}` of
+        FactorQuotient's :math:`J = A^\top v_A P - Q v_B^\top B`, so that
+        :math:`g(v, V(E)) = \langle J_{\mathfrak{h}}, E\rangle_F` for every :math:`E \in
+        \mathfrak{h}`; zero exactly when ``v`` is horizontal for this manifold."""
+        j = super().momentum_map(z, v, grams=grams)
+        if self.structure == "full":
+            return j
+        e = self._basis(j)
+        return torch.einsum("...r,rkl->...kl", torch.einsum("rkl,...kl->...r", e, j), e)
+
+    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""The most balancing move that :math:`H` contains, or ``None``.
+
+        * :math:`H = GL(k)` (``structure == "full"``): FactorQuotient's, the balanced
+          representative;
+        * :math:`H` contains scalings of disjoint blocks of head dimensions (RoPE: one per
+          frequency pair; QK-norm's conformal group: all dimensions at once): each block
+          :math:`b` is scaled by :math:`c_b = (\|B_b\|_F / \|A_b\|_F)^{1/2}`, i.e.
+          :math:`M_A = \mathrm{diag}(c)`, :math:`M_B = \mathrm{diag}(c)^{-1}`, which equalizes the
+          factor norms block by block (the trace of the charge vanishes on each block);
+        * otherwise (e.g. :math:`O(k)`, which preserves both factor norms): ``None``.
+
+        Rank-deficient heads get non-finite matrices, as in FactorQuotient.
+        """
+        if self.structure == "full":
+            return super().balancing_transform(z)
+        blocks = self.scaling_blocks
+        if blocks.shape[0] == 0:
+            return None
+        if self.row_reduce is not None:
+            raise ValueError(
+                f"{self.name}.balancing_transform needs whole factors, but this manifold's rows "
+                "are sharded (row_reduce is set); gather the shards first"
+            )
+        dtype = compute_dtype(z.dtype)
+        a, b = (f.to(dtype) for f in self.factors(z))
+        blocks = blocks.to(dtype=dtype, device=z.device)  # (nb, k) indicators
+        norm_a = a.square().sum(-2) @ blocks.mT  # (..., nb)
+        norm_b = b.square().sum(-2) @ blocks.mT
+        scale = (norm_b / norm_a).pow(0.25) @ blocks + (1 - blocks.sum(0))  # (..., k)
+        return torch.diag_embed(scale), torch.diag_embed(1 / scale)
+
+    def balance(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The representative reached by :meth:`balancing_transform` (``z`` itself where
+        :math:`H` has no balancing move); the product is unchanged."""
+        if self.structure == "full":
+            return super().balance(z)
+        transform = self.balancing_transform(z)
+        if transform is None:
+            return z.clone()
+        return self.right_multiply(z, *transform)
+
     # ---------------------------------------------------------------------- the geometry
     def _basis(self, like: torch.Tensor) -> torch.Tensor:
         return self.basis.to(dtype=like.dtype, device=like.device)
@@ -268,7 +325,7 @@ class SubgroupFactorQuotient(FactorQuotient):
         :math:`b_i = \langle C_A P - Q C_B^\top, E_i \rangle_F`, :math:`W = \sum_i c_i E_i`."""
         if self.structure == "full":
             return super()._vertical_generator(x, u, grams)
-        at_ua, bt_ub = self._cross(x, u)
+        at_ua, bt_ub = self.cross(x, u)
         p, q = grams.p, grams.q
         if self.group_dimension == 0:
             return torch.zeros_like(at_ua)
@@ -306,6 +363,34 @@ class SubgroupFactorQuotient(FactorQuotient):
         skew_r = 0.5 * (rhs - rhs.mT)
         y = (v.mT @ skew_r @ v) / (d[..., :, None] + d[..., None, :])
         return v @ y @ v.mT
+
+
+def _scaling_blocks(gens: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    r"""Indicators ``(nb, k)`` of disjoint blocks of head dimensions whose scalings lie in
+    :math:`H`: the given generators that are diagonal 0/1 projectors with disjoint supports or,
+    when there are none and the identity lies in the span, one block of all dimensions. Empty
+    ``(0, k)`` otherwise."""
+    k = gens.shape[-1]
+    diagonals = gens.diagonal(dim1=-2, dim2=-1)
+    off_diagonal = (gens - torch.diag_embed(diagonals)).abs().amax((-1, -2)) if len(gens) else gens
+    picked: list[torch.Tensor] = []
+    used = torch.zeros(k, dtype=torch.bool)
+    for off, d in zip(off_diagonal, diagonals, strict=True):
+        support = d != 0
+        if float(off) == 0 and bool(((d == 0) | (d == 1)).all()) and support.any():
+            if bool((used & support).any()):
+                continue
+            used |= support
+            picked.append(d)
+    if picked:
+        return torch.stack(picked)
+    if len(gens):
+        eye = torch.eye(k, dtype=torch.float64).reshape(-1)
+        flat = basis.reshape(len(basis), -1)
+        residual = eye - flat.T @ (flat @ eye)
+        if float(residual.norm()) <= 1e-10 * k:
+            return torch.ones(1, k, dtype=torch.float64)
+    return torch.zeros(0, k, dtype=torch.float64)
 
 
 def _validate_generators(generators: object, check: bool, where: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Optimizers on the head quotients, drop-in replacements for torch.optim ones."""
 
+from quotientopt.optim._base import Momentum, geometry_of, momentum_of
 from quotientopt.optim.adam import QuotientAdam
 from quotientopt.optim.hamiltonian import QuotientHamiltonian
 from quotientopt.optim.hybrid import HybridOptimizer, split_parameters
@@ -7,8 +8,11 @@ from quotientopt.optim.sgd import QuotientSGD
 
 __all__ = [
     "HybridOptimizer",
+    "Momentum",
     "QuotientAdam",
     "QuotientHamiltonian",
     "QuotientSGD",
+    "geometry_of",
+    "momentum_of",
     "split_parameters",
 ]

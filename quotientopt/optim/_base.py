@@ -1,5 +1,6 @@
-"""What the quotient optimizers share: hyperparameter checks, the split of parameters by kind,
-the non-finite-gradient rule and the per-head health counters."""
+"""What the quotient optimizers share: hyperparameter checks, the split of parameters by kind
+(through the geometry protocol, :mod:`quotientopt.manifolds.protocol`), what a momentum is, the
+non-finite-gradient rule and the per-head health counters."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import chain
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import geoopt
 import torch
 
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds import FactorQuotient
+from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
 
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
@@ -49,9 +50,52 @@ def manifold_of(p: torch.Tensor) -> geoopt.manifolds.Manifold | None:
     return manifold
 
 
+def geometry_of(p: torch.Tensor) -> HeadGeometry | None:
+    """The head geometry of a parameter (a manifold that implements
+    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter."""
+    manifold = getattr(p, "manifold", None)
+    return manifold if is_head_geometry(manifold) else None
+
+
 def is_quotient_parameter(p: torch.Tensor) -> bool:
-    """True for a parameter on a :class:`~quotientopt.manifolds.FactorQuotient`."""
-    return isinstance(getattr(p, "manifold", None), FactorQuotient)
+    """True for a parameter on a head geometry (:func:`geometry_of` is not None)."""
+    return geometry_of(p) is not None
+
+
+class Momentum(NamedTuple):
+    r"""An optimizer's momentum at one parameter, as :meth:`momentum` methods report it.
+
+    ``tensor`` has the parameter's shape. ``kind`` says how it pairs with the orbit directions
+    :math:`V(\Omega) = (A\Omega, -B\Omega^\top)` of a factor pair:
+
+    * ``"covector"``: a Euclidean momentum (torch SGD's buffer, Adam's first moment, a plain
+      tensor's): momentum map :math:`A^\top m_A - m_B^\top B`, of which only the skew part is a
+      Noether charge of a Euclidean kinetic energy;
+    * ``"vector"``: a tangent vector of the parameter's head geometry (a velocity): momentum map
+      ``geometry.momentum_map(z, tensor)``, the metric pairing, zero exactly when horizontal.
+    """
+
+    tensor: torch.Tensor
+    kind: Literal["covector", "vector"]
+
+
+#: the state entries that hold a Euclidean momentum in torch's own optimizers
+TORCH_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def momentum_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Momentum | None:
+    """What ``optimizer``'s momentum at ``p`` is: its own answer when it has a ``momentum(p)``
+    method (every optimizer of this package does), else torch's convention (``momentum_buffer``
+    of SGD, ``exp_avg`` of Adam/AdamW, read as Euclidean covectors); None when there is none."""
+    ask = getattr(optimizer, "momentum", None)
+    if callable(ask):
+        return ask(p)
+    state = optimizer.state.get(p, {})
+    for key in TORCH_MOMENTUM_KEYS:
+        value = state.get(key)
+        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+            return Momentum(value, "covector")
+    return None
 
 
 def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:

@@ -70,9 +70,11 @@ from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
     KeepStateDtypes,
+    Momentum,
     check_choice,
     check_number,
     found_nonfinite,
+    geometry_of,
     is_quotient_parameter,
     manifold_of,
     where_heads,
@@ -210,6 +212,29 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         self._frame_cache = {}
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
+
+    def momentum(self, p: torch.Tensor) -> Momentum | None:
+        r"""The first moment at ``p`` as the tangent vector it moves the point along: for head
+        parameters :math:`(M_A R_B^{-\top}, M_B R_A^{-\top})` (the frame coordinates mapped back
+        to the factors, before the second-moment preconditioning; it transforms as
+        :math:`v \mapsto v G`), for the others AdamW's Euclidean ``exp_avg``. None before the
+        first step."""
+        exp_avg = self.state[p].get("exp_avg") if p in self.state else None
+        if exp_avg is None:
+            return None
+        geometry = geometry_of(p)
+        if geometry is None:
+            return Momentum(exp_avg, "covector")
+        frames = self._frames(p, geometry)
+        m_a, m_b = geometry.factors(exp_avg)
+        vector = torch.cat(
+            (
+                right_solve_upper(m_a, frames.r_b.mT, upper=False),
+                right_solve_upper(m_b, frames.r_a.mT, upper=False),
+            ),
+            dim=-2,
+        )
+        return Momentum(vector.to(p.dtype), "vector")
 
     # ----------------------------------------------------------------------------- helpers
     def _frames(self, p: torch.Tensor, manifold: FactorQuotient) -> Frames:

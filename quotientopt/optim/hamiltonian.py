@@ -45,27 +45,29 @@ from typing import Any
 import torch
 
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds import FactorQuotient
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
     KeepStateDtypes,
+    Momentum,
     check_choice,
     check_number,
     found_nonfinite,
+    geometry_of,
     is_quotient_parameter,
     manifold_of,
     where_heads,
 )
 
 
-def velocity(manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
+def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
     r""":math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})`."""
     return manifold.egrad2rgrad(z, p, grams=grams)
 
 
 def transfer(
-    manifold: FactorQuotient, z: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+    manifold: HeadGeometry, z: torch.Tensor, y: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
     r"""The velocity at ``y`` of the momentum whose velocity at ``z`` is ``v``:
     :math:`(v_A P_z P_y^{-1},\; v_B Q_z Q_y^{-1})`, computed as
@@ -89,7 +91,7 @@ def transfer(
 
 
 def velocity_momentum_map(
-    manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor, grams
+    manifold: HeadGeometry, z: torch.Tensor, v: torch.Tensor, grams
 ) -> torch.Tensor:
     r""":math:`J` of the momentum whose velocity is ``v``: :math:`A^\top v_A P - Q v_B^\top B`."""
     a, b = manifold.factors(z)
@@ -99,14 +101,13 @@ def velocity_momentum_map(
     return a.mT @ va @ grams.p - grams.q @ vb.mT @ b
 
 
-def kinetic_force(manifold: FactorQuotient, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def kinetic_force(manifold: HeadGeometry, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v``."""
-    va_va, vb_vb = manifold._cross(v, v)
-    return manifold._right_multiply(z, -vb_vb, -va_va)
+    return manifold.kinetic_force(z, v)
 
 
 def kinetic_energy(
-    manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor, grams=None
+    manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams=None
 ) -> torch.Tensor:
     r""":math:`T(Z, p)` per head, shape ``z.shape[:-2]``, in float32 or better."""
     grams = manifold.grams(z, check=False) if grams is None else grams
@@ -114,7 +115,7 @@ def kinetic_energy(
     return 0.5 * (p.to(grams.p.dtype) * v.to(grams.p.dtype)).sum((-1, -2))
 
 
-def momentum_map(manifold: FactorQuotient, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def momentum_map(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     r""":math:`J = A^\top p_A - p_B^\top B` (``k x k`` per head): the metric pairing of the velocity
     with the orbit directions; zero exactly when the velocity is horizontal."""
     a, b = manifold.factors(z)
@@ -201,18 +202,27 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
-        if is_quotient_parameter(p):
-            m = p.manifold
-            if m.metric != "preconditioned" or m.damping != 0:
+        geometry = geometry_of(p)
+        if geometry is not None:
+            if not geometry.supports_kinetic_energy:
                 raise ValueError(
-                    "QuotientHamiltonian needs FactorQuotient(metric='preconditioned', damping=0) "
-                    f"(its kinetic energy is that metric's); got metric={m.metric!r}, damping={m.damping}"
+                    "QuotientHamiltonian needs a head geometry with a kinetic energy "
+                    "(FactorQuotient(metric='preconditioned', damping=0) or a subgroup of it); "
+                    f"got {geometry!r}"
                 )
         elif manifold_of(p) is not None:
             raise ValueError(
                 f"QuotientHamiltonian supports FactorQuotient and plain parameters, not {p.manifold!r}; "
                 "step those with QuotientSGD or geoopt's optimizers (see quotientopt.optim.HybridOptimizer)"
             )
+
+    def momentum(self, p: torch.Tensor) -> Momentum | None:
+        """The momentum at ``p``: the velocity of :math:`p_{n+1/2}` (a tangent vector) for head
+        parameters, the Euclidean momentum for the others; None before the first step."""
+        velocity = self.state[p].get("velocity") if p in self.state else None
+        if velocity is None:
+            return None
+        return Momentum(velocity, "vector" if is_quotient_parameter(p) else "covector")
 
     def kinetic_energy(self) -> torch.Tensor:
         """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor)."""
@@ -381,10 +391,10 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         of the starting factorization to 1e-11 over 200 steps at :math:`\kappa(G) = 1000`
         (1.4e-10 computed in the parameter's own representative). Row-sharded sectors step in
         their own representative."""
-        manifold: FactorQuotient = p.manifold
+        manifold: HeadGeometry = p.manifold
         point = z = p.detach()
         carried = self.state[p].get("velocity")
-        frame = None if manifold.row_reduce is not None else manifold.balancing_transform(z)
+        frame = None if manifold.is_row_sharded else manifold.balancing_transform(z)
         if frame is not None:
             # rank-deficient heads have no balanced representative: they step in their own
             m_a, m_b = frame
@@ -395,10 +405,10 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             # in float32 or better, so that a bf16 point is not rounded on the way; tangent
             # vectors move like points, gradients (covectors) inversely
             dtype = m_a.dtype
-            z = manifold._right_multiply(z.to(dtype), m_a, m_b)
-            grad = manifold._right_multiply(grad.to(dtype), m_b, m_a)
+            z = manifold.right_multiply(z.to(dtype), m_a, m_b)
+            grad = manifold.right_multiply(grad.to(dtype), m_b, m_a)
             if carried is not None:
-                carried = manifold._right_multiply(carried.to(dtype), m_a, m_b)
+                carried = manifold.right_multiply(carried.to(dtype), m_a, m_b)
         grams = manifold.grams(z, check=False)
 
         def force(v):  # raised [grad L + dT/dZ](Z_n, v)
@@ -408,7 +418,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             v_n = torch.zeros_like(z)
         else:  # finish the previous step at Z_n, then stay on the reduced phase space J = 0
             v_n = manifold.proju(z, damping * (carried - 0.5 * h * force(carried)), grams=grams)
-        momentum_map = velocity_momentum_map(manifold, z, v_n, grams)
+        momentum_map = manifold.momentum_map(z, v_n, grams=grams)
         kinetic = 0.5 * manifold.inner(z, v_n, grams=grams)
         v_half = v_n
         for _ in range(iterations):  # v_{n+1/2} = v_n - h/2 force(v_{n+1/2})
@@ -423,8 +433,8 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         healthy = manifold.grams(new, check=False, reference=grams).ok & grams.ok
         if frame is not None:  # back to the parameter's representative: M^{-1} = (M_B^T, M_A^T)
             # only the increment is carried back and added, so a point at rest stays bitwise put
-            new = point + manifold._right_multiply(increment, m_b.mT, m_a.mT).to(point.dtype)
-            v_new = manifold._right_multiply(v_new, m_b.mT, m_a.mT).to(point.dtype)
+            new = point + manifold.right_multiply(increment, m_b.mT, m_a.mT).to(point.dtype)
+            v_new = manifold.right_multiply(v_new, m_b.mT, m_a.mT).to(point.dtype)
             momentum_map = m_b @ momentum_map @ m_a.mT  # J' = M_A^T J M_B
         healthy = healthy & torch.isfinite(v_new).flatten(-2).all(-1)
         healthy = healthy & torch.isfinite(new).flatten(-2).all(-1)

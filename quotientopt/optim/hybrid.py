@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from quotientopt.optim._base import manifold_of
+from quotientopt.optim._base import Momentum, manifold_of, momentum_of
 
 
 def split_parameters(
@@ -97,6 +97,14 @@ class HybridOptimizer(torch.optim.Optimizer):
             self.heads.add_param_group({"params": head_params, **options})
         if rest_params:
             self.rest.add_param_group({"params": rest_params, **options})
+        return None
+
+    def momentum(self, p: torch.Tensor) -> Momentum | None:
+        """The momentum at ``p`` of whichever of the two optimizers steps it
+        (:func:`~quotientopt.optim.momentum_of`)."""
+        for child in (self.heads, self.rest):
+            if any(q is p for g in child.param_groups for q in g["params"]):
+                return momentum_of(child, p)
         return None
 
     @torch.no_grad()

@@ -60,6 +60,7 @@ from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
     KeepStateDtypes,
+    Momentum,
     check_choice,
     check_number,
     found_nonfinite,
@@ -239,6 +240,15 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         self._work = {}
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
+
+    def momentum(self, p: torch.Tensor) -> Momentum | None:
+        """The momentum buffer at ``p``: a tangent vector (Riemannian heavy ball) for head
+        parameters, torch SGD's Euclidean buffer for the others; None before the first step or
+        without momentum."""
+        buf = self.state[p].get("momentum_buffer") if p in self.state else None
+        if buf is None:
+            return None
+        return Momentum(buf, "vector" if is_quotient_parameter(p) else "covector")
 
     # ----------------------------------------------------------------------------- helpers
     def _metric(self, p: torch.Tensor, group: dict) -> tuple[Grams, bool]:

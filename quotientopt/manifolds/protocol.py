@@ -1,0 +1,157 @@
+r"""The geometry protocol: everything an optimizer may ask of a head manifold.
+
+A *head geometry* is a manifold of factor pairs :math:`Z = [A; B]` (shape ``(..., n + m, k)``,
+product :math:`W = A B^\top`) modulo a group :math:`H \subseteq GL(k)` acting as
+:math:`(A G, B G^{-\top})`, with an :math:`H`-invariant metric. The optimizers in
+:mod:`quotientopt.optim` use these methods and nothing else (no concrete class, no private
+method, no string attribute), so a new geometry that implements them for its own group works with
+every optimizer, and an optimizer that uses only them never moves a head along a direction its
+group does not contain.
+
+=============================  ========================================================================
+method                         meaning (shapes: ``z``, ``u``, ``v`` ``(..., n + m, k)``; ``k x k`` data
+                               in float32 or better)
+=============================  ========================================================================
+``factors(z)``                 the views :math:`(A, B)`
+``grams(z, ...)``              the metric data of the point (:class:`Grams`: the Grams, their
+                               Cholesky factors, optional inverses and a per-head health flag)
+``egrad2rgrad(z, g, grams=)``  the Riemannian gradient of a Euclidean gradient
+``proju(z, u, grams=)``        the horizontal projection (``proju_`` in place)
+``retr(z, u)``, ``transp``     retraction and vector transport
+``inner(z, u, v, grams=)``     the metric, one value per head
+``cross(z, u)``                :math:`(A^\top u_A, B^\top u_B)`, reduced over row shards
+``right_multiply(u, L, R)``    :math:`[u_A L;\, u_B R]` (``k x k`` per head); with
+                               :math:`(L, R) = (G, G^{-\top})`, :math:`G \in H`, the action
+``momentum_map(z, v, grams=)`` the ``k x k`` :math:`J` with :math:`g(v, V(E)) = \langle J, E\rangle_F`
+                               for every :math:`E` in the Lie algebra of :math:`H`; zero exactly when
+                               ``v`` is horizontal
+``balancing_transform(z)``     a group element :math:`(M_A, M_B = M_A^{-\top})` of :math:`H` that
+                               carries ``z`` to its most balanced representative, or ``None``
+                               where :math:`H` has no such move
+``decay_rgrad(z, mode, grams)``the Riemannian gradient of a weight-decay penalty of the product
+                               (``"product"``: :math:`\tfrac12\|W\|_F^2`; ``"nuclear"``: :math:`\|W\|_*`)
+``kinetic_force(z, v)``        :math:`\partial_Z T` of the metric's kinetic energy at velocity ``v``
+                               (needed by the Hamiltonian optimizer only; ``supports_kinetic_energy``
+                               says whether the geometry has it)
+``is_row_sharded``             whether contractions over rows are summed across processes
+=============================  ========================================================================
+
+:class:`~quotientopt.manifolds.FactorQuotient` implements the protocol for :math:`GL(k)` and
+:class:`~quotientopt.manifolds.SubgroupFactorQuotient` for a Lie subgroup :math:`H` given by a
+basis of its algebra (RoPE's scaled rotations, QK-norm's conformal group): the subgroup holds
+its own vertical space, momentum map and balancing instead of inheriting :math:`GL(k)`'s.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from quotientopt.manifolds.factor_quotient import Grams
+
+__all__ = ["HeadGeometry", "is_head_geometry"]
+
+
+@runtime_checkable
+class HeadGeometry(Protocol):
+    """The interface between the quotient optimizers and a head manifold (see the module docs)."""
+
+    n: int
+    m: int
+
+    def factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def grams(
+        self,
+        z: torch.Tensor,
+        *,
+        check: bool | None = None,
+        reference: Grams | None = None,
+        inverses: bool = False,
+    ) -> Grams: ...
+
+    def egrad2rgrad(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        *,
+        grams: Grams | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def proju(
+        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor: ...
+
+    def proju_(
+        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor: ...
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor: ...
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    def inner(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        keepdim: bool = False,
+        grams: Grams | None = None,
+    ) -> torch.Tensor: ...
+
+    def cross(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def right_multiply(
+        self, u: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def momentum_map(
+        self, z: torch.Tensor, v: torch.Tensor, *, grams: Grams | None = None
+    ) -> torch.Tensor: ...
+
+    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def decay_rgrad(self, z: torch.Tensor, mode: str, grams: Grams) -> torch.Tensor: ...
+
+    def kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def supports_kinetic_energy(self) -> bool: ...
+
+    @property
+    def is_row_sharded(self) -> bool: ...
+
+
+_METHODS = (
+    "factors",
+    "grams",
+    "egrad2rgrad",
+    "proju",
+    "proju_",
+    "retr",
+    "transp",
+    "inner",
+    "cross",
+    "right_multiply",
+    "momentum_map",
+    "balancing_transform",
+    "decay_rgrad",
+    "kinetic_force",
+    "supports_kinetic_energy",
+    "is_row_sharded",
+)
+
+
+@cache
+def _implements(cls: type) -> bool:
+    return all(hasattr(cls, name) for name in _METHODS)
+
+
+def is_head_geometry(manifold: object) -> bool:
+    """Whether ``manifold`` implements :class:`HeadGeometry` (checked once per class)."""
+    return manifold is not None and _implements(type(manifold))

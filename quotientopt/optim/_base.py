@@ -107,9 +107,46 @@ def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tenso
     flags: dict[torch.device, torch.Tensor] = {}
     for (device, _), group in by_device.items():
         flag = torch.zeros((), device=device, dtype=torch.float32)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
+        inv_scale = torch.ones((), device=device, dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv_scale)
         flags[device] = torch.maximum(flags[device], flag) if device in flags else flag
     return flags
+
+
+class WriteLog:
+    """What this optimizer knows about each parameter's current data: the version of the tensor
+    it wrote last (``p._version`` and the storage), and values derived from that data (Grams,
+    frames, work buffers) that stay valid until something else writes to the parameter.
+
+    Its methods run eagerly under ``torch.compile`` (dynamo can trace neither tensor versions nor
+    dicts keyed by tensors reliably: a traced lookup returned another parameter's entry), so a
+    compiled step takes exactly the eager decisions.
+    """
+
+    def __init__(self) -> None:
+        self._written: dict[torch.Tensor, tuple[int, int]] = {}
+        self._derived: dict[tuple[torch.Tensor, str], Any] = {}
+
+    @torch.compiler.disable
+    def record(self, p: torch.Tensor) -> None:
+        """Note that this optimizer has just written ``p``."""
+        self._written[p] = (p._version, p.data_ptr())
+
+    @torch.compiler.disable
+    def modified_elsewhere(self, p: torch.Tensor) -> bool:
+        """Whether something other than this optimizer wrote ``p`` since :meth:`record`
+        (False for a parameter never recorded)."""
+        written = self._written.get(p)
+        return written is not None and written != (p._version, p.data_ptr())
+
+    @torch.compiler.disable
+    def get(self, p: torch.Tensor, key: str) -> Any:
+        """The value stored under ``key`` for ``p``, or None."""
+        return self._derived.get((p, key))
+
+    @torch.compiler.disable
+    def put(self, p: torch.Tensor, key: str, value: Any) -> None:
+        self._derived[(p, key)] = value
 
 
 def where_heads(
@@ -120,6 +157,8 @@ def where_heads(
     mask = ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim()))
     if out is None:
         return torch.where(mask, new, old)
+    if torch.compiler.is_compiling():  # out= with symbolic shapes fails to trace; the copy fuses
+        return out.copy_(torch.where(mask, new, old))
     return torch.where(mask, new, old, out=out)
 
 

@@ -71,6 +71,7 @@ from quotientopt.optim._base import (
     HealthMixin,
     KeepStateDtypes,
     Momentum,
+    WriteLog,
     check_choice,
     check_number,
     found_nonfinite,
@@ -204,12 +205,12 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.on_nonfinite = on_nonfinite
-        self._frame_cache: dict[torch.Tensor, tuple[int, Frames]] = {}
+        self._log = WriteLog()
         self._init_health()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._frame_cache = {}
+        self._log = WriteLog()
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
 
@@ -239,9 +240,9 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- helpers
     def _frames(self, p: torch.Tensor, manifold: FactorQuotient) -> Frames:
         """The frames of ``p``: cached from the previous step while ``p`` is unmodified."""
-        cached = self._frame_cache.get(p)
-        if cached is not None and cached[0] == p._version:
-            return cached[1]
+        cached = self._log.get(p, "frames")
+        if cached is not None and not self._log.modified_elsewhere(p):
+            return cached
         return Frames.of(*manifold.factors(p.detach()))
 
     def _quotient_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep):
@@ -279,7 +280,11 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         new_step = step + 1
         bias1 = (1 - beta1**new_step)[..., None, None, None]
         bias2 = (1 - beta2**new_step)[..., None, None, None]
-        root = adam_root(v / bias2, eps) / bias1
+        # a head with a non-finite moment (NaN/Inf gradient, or a rank-deficient frame) is
+        # discarded below; give eigh a harmless matrix there, or it fails to converge
+        finite = frames.ok & torch.isfinite(v).flatten(-3).all(-1)
+        eye = torch.eye(k, dtype=dtype, device=z.device)
+        root = adam_root(torch.where(finite[..., None, None, None], v / bias2, eye), eps) / bias1
         # the step in the frame, S = M root, mapped back to the factors: dA = S_A R_B^{-T}
         delta_a = right_solve_upper(m_a @ root[..., 0, :, :], frames.r_b.mT, upper=False)
         delta_b = right_solve_upper(m_b @ root[..., 1, :, :], frames.r_a.mT, upper=False)
@@ -368,7 +373,8 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             kept = Frames(
                 *(where_heads(ok, x, y) for x, y in zip(new_frames, old_frames, strict=True))
             )
-            self._frame_cache[p] = (p._version, kept)
+            self._log.put(p, "frames", kept)
+            self._log.record(p)
             self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
 
         for group in self.param_groups:

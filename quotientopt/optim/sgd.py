@@ -61,6 +61,7 @@ from quotientopt.optim._base import (
     HealthMixin,
     KeepStateDtypes,
     Momentum,
+    WriteLog,
     check_choice,
     check_number,
     found_nonfinite,
@@ -227,8 +228,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.on_nonfinite = on_nonfinite
-        self._written: dict[torch.Tensor, tuple[int, int]] = {}
-        self._work: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._log = WriteLog()
         self._init_health()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -236,8 +236,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("refresh_every", 1)
             group.setdefault("refresh_tolerance", 0.1)
-        self._written = {}
-        self._work = {}
+        self._log = WriteLog()
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
 
@@ -251,6 +250,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return Momentum(buf, "vector" if is_quotient_parameter(p) else "covector")
 
     # ----------------------------------------------------------------------------- helpers
+    @torch.compiler.disable  # reads the write log; the stored Grams enter a graph as inputs
     def _metric(self, p: torch.Tensor, group: dict) -> tuple[Grams, bool]:
         """The Grams this step uses at ``p`` and whether the step refreshes them.
 
@@ -260,8 +260,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         """
         state = self.state[p]
         stored = state.get("grams")
-        written = self._written.get(p)
-        if stored is None or (written is not None and written != (p._version, p.data_ptr())):
+        if stored is None or self._log.modified_elsewhere(p):
             return p.manifold.grams(p.detach(), check=False, inverses=True), True
         step, due = state.get("step", 0), state.get("next_refresh", 0)
         # a refresh_every lowered since the last refresh shortens the current interval
@@ -304,14 +303,15 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         """Two tensors shaped like ``p``, reused every step for the Riemannian gradient and the
         candidate point: allocating them afresh each step (page faults) cost about as much as the
         arithmetic on a CPU. Not part of ``state_dict``."""
-        buffers = self._work.get(p)
+        buffers = self._log.get(p, "work")
         if (
             buffers is None
             or buffers[0].shape != p.shape
             or buffers[0].dtype != p.dtype
             or buffers[0].device != p.device
         ):
-            buffers = self._work[p] = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
+            buffers = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
+            self._log.put(p, "work", buffers)
         return buffers
 
     def _riemannian_gradient(
@@ -480,7 +480,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 every = group["rebalance_every"]
                 if every and state["step"] % every == 0:
                     self._rebalance(p)
-                self._written[p] = (p._version, p.data_ptr())
+                self._log.record(p)
 
         for group in self.param_groups:
             plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]

@@ -49,7 +49,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from quotientopt.manifolds.protocol import HeadGeometry
-from quotientopt.nn.adapters import PatternRecipe, Sector, attention_modules
+from quotientopt.nn.adapters import PatternRecipe, Sector, attention_modules, registered_types
 from quotientopt.nn.rope import apply_rope, rms_normalize
 from quotientopt.optim import momentum_of
 from quotientopt.symmetry import (
@@ -255,9 +255,12 @@ class SymmetryMonitor:
         )
         self.sectors = find_sectors(model)
         if not self.sectors:
+            supported = ", ".join(t.__name__ for t in registered_types("sectors"))
             raise ValueError(
-                "SymmetryMonitor: found no attention module in the model (supported: torch "
-                "MultiheadAttention, quotientopt's modules, the reference GPT, HF GPT-2 and BERT)"
+                f"SymmetryMonitor: found no attention module in the model (registered: "
+                f"{supported}). Import the module that registers yours (quotientopt.models for "
+                "the reference GPT), or register its type with "
+                "quotientopt.nn.register_attention(..., sectors=...)"
             )
         self.initial = {}  # charge and Gram scale ||A^T A|| + ||B^T B|| at the start
         for s in self.sectors:

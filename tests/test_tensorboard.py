@@ -11,7 +11,7 @@ from torch import nn
 
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.models import GPT, GPTConfig
-from quotientopt.nn import QuotientMultiheadAttention
+from quotientopt.nn import QuotientMultiheadAttention, export
 from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD
 from quotientopt.tensorboard import SymmetryMonitor, attention_patterns, metric_momentum_alignment
 
@@ -341,3 +341,30 @@ def test_tags_are_the_same_for_every_flavour_of_an_architecture(tmp_path):
     assert {t.split("/", 1)[1] for t in hamiltonian if ".attn." in t} == {
         t.split("/", 1)[1] for t in per_sector
     }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"rope": True}, {"qk_norm": True}, {"symmetry_breaking": True}, {"n_kv_head": 2}],
+    ids=["rope", "qk_norm", "breaking", "gqa"],
+)
+def test_attention_patterns_follow_rope_qk_norm_and_breaking(variant):
+    """The registry's pattern recipe applies QK-norm, RoPE and paper 003's query bias (at its
+    evaluation value) as the module does: the patterns equal the quotient module's own weights,
+    and the standard layout gives the same (the images of breaking-sgd runs, issue 16)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(quotient=True, **SMALL, **variant)).eval()
+    idx = torch.randint(0, 256, (2, 10))
+    x = model.wte(idx)
+    if model.wpe is not None:
+        x = x + model.wpe(torch.arange(idx.shape[1]))
+    x = model.h[0].ln_1(x)
+    with torch.no_grad():
+        truth = model.h[0].attn.attn(
+            x, x, x, need_weights=True, is_causal=True, average_attn_weights=False
+        )[1]
+    patterns = attention_patterns(model, idx)
+    assert sorted(patterns) == ["h.0.attn", "h.1.attn"]
+    assert (patterns["h.0.attn"].float() - truth).abs().max() < 1e-5
+    standard = export(model)
+    assert (attention_patterns(standard, idx)["h.0.attn"] - patterns["h.0.attn"]).abs().max() < 1e-5

@@ -12,6 +12,7 @@ from quotientopt.nn.adapters import (
     add_deferred_registration,
     attention_modules,
     register_attention,
+    registered_types,
 )
 from quotientopt.nn.attention import QuotientMultiheadAttention
 from quotientopt.nn.convert import convert, export, register_conversion
@@ -47,5 +48,6 @@ __all__ = [
     "export",
     "register_attention",
     "register_conversion",
+    "registered_types",
     "svd_dressing",
 ]

@@ -63,6 +63,7 @@ __all__ = [
     "quotient_spec",
     "register_attention",
     "register_conversion",
+    "registered_types",
     "standard_sectors",
 ]
 
@@ -211,6 +212,12 @@ def _run_deferred() -> None:
     for loader in list(_DEFERRED):
         if loader():
             _DEFERRED.remove(loader)
+
+
+def registered_types(capability: str = "sectors") -> list[type]:
+    """The module types whose adapter provides ``capability``, in registration order."""
+    _run_deferred()
+    return [t for t, adapter in _ADAPTERS.items() if getattr(adapter, capability) is not None]
 
 
 def adapter_of(module: nn.Module) -> AttentionAdapter | None:

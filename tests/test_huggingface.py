@@ -3,6 +3,10 @@ padding included, both attention kernels, a round trip back, GL(k) invariance, a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -13,6 +17,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from quotientopt.nn import convert, export
 from quotientopt.nn.huggingface import QuotientBertAttention, QuotientGPT2Attention, register
 from quotientopt.optim import HybridOptimizer, QuotientSGD
+from quotientopt.symmetry import audit, find_sectors
+from quotientopt.tensorboard import attention_patterns
 from tests.helpers import matrix_with_condition, rng
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -247,3 +253,56 @@ def test_without_transformers_register_asks_for_it(monkeypatch):
     spec.loader.exec_module(module)
     with pytest.raises(ImportError, match="pip install transformers"):
         module.register()
+
+
+# ------------------------------------------------------------------- the attention registry
+@pytest.mark.parametrize("converted", [False, True])
+def test_registry_reads_gpt2_at_the_attention_path_with_its_true_patterns(converted):
+    """The standard and the converted GPT-2 have the same sector names and the monitor's
+    attention patterns equal the model's own (eager, output_attentions=True): causal, scaled
+    as the layer scales."""
+    model = gpt2()
+    if converted:
+        model = convert(model)
+    names = [s.name for s in find_sectors(model)]
+    assert names == [f"transformer.h.{i}.{kind}" for i in (0, 1) for kind in ("attn.QK", "attn.VO")]
+    assert [row.path for row in audit(model).rows if row.sector == "QK"] == [
+        "transformer.h.0.attn",
+        "transformer.h.1.attn",
+    ]
+    ids = torch.randint(1, VOCAB, (2, LENGTH), generator=rng(3))
+    with torch.no_grad():
+        truth = model(ids, output_attentions=True).attentions
+    patterns = attention_patterns(model, ids)
+    assert sorted(patterns) == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    for layer, weights in enumerate(truth):
+        assert max_diff(patterns[f"transformer.h.{layer}.attn"].float(), weights) < 1e-5
+
+
+def test_hugging_face_types_register_without_importing_the_twins():
+    """A fresh interpreter: importing quotientopt's layers imports neither transformers nor the
+    reference GPT; once the user has a transformers model, the registry finds its attention
+    without `import quotientopt.nn.huggingface`."""
+    code = """
+import sys
+import quotientopt.nn, quotientopt.symmetry, quotientopt.tensorboard
+assert "transformers" not in sys.modules, "quotientopt imported transformers"
+assert "quotientopt.models" not in sys.modules, "quotientopt.nn imported quotientopt.models"
+from transformers import GPT2Config, GPT2LMHeadModel
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11, n_positions=8))
+assert "quotientopt.nn.huggingface" not in sys.modules
+from quotientopt.symmetry import find_sectors
+assert [s.name for s in find_sectors(model)] == ["transformer.h.0.attn.QK", "transformer.h.0.attn.VO"]
+from quotientopt.nn import convert
+assert type(convert(model).transformer.h[0].attn).__name__ == "QuotientGPT2Attention"
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

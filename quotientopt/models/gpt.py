@@ -5,6 +5,10 @@
 each); ``quotient=False`` builds the standard layout (``c_attn``, ``c_proj``, as in nanoGPT).
 Both start from the same initialization, and :func:`quotientopt.nn.convert` /
 :func:`quotientopt.nn.export` move a model between them, computing the same function.
+
+Importing this module registers both attention types in the attention registry
+(:mod:`quotientopt.nn.adapters`): conversion, sectors (named by the attention module's path,
+``"h.0.attn.QK"``, in both layouts), audit specs and attention patterns.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quotientopt.nn.adapters import (
+    AttentionSpec,
+    PatternRecipe,
+    Sector,
+    quotient_patterns,
+    quotient_sectors,
+    quotient_spec,
+    register_attention,
+    standard_sectors,
+)
 from quotientopt.nn.attention import QuotientMultiheadAttention
-from quotientopt.nn.convert import register_conversion
 from quotientopt.nn.rope import apply_rope, rms_normalize
 from quotientopt.nn.symmetry_breaking import SymmetryBreakingBiases
 
@@ -145,11 +158,64 @@ class QuotientCausalSelfAttention(nn.Module):
         return old.train(self.training)
 
 
-register_conversion(
+def _standard_sectors(path: str, module: CausalSelfAttention) -> list[Sector]:
+    e, heads, kv = module.n_embd, module.n_head, module.n_kv_head
+    has_bias = module.c_attn.bias is not None
+
+    def layout(values: tuple) -> tuple:
+        w_q, w_k, w_v = values[0].split((e, module.kv_width, module.kv_width))
+        return w_q, w_k, w_v, values[1] if has_bias else None, values[-1]
+
+    params = (
+        (module.c_attn.weight,)
+        + ((module.c_attn.bias,) if has_bias else ())
+        + (module.c_proj.weight,)
+    )
+    return standard_sectors(path, params, layout, heads, kv, e // heads)
+
+
+def _standard_spec(module: CausalSelfAttention) -> AttentionSpec:
+    config = module.config
+    e, h = module.n_embd, module.n_head
+    return AttentionSpec(
+        module_type=type(module).__name__,
+        embed_dim=e,
+        kdim=e,
+        vdim=e,
+        heads=h,
+        kv_heads=module.n_kv_head,
+        head_dim=e // h,
+        in_bias=module.c_attn.bias is not None,
+        out_bias=module.c_proj.bias is not None,
+        rope=bool(config.rope),
+        qk_norm=bool(config.qk_norm),
+        breaking=module.breaking is not None,
+    )
+
+
+def _standard_patterns(module: CausalSelfAttention) -> PatternRecipe:
+    config = module.config
+    return PatternRecipe(
+        causal=True, rope=config.rope, qk_norm=config.qk_norm, breaking=module.breaking
+    )
+
+
+# The reference GPT registers its two attention types when this module is imported (quotientopt.nn
+# never imports quotientopt.models): sectors at the attention module's own path ("h.0.attn.QK"
+# for both layouts), audit specs, causal attention patterns, and conversion both ways.
+register_attention(
     CausalSelfAttention,
+    sectors=_standard_sectors,
+    spec=_standard_spec,
+    patterns=_standard_patterns,
+    to_quotient=lambda module, **_: QuotientCausalSelfAttention.from_standard(module),
+)
+register_attention(
     QuotientCausalSelfAttention,
-    lambda module, **_: QuotientCausalSelfAttention.from_standard(module),
-    lambda module: module.to_standard(),
+    sectors=lambda path, module: quotient_sectors(path, module.attn),
+    spec=lambda module: quotient_spec(module.attn, type(module).__name__),
+    patterns=lambda module: quotient_patterns(module.attn, causal=True),
+    to_standard=lambda module: module.to_standard(),
 )
 
 

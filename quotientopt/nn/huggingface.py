@@ -1,7 +1,10 @@
 r"""Quotient twins of Hugging Face ``transformers`` attention modules.
 
-Importing this module (with ``transformers>=5`` installed) teaches :func:`quotientopt.nn.convert`
-and :func:`quotientopt.nn.export` two pairs of module types:
+Importing this module (with ``transformers>=5`` installed) registers two pairs of module types in
+the attention registry (:mod:`quotientopt.nn.adapters`), so that :func:`quotientopt.nn.convert`,
+:func:`quotientopt.nn.export`, the audit, :func:`quotientopt.symmetry.find_sectors` and the
+monitor know them. :mod:`quotientopt.nn` does this by itself at the first lookup after
+``transformers`` has been imported:
 
 * ``GPT2Attention`` (self-attention) <-> :class:`QuotientGPT2Attention`. GPT-2's ``c_attn`` and
   ``c_proj`` are ``Conv1D`` layers whose weights are stored transposed relative to ``nn.Linear``
@@ -34,8 +37,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from quotientopt.nn.adapters import (
+    AttentionSpec,
+    PatternRecipe,
+    Sector,
+    quotient_patterns,
+    quotient_sectors,
+    quotient_spec,
+    register_attention,
+    standard_sectors,
+)
 from quotientopt.nn.attention import QuotientMultiheadAttention
-from quotientopt.nn.convert import register_conversion
 
 _MIN_VERSION = 5
 
@@ -350,21 +362,107 @@ class QuotientBertAttention(_QuotientHFAttention):
 
 
 # -------------------------------------------------------------------------------- registration
+def _gpt2_sectors(path: str, module: GPT2Attention) -> list[Sector]:
+    e, heads = module.embed_dim, module.num_heads
+    has_bias = module.c_attn.bias is not None
+
+    def layout(values: tuple) -> tuple:  # Conv1D stores (in, out): transpose to nn.Linear's
+        w_q, w_k, w_v = values[0].T.split(e)
+        return w_q, w_k, w_v, values[1] if has_bias else None, values[-1].T
+
+    params = (
+        (module.c_attn.weight,)
+        + ((module.c_attn.bias,) if has_bias else ())
+        + (module.c_proj.weight,)
+    )
+    return standard_sectors(path, params, layout, heads, heads, e // heads)
+
+
+def _gpt2_spec(module: GPT2Attention) -> AttentionSpec:
+    e, h = module.embed_dim, module.num_heads
+    return AttentionSpec(
+        module_type=type(module).__name__,
+        embed_dim=e,
+        kdim=e,
+        vdim=e,
+        heads=h,
+        kv_heads=h,
+        head_dim=module.head_dim,
+        in_bias=module.c_attn.bias is not None,
+        out_bias=module.c_proj.bias is not None,
+    )
+
+
+def _bert_sectors(path: str, module: BertAttention) -> list[Sector]:
+    s, o = module.self, module.output
+    heads, head_dim = s.num_attention_heads, s.attention_head_size
+    has_bias = s.query.bias is not None
+    params = (s.query.weight, s.key.weight, s.value.weight)
+    params += (s.query.bias, s.key.bias, s.value.bias) if has_bias else ()
+    params += (o.dense.weight,)
+
+    def layout(values: tuple) -> tuple:
+        in_bias = torch.cat(values[3:6]) if has_bias else None
+        return values[0], values[1], values[2], in_bias, values[-1]
+
+    return standard_sectors(path, params, layout, heads, heads, head_dim)
+
+
+def _bert_spec(module: BertAttention) -> AttentionSpec:
+    attention, output = module.self, module.output
+    return AttentionSpec(
+        module_type=type(module).__name__,
+        embed_dim=attention.query.in_features,
+        kdim=attention.key.in_features,
+        vdim=attention.value.in_features,
+        heads=attention.num_attention_heads,
+        kv_heads=attention.num_attention_heads,
+        head_dim=attention.attention_head_size,
+        in_bias=attention.query.bias is not None,
+        out_bias=output.dense.bias is not None,
+        output_norm=True,
+    )
+
+
+def _standard_patterns(module: nn.Module, causal: bool, scaling: float) -> PatternRecipe | None:
+    if getattr(module, "is_cross_attention", False):
+        return None
+    return PatternRecipe(causal=bool(causal), scaling=float(scaling))
+
+
 def register() -> None:
-    """Register both conversions with :func:`quotientopt.nn.convert` (done on import)."""
+    """Register ``GPT2Attention`` and ``BertAttention`` and their twins in the attention registry
+    (:mod:`quotientopt.nn.adapters`): sectors, audit specs, attention patterns and conversion both
+    ways. Done on import; idempotent."""
     if _IMPORT_ERROR is not None:
         raise ImportError(_IMPORT_ERROR)
-    register_conversion(
+    register_attention(
         GPT2Attention,
-        QuotientGPT2Attention,
-        QuotientGPT2Attention.from_standard,
-        lambda module: module.to_standard(),
+        sectors=_gpt2_sectors,
+        spec=_gpt2_spec,
+        patterns=lambda m: _standard_patterns(m, m.is_causal, m.scaling),
+        to_quotient=QuotientGPT2Attention.from_standard,
     )
-    register_conversion(
+    register_attention(
+        QuotientGPT2Attention,
+        sectors=lambda path, m: quotient_sectors(path, m.attn),
+        spec=lambda m: quotient_spec(m.attn, type(m).__name__),
+        patterns=lambda m: quotient_patterns(m.attn, causal=m.is_causal, scaling=m.scaling),
+        to_standard=lambda module: module.to_standard(),
+    )
+    register_attention(
         BertAttention,
+        sectors=_bert_sectors,
+        spec=_bert_spec,
+        patterns=lambda m: _standard_patterns(m, m.self.is_causal, m.self.scaling),
+        to_quotient=QuotientBertAttention.from_standard,
+    )
+    register_attention(
         QuotientBertAttention,
-        QuotientBertAttention.from_standard,
-        lambda module: module.to_standard(),
+        sectors=lambda path, m: quotient_sectors(path, m.attn),
+        spec=lambda m: quotient_spec(m.attn, type(m).__name__, output_norm=True),
+        patterns=lambda m: quotient_patterns(m.attn, causal=m.is_causal, scaling=m.scaling),
+        to_standard=lambda module: module.to_standard(),
     )
 
 

@@ -57,12 +57,11 @@ relative-position variants of BERT attention (their extra embeddings are not cou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from quotientopt.nn.attention import QuotientMultiheadAttention
+from quotientopt.nn.adapters import AttentionSpec, attention_modules
 
 __all__ = ["AuditReport", "AuditRow", "audit"]
 
@@ -182,37 +181,14 @@ class AuditReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------- specs
-@dataclass
-class _Spec:
-    """What the count needs to know about one attention module."""
-
-    module_type: str
-    embed_dim: int
-    kdim: int
-    vdim: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    in_bias: bool  # query, key and value biases
-    out_bias: bool
-    rope: bool = False
-    qk_norm: bool = False
-    breaking: bool = False  # paper 003's fixed b_Q, b_V (counted at their evaluation values)
-    qk_geometry: str = "gl"
-    vo_geometry: str = "gl"
-    bias_kv: int = 0  # entries of torch's add_bias_kv parameters
-    zero_attn: bool = False
-    output_norm: bool = False  # a mean-subtracting LayerNorm on the output, inside the module
-
-
+# ---------------------------------------------------------------------------------- counts
 def _fiber(n: int, m: int, k: int) -> int:
     """Dimension of the fibers of ``(A, B) -> A B^T`` for generic ``A`` (n x k), ``B`` (m x k)."""
     rank = min(n, m, k)
     return (n + m) * k - rank * (n + m - rank)
 
 
-def _count(path: str, spec: _Spec) -> list[AuditRow]:
+def _count(path: str, spec: AttentionSpec) -> list[AuditRow]:
     e, k, h, g = spec.embed_dim, spec.head_dim, spec.heads, spec.kv_heads
     # paper 003's b_Q breaks the QK group unless a learned query bias absorbs it (b_Q -> b_Q G +
     # beta (G - I)), which it cannot with RoPE or QK-norm in between; b_V needs no output bias
@@ -346,7 +322,7 @@ def _count(path: str, spec: _Spec) -> list[AuditRow]:
     return rows
 
 
-def _permutations(spec: _Spec) -> tuple[int | str, str]:
+def _permutations(spec: AttentionSpec) -> tuple[int | str, str]:
     g, r = spec.kv_heads, spec.heads // spec.kv_heads
     order = math.factorial(g) * math.factorial(r) ** g
     formula = f"{g}!" if r == 1 else f"{g}! x ({r}!)^{g}"
@@ -356,145 +332,22 @@ def _permutations(spec: _Spec) -> tuple[int | str, str]:
     return order, formula
 
 
-# -------------------------------------------------------------------------------- readers
-def _quotient_spec(module: QuotientMultiheadAttention, module_type: str | None = None) -> _Spec:
-    return _Spec(
-        module_type=module_type or type(module).__name__,
-        embed_dim=module.embed_dim,
-        kdim=module.kdim,
-        vdim=module.vdim,
-        heads=module.num_heads,
-        kv_heads=module.num_kv_heads,
-        head_dim=module.head_dim,
-        in_bias=bool(module.bias),
-        out_bias=module.out_bias is not None,
-        rope=bool(module.rope),
-        qk_norm=bool(module.qk_norm),
-        breaking=module.breaking is not None,
-        qk_geometry=module.qk_geometry,
-        vo_geometry=module.vo_geometry,
-    )
-
-
-def _torch_spec(module: nn.MultiheadAttention) -> _Spec:
-    return _Spec(
-        module_type=type(module).__name__,
-        embed_dim=module.embed_dim,
-        kdim=module.kdim,
-        vdim=module.vdim,
-        heads=module.num_heads,
-        kv_heads=module.num_heads,
-        head_dim=module.head_dim,
-        in_bias=module.in_proj_bias is not None,
-        out_bias=module.out_proj.bias is not None,
-        bias_kv=sum(p.numel() for p in (module.bias_k, module.bias_v) if p is not None),
-        zero_attn=bool(module.add_zero_attn),
-    )
-
-
-def _gpt_spec(module) -> _Spec:
-    config = module.config
-    e, h = module.n_embd, module.n_head
-    return _Spec(
-        module_type=type(module).__name__,
-        embed_dim=e,
-        kdim=e,
-        vdim=e,
-        heads=h,
-        kv_heads=module.n_kv_head,
-        head_dim=e // h,
-        in_bias=module.c_attn.bias is not None,
-        out_bias=module.c_proj.bias is not None,
-        rope=bool(config.rope),
-        qk_norm=bool(config.qk_norm),
-        breaking=module.breaking is not None,
-    )
-
-
-def _gpt2_spec(module) -> _Spec:
-    e, h = module.embed_dim, module.num_heads
-    return _Spec(
-        module_type=type(module).__name__,
-        embed_dim=e,
-        kdim=e,
-        vdim=e,
-        heads=h,
-        kv_heads=h,
-        head_dim=module.head_dim,
-        in_bias=module.c_attn.bias is not None,
-        out_bias=module.c_proj.bias is not None,
-    )
-
-
-def _bert_spec(module) -> _Spec:
-    attention, output = module.self, module.output
-    e = attention.query.in_features
-    return _Spec(
-        module_type=type(module).__name__,
-        embed_dim=e,
-        kdim=attention.key.in_features,
-        vdim=attention.value.in_features,
-        heads=attention.num_attention_heads,
-        kv_heads=attention.num_attention_heads,
-        head_dim=attention.attention_head_size,
-        in_bias=attention.query.bias is not None,
-        out_bias=output.dense.bias is not None,
-        output_norm=True,
-    )
-
-
-def _readers() -> dict[type, Callable[[nn.Module], _Spec]]:
-    from quotientopt.models.gpt import CausalSelfAttention, QuotientCausalSelfAttention
-
-    readers: dict[type, Callable[[nn.Module], _Spec]] = {
-        QuotientMultiheadAttention: _quotient_spec,
-        nn.MultiheadAttention: _torch_spec,
-        CausalSelfAttention: _gpt_spec,
-        QuotientCausalSelfAttention: lambda m: _quotient_spec(m.attn, type(m).__name__),
-    }
-    try:
-        from transformers.models.bert.modeling_bert import BertAttention
-        from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
-        from quotientopt.nn.huggingface import QuotientBertAttention, QuotientGPT2Attention
-    except ImportError:
-        return readers
-    readers[GPT2Attention] = _gpt2_spec
-    readers[BertAttention] = _bert_spec
-    readers[QuotientGPT2Attention] = lambda m: _quotient_spec(m.attn, type(m).__name__)
-
-    def quotient_bert(m) -> _Spec:
-        spec = _quotient_spec(m.attn, type(m).__name__)
-        spec.output_norm = True
-        return spec
-
-    readers[QuotientBertAttention] = quotient_bert
-    return readers
-
-
 def audit(model: nn.Module) -> AuditReport:
     """Count the parameters, redundant dimensions and head permutations of every attention module
     of ``model`` (see the module docstring). Reads attributes and shapes only; no forward pass.
 
-    Supported: ``torch.nn.MultiheadAttention``, :class:`~quotientopt.nn.QuotientMultiheadAttention`
+    Supported: every type in the attention registry (:mod:`quotientopt.nn.adapters`) with a
+    ``spec``: ``torch.nn.MultiheadAttention``, :class:`~quotientopt.nn.QuotientMultiheadAttention`
     and its wrappers (the reference GPT's and the Hugging Face twins), the reference GPT's
     standard ``CausalSelfAttention``, Hugging Face ``GPT2Attention`` and ``BertAttention``. A
     wrapper is reported once, at its own path; modules inside a reported one are not visited.
     """
-    readers = _readers()
     rows: list[AuditRow] = []
     permutations: dict[str, int | str] = {}
     formulas: dict[str, str] = {}
-    handled: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") or prefix == "" for prefix in handled):
-            continue
-        reader = readers.get(type(module))
-        if reader is None:
-            continue
-        spec = reader(module)
+    for path, module, adapter in attention_modules(model, "spec"):
+        spec = adapter.spec(module)
         rows += _count(path, spec)
         permutations[path], formulas[path] = _permutations(spec)
-        handled.append(path)
     total = sum(p.numel() for p in model.parameters())
     return AuditReport(rows, total, permutations, formulas)

@@ -128,6 +128,40 @@ def peak_extra_bytes(optimizer: torch.optim.Optimizer, device: str) -> int:
     return peak
 
 
+def profile(makers, clone, args) -> None:
+    """Write the top operators of one step of each optimizer (``--profile N``)."""
+    lines = [
+        f"Top {args.profile} operators by self time of one step (torch.profiler, {args.device}, "
+        f"{torch.get_num_threads()} threads, after one warm-up step); shares of the step's total "
+        "self time.",
+        "",
+    ]
+    for name, (plain, make) in makers.items():
+        optimizer = make(clone(plain))
+        optimizer.step()
+        synchronize(args.device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            optimizer.step()
+            synchronize(args.device)
+        averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in averages)
+        lines += [f"**{name}** (total {total / 1e3:.0f} ms)", ""]
+        lines += ["| operator | calls | self (ms) | share |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} "
+            f"| {100 * e.self_cpu_time_total / total:.0f}% |"
+            for e in averages[: args.profile]
+        ]
+        lines.append("")
+        del optimizer
+    report = "\n".join(lines)
+    print(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if args.device == "cpu" else "cuda"
+    (out / f"step_overhead-profile-{tag}.md").write_text(report)
+
+
 TARGETS = {  # name: (reference, factor), from issue 14
     "QuotientSGD momentum": ("SGD-momentum", 1.6),
     "QuotientAdam (rest: fused AdamW)": ("AdamW", 1.3),
@@ -148,6 +182,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of timing: profile one step of each optimizer (torch.profiler, after one "
+        "warm-up step) and write its N most expensive operators by self time",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -195,6 +237,10 @@ def main() -> None:
             lambda ps: QuotientHamiltonian(ps, lr=1e-3, diagnostics=False),
         ),
     }
+    if args.profile:
+        makers = {n: m for n, m in makers.items() if "ManifoldParameter" not in n}
+        profile(makers, clone, args)
+        return
     optimizers = {name: make(clone(plain)) for name, (plain, make) in makers.items()}
 
     def timed_step(name: str, optimizer, record: bool, times, refreshes) -> None:

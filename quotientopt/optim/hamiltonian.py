@@ -368,7 +368,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return None
 
     def kinetic_energy(self) -> torch.Tensor:
-        """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor; NaN
+        """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor; 0
         when diagnostics are off)."""
         total = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:

@@ -18,9 +18,38 @@ velocity :math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})` is the metric's raised 
 pairing of the velocity with the orbit directions) is conserved; the reduced phase space is
 :math:`J = 0` (horizontal velocities), where every run starts (:math:`p_0 = 0`).
 
-Integrator (generalized leapfrog / Stormer-Verlet for a non-separable :math:`H`, symplectic,
-time-reversible, second order; its implicit stages are solved by ``implicit_iterations`` fixed-point
-sweeps), step :math:`h` = ``lr``:
+Integrators (step :math:`h` = ``lr``; both symplectic, time-reversible over a pair of steps,
+second order, GL(k)-equivariant stage by stage, so the trajectory of products does not depend on
+the starting factorization in exact arithmetic):
+
+``integrator="splitting"`` (default). :math:`H = L + T_A + T_B` with
+:math:`T_A = \tfrac12 \operatorname{tr}(p_A P^{-1} p_A^\top)` (depends on :math:`p_A` and
+:math:`B` only) and :math:`T_B = \tfrac12 \operatorname{tr}(p_B Q^{-1} p_B^\top)`. Each part's
+flow is exact and explicit, because what it moves does not enter its own coefficients:
+
+.. math::
+
+    \varphi^{L}_t &: p \leftarrow p - t\, \nabla L(Z) \\
+    \varphi^{T_A}_t &: V_A = p_A P^{-1},\quad A \leftarrow A + t V_A,\quad
+        p_B \leftarrow p_B + t\, B\, V_A^\top V_A \quad (B,\ p_A,\ P \text{ fixed}) \\
+    \varphi^{T_B}_t &: V_B = p_B Q^{-1},\quad B \leftarrow B + t V_B,\quad
+        p_A \leftarrow p_A + t\, A\, V_B^\top V_B \quad (A,\ p_B,\ Q \text{ fixed})
+
+Step :math:`n` is :math:`\varphi^{T_B}_h \circ \varphi^{T_A}_h \circ \varphi^{L}_h` for even
+:math:`n` and its adjoint order :math:`\varphi^{T_A}_h \circ \varphi^{T_B}_h \circ
+\varphi^{L}_h` for odd :math:`n`; a method composed with its adjoint is symmetric and second
+order (Hairer, Lubich, Wanner, *Geometric Numerical Integration*, II.4 and II.5). Each part is
+GL(k)-invariant, so each exact flow conserves :math:`J` and the scheme keeps :math:`J = 0` to
+round-off with no projection. Cost per step and head: two :math:`k \times k` Grams (one per
+moved factor; the next step reuses them), two Cholesky factorizations inverted by matmuls
+(:func:`tril_inverse`), and per flow one raise, one :math:`V^\top V` and one :math:`B\,S`
+product over the rows: about four passes of ``(rows x k) @ (k x k)`` matmuls over the heads,
+batched over every head of a sector; nothing synchronises with the host.
+
+``integrator="implicit"``: the generalized leapfrog / Stormer-Verlet for a non-separable
+:math:`H`, its implicit stages solved by ``implicit_iterations`` fixed-point sweeps over the full
+tensors, computed in the balanced representative, with the momentum projected back onto
+:math:`J = 0` after each step:
 
 .. math::
 
@@ -28,23 +57,37 @@ sweeps), step :math:`h` = ``lr``:
     Z_{n+1} &= Z_n + \tfrac{h}{2}\,[\partial_p T(Z_n, p_{n+1/2}) + \partial_p T(Z_{n+1}, p_{n+1/2})] \\
     p_{n+1} &= e^{-\gamma h}\,\big(p_{n+1/2} - \tfrac{h}{2}\,[\nabla L(Z_{n+1}) + \partial_Z T(Z_{n+1}, p_{n+1/2})]\big)
 
-The last half-kick needs :math:`\nabla L(Z_{n+1})`, so it runs at the start of the next
-``step()``. ``friction`` :math:`\gamma = 0` is the frictionless mode (it conserves :math:`H` up to
-:math:`O(h^2)` without drift); :math:`\gamma > 0` is conformal-symplectic descent (:math:`H`
-decays, :math:`J = 0` is kept). Because every stage is GL(k)-equivariant, the trajectory of
-products does not depend on the starting factorization. Plain tensors run the same leapfrog with
-kinetic energy :math:`\tfrac12 \|p\|^2` (which is separable, so it is explicit).
+Which to use when. ``"splitting"`` is much faster (``benchmarks/step_overhead.py``; ``docs/benchmarks.md``) and
+is the default. It inverts the Grams of the parameter's own
+representative, so frictionless runs from a badly scaled factorization accumulate
+representative-dependent rounding: 2.4e-10 relative in the products after 200 float64 steps from
+:math:`\kappa(G) = 1000` (4.9e-12 for ``"implicit"``, which steps in the balanced
+representative; both below 1e-10 with friction, which contracts rounding errors). Use
+``"implicit"`` for long frictionless runs in float64 whose factorizations are far from balanced
+and where representative independence must hold to ~1e-11, or for larger steps (its fixed point
+is the more stable stage at the edge of stability); use ``"splitting"`` for training.
+
+Both keep :math:`p_0 = 0`, report :math:`T` and :math:`J` at :math:`(Z_n, p_n)` with
+:math:`p_n = e^{-\gamma h}(\tilde p - \tfrac h2 \nabla L(Z_n))` (the symmetric point), and finish
+the last half-kick at the start of the next ``step()`` (it needs :math:`\nabla L(Z_{n+1})`).
+``friction`` :math:`\gamma = 0` is the frictionless mode (the energy error stays bounded, of order
+:math:`h^2`, without drift); :math:`\gamma > 0` is conformal-symplectic descent (:math:`H` decays,
+:math:`J = 0` is kept). Plain tensors run the leapfrog of :math:`\tfrac12 \|p\|^2 + L` (separable,
+explicit) as torch's fused SGD kernel.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.linalg import compute_dtype
+from quotientopt.linalg import compute_dtype, spd_cholesky_flagged
+from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -123,31 +166,113 @@ def momentum_map(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor) -> to
     return a.mT @ pa - pb.mT @ b
 
 
+def tril_inverse(chol: torch.Tensor) -> torch.Tensor:
+    r"""Inverse of a batch of nonsingular lower-triangular matrices ``(..., k, k)`` by matmuls only.
+
+    Blocked doubling: with the inverses :math:`X_{11}, X_{22}` of the diagonal blocks of size
+    :math:`b` known, the inverse of the block of size :math:`2b` has lower-left block
+    :math:`X_{21} = -X_{22} L_{21} X_{11}`; :math:`\lceil \log_2 k \rceil` levels, each two
+    batched matmuls over every head and block at once (the standard recursive triangular inverse,
+    forward error :math:`O(\kappa(L)\,\varepsilon)`). torch's batched LAPACK calls on CPU
+    (``solve_triangular``, ``cholesky_inverse``) dispatch one small call per matrix and cost tens
+    to hundreds of times more than this at ``k = 64`` and a few hundred heads.
+    """
+    k = chol.shape[-1]
+    size = 1 << max(k - 1, 0).bit_length()  # next power of two
+    batch = chol.shape[:-2]
+    lower = chol.reshape(-1, k, k)
+    if size != k:  # pad with an identity block
+        padded = torch.eye(size, dtype=chol.dtype, device=chol.device).repeat(lower.shape[0], 1, 1)
+        padded[:, :k, :k] = lower
+        lower = padded
+    lower = lower.contiguous()
+    count = lower.shape[0]
+    inverse = torch.diag_embed(1.0 / torch.diagonal(lower, dim1=-2, dim2=-1))
+    b = 1
+    while b < size:
+        s = 2 * b
+        shape, stride = (count, size // s, s, s), (size * size, s * (size + 1), size, 1)
+        l_blocks = lower.as_strided(shape, stride)
+        x_blocks = inverse.as_strided(shape, stride)
+        x21 = -(x_blocks[..., b:, b:] @ l_blocks[..., b:, :b] @ x_blocks[..., :b, :b])
+        x_blocks[..., b:, :b] = x21
+        b = s
+    return inverse[:, :k, :k].reshape(*batch, k, k)
+
+
+def spd_inverse(
+    gram: torch.Tensor, reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`G^{-1} = L^{-\top} L^{-1}` of SPD ``(..., k, k)`` matrices from their Cholesky factor
+    (:func:`tril_inverse`), and the per-matrix health flag of
+    :func:`~quotientopt.linalg.spd_cholesky_flagged` (``reference``: the previous Gram of the same
+    factor, so that a collapse counts as rank loss). Unhealthy entries get the identity; no host
+    synchronisation."""
+    chol, ok = spd_cholesky_flagged(gram, reference)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol = torch.where(ok[..., None, None], chol, eye)
+    x = tril_inverse(chol)
+    return x.mT @ x, ok
+
+
+INTEGRATORS = ("splitting", "implicit")
+
+
+def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
+    """torch's fused SGD kernel is exact for float32/float64, and for every dtype on CUDA (its CPU
+    kernel mishandles bfloat16/float16 momentum buffers in torch 2.13)."""
+    return p.device.type == "cuda" or p.dtype in (torch.float32, torch.float64)
+
+
+def _add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, alpha: float) -> None:
+    r"""``out += alpha * x @ mat`` in place (``x``, ``out``: ``(..., r, k)``, ``mat``:
+    ``(..., k, k)``), one batched ``baddbmm`` when ``out`` flattens to a 3-d view."""
+    r, k = x.shape[-2:]
+    try:
+        target = out.view(-1, r, k)
+    except RuntimeError:
+        out.add_(x @ mat, alpha=alpha)
+        return
+    target.baddbmm_(
+        x.reshape(-1, r, k), mat.expand(*x.shape[:-2], k, k).reshape(-1, k, k), alpha=alpha
+    )
+
+
 class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
-    r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations).
+    r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations
+    and for which integrator to use when).
 
     Args:
         params: parameters or parameter groups.
         lr: the time step :math:`h`.
         friction: :math:`\gamma \ge 0`; 0 is frictionless (energy-conserving), > 0 descends.
-        implicit_iterations: fixed-point sweeps for each implicit stage (>= 1).
+        integrator: ``"splitting"`` (default; explicit, exact sub-flows, batched ``k x k`` work)
+            or ``"implicit"`` (the generalized leapfrog with fixed-point sweeps).
+        implicit_iterations: fixed-point sweeps for each implicit stage (>= 1; ``"implicit"``).
+        diagnostics: compute the kinetic energy and the momentum map at :math:`(Z_n, p_n)` every
+            step (:meth:`kinetic_energy`, ``state[p]["momentum_map"]``). ``"auto"`` (default):
+            when ``friction == 0``, where energy conservation is what the dynamics is for; they
+            cost about one pass over the heads (a raise and a cross product) and one reduction
+            over every plain tensor.
         on_nonfinite: as for :class:`~quotientopt.optim.QuotientSGD` (``"skip"``, ``"warn"``,
             ``"raise"``); a skipped step leaves positions and momenta untouched.
 
-    After each completed leapfrog step the momentum is mapped back onto the reduced phase space
-    :math:`J = 0` (its velocity replaced by the horizontal part): the exact scheme conserves
-    :math:`J`, and this removes what the finite fixed-point iterations leave.
+    State (between steps): ``state[p]["momentum"]`` the momentum covector :math:`\tilde p` of the
+    head parameters after the step's kinetic sub-flows (the next step starts with its kick);
+    plain tensors keep a torch SGD ``momentum_buffer`` :math:`b` with :math:`\tilde p = -\sigma b`
+    (``state[p]["momentum_scale"]`` :math:`\sigma`), so that their leapfrog is one fused torch
+    kernel. :meth:`momentum` reports both (the heads' as a velocity). With diagnostics,
+    ``state[p]["momentum_map"]`` and ``state[p]["kinetic"]`` hold :math:`J` and :math:`T` per
+    head at :math:`(Z_n, p_n)` of the last step.
 
     ``mode="ecd"`` replaces the leapfrog by energy-conserving descent (see :meth:`_ecd_group`):
     unit-speed motion whose direction turns towards :math:`-g` at a rate
     :math:`\propto 1/(F - F_0)`, with ``eta`` and ``loss_floor`` :math:`F_0`; it needs
-    ``step(closure)``.
+    ``step(closure)``; its state is ``state[p]["velocity"]``.
 
-    Quotient parameters must live on ``FactorQuotient(metric="preconditioned", damping=0)``; plain
-    tensors follow the Euclidean leapfrog. Between steps ``state[p]["velocity"]`` holds the velocity
-    of :math:`p_{n+1/2}` at the current point (for plain tensors, :math:`p_{n+1/2}` itself);
-    ``state[p]["momentum_map"]`` the momentum map :math:`J(Z_n, p_n)`, and :meth:`kinetic_energy`
-    the kinetic energy :math:`T(Z_n, p_n)`, of the last step.
+    Quotient parameters must live on a head geometry with a kinetic energy
+    (``FactorQuotient(metric="preconditioned", damping=0)`` or a subgroup of it); plain tensors
+    follow the Euclidean leapfrog.
     """
 
     # restored in float32 or better by load_state_dict (KeepStateDtypes)
@@ -163,19 +288,26 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         friction: float = 0.0,
         *,
         mode: str = "hamiltonian",
+        integrator: str = "splitting",
         eta: float = 1.0,
         loss_floor: float = 0.0,
         implicit_iterations: int = 3,
+        diagnostics: bool | str = "auto",
         on_nonfinite: str = "skip",
     ) -> None:
         check_number("lr", lr, 0.0, float("inf"))
         check_number("friction", friction, 0.0, float("inf"))
         check_choice("mode", mode, ("hamiltonian", "ecd"))
+        check_choice("integrator", integrator, INTEGRATORS)
         check_number("eta", eta, 0.0, float("inf"), low_open=True)
         check_number("loss_floor", loss_floor, -float("inf"), float("inf"))
         if not isinstance(implicit_iterations, int) or implicit_iterations < 1:
             raise ValueError(
                 f"invalid implicit_iterations: {implicit_iterations!r}; expected an int >= 1"
+            )
+        if diagnostics not in (True, False, "auto"):
+            raise ValueError(
+                f"invalid diagnostics: {diagnostics!r}; expected True, False or 'auto'"
             )
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         super().__init__(
@@ -184,9 +316,11 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 lr=lr,
                 friction=friction,
                 mode=mode,
+                integrator=integrator,
                 eta=eta,
                 loss_floor=loss_floor,
                 implicit_iterations=implicit_iterations,
+                diagnostics=diagnostics,
             ),
         )
         for group in self.param_groups:
@@ -217,19 +351,29 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             )
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
-        """The momentum at ``p``: the velocity of :math:`p_{n+1/2}` (a tangent vector) for head
-        parameters, the Euclidean momentum for the others; None before the first step."""
-        velocity = self.state[p].get("velocity") if p in self.state else None
-        if velocity is None:
-            return None
-        return Momentum(velocity, "vector" if is_quotient_parameter(p) else "covector")
+        """The momentum at ``p``: for head parameters the velocity (a tangent vector,
+        :math:`\\tilde p\\,G^{-1}` at the current point) of the momentum the next step starts from,
+        for the others the Euclidean momentum :math:`\\tilde p` (a covector); None before the
+        first step."""
+        state = self.state[p] if p in self.state else {}
+        if "velocity" in state:  # ECD and the implicit integrator keep a velocity
+            return Momentum(state["velocity"], "vector" if is_quotient_parameter(p) else "covector")
+        if "momentum" in state:
+            geometry = geometry_of(p)
+            z = p.detach()
+            grams = geometry.grams(z, check=False)
+            return Momentum(geometry.egrad2rgrad(z, state["momentum"], grams=grams), "vector")
+        if "momentum_buffer" in state:
+            return Momentum(-state["momentum_scale"] * state["momentum_buffer"], "covector")
+        return None
 
     def kinetic_energy(self) -> torch.Tensor:
-        """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor)."""
+        """Total kinetic energy :math:`T(Z_n, p_n)` at the start of the last step (a tensor; 0
+        when diagnostics are off)."""
         total = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:
             for p in group["params"]:
-                t = self.state[p].get("kinetic")
+                t = self.state[p].get("kinetic") if p in self.state else None
                 if t is not None:
                     total = total + t.to(total.device, torch.float64).sum()
         return total
@@ -241,7 +385,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         if not grads:
             return loss
         nonfinite = found_nonfinite(grads)
-        pending = []
+        pending, ecd = [], []
         for group in self.param_groups:
             if group["mode"] == "ecd":
                 if loss is None:
@@ -249,46 +393,242 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                         "QuotientHamiltonian(mode='ecd') needs the loss value: call "
                         "optimizer.step(closure) with a closure that returns the loss"
                     )
-                pending += self._ecd_group(group, loss.detach(), nonfinite)
+                ecd += self._ecd_group(group, loss.detach(), nonfinite)
                 continue
             h, damping = group["lr"], math.exp(-group["friction"] * group["lr"])
+            diagnostics = group["diagnostics"]
+            if diagnostics == "auto":
+                diagnostics = group["friction"] == 0
+            plain = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                keep = nonfinite[p.device] == 0
-                if is_quotient_parameter(p):
-                    pending.append(
-                        (
-                            p,
-                            *self._quotient_leapfrog(
-                                p, p.grad, h, damping, group["implicit_iterations"]
-                            ),
-                            keep,
-                        )
-                    )
+                if not is_quotient_parameter(p):
+                    plain.append(p)
+                elif group["integrator"] == "implicit":
+                    pending.append(self._implicit_step(p, p.grad, h, damping, group, nonfinite))
                 else:
-                    pending.append((p, *self._euclidean_leapfrog(p, p.grad, h, damping), keep))
-        self._enforce_policy(
-            nonfinite, [healthy for *_, healthy, _ in pending if healthy is not None]
-        )
-        for p, new, half, kinetic, healthy, keep in pending:
+                    pending.append(self._splitting_step(p, p.grad, h, damping, diagnostics))
+            if plain:
+                self._euclidean_leapfrog(plain, h, damping, diagnostics, nonfinite)
+        self._enforce_policy(nonfinite, [healthy for _, healthy, _ in pending])
+        for p, healthy, commit in pending:
+            keep = (nonfinite[p.device] == 0) & healthy
+            commit(keep)
+            self._count(self._rank_skips, p.device, (~healthy & (nonfinite[p.device] == 0)).sum())
+        for p, new, v, _, _, keep in ecd:
             state = self.state[p]
-            old_half = state.get("velocity")
-            ok = keep if healthy is None else keep & healthy
-            if old_half is None:
-                old_half = torch.zeros_like(half)
-            if healthy is None:
-                p.copy_(torch.where(ok, new, p))
-                state["velocity"] = torch.where(ok, half, old_half)
-            else:
-                where_heads(ok, new, p.detach(), out=p.detach())
-                state["velocity"] = where_heads(ok, half, old_half)
-                self._count(self._rank_skips, p.device, (~healthy & keep).sum())
-            if kinetic is not None:
-                state["kinetic"] = kinetic
+            old = state.get("velocity")
+            p.copy_(torch.where(keep, new, p))
+            state["velocity"] = torch.where(keep, v, torch.zeros_like(v) if old is None else old)
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
         return loss
+
+    # ------------------------------------------------------------------ the splitting integrator
+    def _gram(self, geometry: HeadGeometry, z: torch.Tensor, which: int, reference=None):
+        r"""``(G, chol, G^{-1}, ok)`` of factor ``which`` (0: :math:`Q = A^\top A`, 1:
+        :math:`P = B^\top B`) of ``z``, reduced over row shards."""
+        if geometry.is_row_sharded:
+            gram = geometry.cross(z, z)[which]
+        else:
+            f = geometry.factors(z)[which]
+            gram = f.mT @ f
+        chol, ok = spd_cholesky_flagged(gram, reference)
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        chol = torch.where(ok[..., None, None], chol, eye)
+        x = tril_inverse(chol)
+        return gram, chol, x.mT @ x, ok
+
+    def _splitting_step(self, p, grad, h, damping, diagnostics):
+        r"""One step of the splitting integrator (module docstring), batched over the heads:
+        the kick, then the exact flows of :math:`T_A` and :math:`T_B` for ``h`` each, in the order
+        that alternates from step to step. Returns ``(p, healthy, commit)``: ``commit(keep)``
+        writes the new point and momentum where the per-head flag ``keep`` holds."""
+        geometry: HeadGeometry = p.manifold
+        state = self.state[p]
+        z = p.detach()
+        dtype = compute_dtype(z.dtype)
+        zc = z.to(dtype)
+        g = grad.to(dtype)
+        old = state.get("momentum")
+        if old is None and "velocity" in state:  # switched from the implicit integrator
+            grams = geometry.grams(z, check=False)
+            old = geometry.right_multiply(state.pop("velocity").to(dtype), grams.p, grams.q)
+        cache = state.get("grams")
+        if cache is None or state.get("grams_version") != (z._version, z.data_ptr()):
+            cache = {w: self._gram(geometry, zc, w) for w in (0, 1)}
+        start = dict(cache)
+        # kick: p_n = e^{-gamma h} (p~ - h/2 g) ends the last step, p_n - h/2 g starts this one
+        if old is None:
+            m = g * (-0.5 * h)
+        else:
+            m = old.to(dtype) * damping
+            m.add_(g, alpha=-0.5 * h * damping)
+        if diagnostics:
+            if old is None:  # p_n = 0
+                heads = z.shape[:-2]
+                kinetic = torch.zeros(heads, dtype=dtype, device=z.device)
+                charge = torch.zeros(
+                    (*heads, z.shape[-1], z.shape[-1]), dtype=dtype, device=z.device
+                )
+            else:
+                kinetic, charge = self._diagnostics(geometry, zc, m, cache)
+        else:
+            kinetic = charge = None
+        if old is not None:
+            m.add_(g, alpha=-0.5 * h)
+        new = torch.empty_like(zc)
+        current = list(geometry.factors(zc))
+        moved = geometry.factors(new)
+        momenta = geometry.factors(m)
+        healthy = cache[0][3] & cache[1][3]
+        parity = state.get("step", 0) % 2
+        for x in (0, 1) if parity == 0 else (1, 0):  # T_A then T_B, or T_B then T_A
+            y = 1 - x
+            v = momenta[x] @ cache[y][2]  # V_X = p_X G_Y^{-1}, G_Y fixed during this flow
+            torch.add(current[x], v, alpha=h, out=moved[x])  # X += h V_X
+            current[x] = moved[x]
+            s = self._contract(geometry, m, v, x)  # V_X^T V_X
+            _add_right_product(momenta[y], current[y], s, h)  # p_Y += h Y V_X^T V_X
+            cache[x] = self._gram(geometry, new, x, reference=cache[x][0])
+            healthy = healthy & cache[x][3] & torch.isfinite(s).flatten(-2).all(-1)
+        state["step"] = state.get("step", 0) + 1
+
+        def commit(keep):
+            mask = keep[..., None, None]
+            where_heads(keep, new.to(z.dtype), z, out=z)
+            stored = m.to(z.dtype)
+            state["momentum"] = where_heads(
+                keep, stored, torch.zeros((), dtype=z.dtype) if old is None else old, out=stored
+            )
+            state["grams"] = {
+                w: tuple(
+                    torch.where(mask if t.dim() > keep.dim() else keep, t, t0)
+                    for t, t0 in zip(cache[w], start[w], strict=True)
+                )
+                for w in (0, 1)
+            }
+            state["grams_version"] = (z._version, z.data_ptr())
+            if kinetic is not None:
+                state["kinetic"] = kinetic
+                state["momentum_map"] = charge
+
+        return p, healthy, commit
+
+    @staticmethod
+    def _contract(geometry: HeadGeometry, like: torch.Tensor, v: torch.Tensor, which: int):
+        r""":math:`V^\top V` for the factor-shaped ``v`` of factor ``which``, summed over row
+        shards (through the protocol's ``cross`` when the rows are sharded)."""
+        if not geometry.is_row_sharded:
+            return v.mT @ v
+        full = torch.zeros_like(like)
+        geometry.factors(full)[which].copy_(v)
+        return geometry.cross(full, full)[which]
+
+    @staticmethod
+    def _diagnostics(geometry: HeadGeometry, z, m, cache):
+        r""":math:`T = \tfrac12 \langle p, p\,G^{-1}\rangle` per head and the group's momentum
+        map :math:`J` of :math:`p` (``geometry.momentum_map`` of its velocity)."""
+        q, chol_q, q_inv, ok_q = cache[0]
+        pg, chol_p, p_inv, ok_p = cache[1]
+        grams = Grams(pg, q, chol_p, chol_q, ok_p & ok_q, p_inv, q_inv)
+        velocity = geometry.egrad2rgrad(z, m, grams=grams)
+        if geometry.is_row_sharded:
+            kinetic = 0.5 * geometry.inner(z, velocity, grams=grams)
+        else:
+            kinetic = 0.5 * torch.linalg.vecdot(m.flatten(-2), velocity.flatten(-2))
+        return kinetic, geometry.momentum_map(z, velocity, grams=grams)
+
+    # --------------------------------------------------------------------------- plain tensors
+    def _euclidean_leapfrog(self, params, h, damping, diagnostics, nonfinite):
+        r"""The leapfrog of :math:`H = \tfrac12 \|p\|^2 + L` for plain tensors as torch's SGD
+        kernel: with :math:`\tilde p = -\sigma b` and :math:`c = (1 + e^{-\gamma h}) h / 2`
+        (:math:`h/2` on the first step),
+        :math:`b \leftarrow (e^{-\gamma h} \sigma / c)\, b + g`, :math:`x \leftarrow x - h c\, b`,
+        :math:`\sigma \leftarrow c` is
+        :math:`\tilde p \leftarrow e^{-\gamma h} (\tilde p - \tfrac h2 g) - \tfrac h2 g`,
+        :math:`x \leftarrow x + h \tilde p`, and a step with a non-finite gradient changes nothing
+        (``found_inf``)."""
+        by_call: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            first = "momentum_buffer" not in state
+            sigma = state.get("momentum_scale", 1.0)
+            c = 0.5 * h if first else 0.5 * (1.0 + damping) * h
+            if diagnostics:
+                state["kinetic"] = self._plain_kinetic(p, state, h, damping, first)
+            by_call[(p.device, first, sigma, c)].append(p)
+        for (device, first, sigma, c), ps in by_call.items():
+            found_inf = nonfinite[device]
+            momentum = 0.0 if first else damping * sigma / c
+            fused = [p for p in ps if _fused_kernel_is_exact(p)]
+            if fused:
+                buffers = [self.state[p].get("momentum_buffer") for p in fused]
+                torch_sgd(
+                    [p.detach() for p in fused],
+                    [p.grad for p in fused],
+                    buffers,
+                    fused=True,
+                    found_inf=found_inf,
+                    weight_decay=0.0,
+                    momentum=momentum if not first else 1.0,
+                    lr=h * c,
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=False,
+                )
+                for p, buf in zip(fused, buffers, strict=True):
+                    if first:  # the kernel allocates first-step buffers uninitialized
+                        zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
+                        torch.where(found_inf > 0, zero, buf, out=buf)
+                    self.state[p]["momentum_buffer"] = buf
+            for p in ps:
+                if not _fused_kernel_is_exact(p):
+                    state = self.state[p]
+                    keep = found_inf == 0
+                    buf = state.get("momentum_buffer")
+                    new_buf = p.grad.clone() if first else buf * momentum + p.grad
+                    new = p.detach() - (h * c) * new_buf
+                    p.detach().copy_(torch.where(keep, new, p.detach()))
+                    old = torch.zeros_like(new_buf) if buf is None else buf
+                    state["momentum_buffer"] = torch.where(keep, new_buf, old)
+                self.state[p]["momentum_scale"] = c
+
+    @staticmethod
+    def _plain_kinetic(p, state, h, damping, first):
+        r""":math:`\tfrac12 \|p_n\|^2` with :math:`p_n = e^{-\gamma h}(\tilde p - \tfrac h2 g)
+        = -e^{-\gamma h}(\sigma b + \tfrac h2 g)`, in float64 (0 on the first step)."""
+        if first:
+            return torch.zeros((), dtype=torch.float64, device=p.device)
+        buf, sigma = state["momentum_buffer"], state["momentum_scale"]
+        norm = torch.linalg.vector_norm(torch.add(p.grad, buf, alpha=2.0 * sigma / h)).double()
+        return 0.5 * (damping * 0.5 * h * norm) ** 2
+
+    # ------------------------------------------------------------------- the implicit integrator
+    def _implicit_step(self, p, grad, h, damping, group, nonfinite):
+        """The implicit leapfrog (:meth:`_implicit_leapfrog`); its state is the velocity
+        ``state[p]["velocity"]`` (converting it to and from a covector each step would invert
+        the Grams of the parameter's own representative, which is what it avoids)."""
+        state = self.state[p]
+        z = p.detach()
+        old = state.get("velocity")
+        if old is None and "momentum" in state:  # switched from the splitting integrator
+            grams = p.manifold.grams(z, check=False)
+            old = p.manifold.egrad2rgrad(z, state.pop("momentum"), grams=grams)
+        new, v_new, kinetic, healthy = self._implicit_leapfrog(
+            p, grad, old, h, damping, group["implicit_iterations"]
+        )
+
+        def commit(keep):
+            where_heads(keep, new, z, out=z)
+            state["velocity"] = where_heads(
+                keep, v_new, torch.zeros_like(v_new) if old is None else old
+            )
+            state["kinetic"] = kinetic
+            state.pop("grams", None)
+
+        return p, healthy, commit
 
     def _ecd_group(self, group: dict, loss: torch.Tensor, nonfinite: dict) -> list:
         r"""Energy-conserving descent on the quotient (the unit-speed ECD variant of paper 003):
@@ -377,7 +717,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             out.append((p, new, v / norm.to(v.dtype), None, None, keep))
         return out
 
-    def _quotient_leapfrog(self, p, grad, h, damping, iterations):
+    def _implicit_leapfrog(self, p, grad, carried, h, damping, iterations):
         r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are
         raised like gradients, and a velocity moves from :math:`Z_n` to :math:`Z_{n+1}` by
         :func:`transfer`, which avoids lowering and raising with ill-conditioned Grams.
@@ -393,7 +733,6 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         their own representative."""
         manifold: HeadGeometry = p.manifold
         point = z = p.detach()
-        carried = self.state[p].get("velocity")
         frame = None if manifold.is_row_sharded else manifold.balancing_transform(z)
         if frame is not None:
             # rank-deficient heads have no balanced representative: they step in their own
@@ -440,11 +779,3 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         healthy = healthy & torch.isfinite(new).flatten(-2).all(-1)
         self.state[p]["momentum_map"] = momentum_map
         return new, v_new, kinetic, healthy
-
-    def _euclidean_leapfrog(self, p, grad, h, damping):
-        x = p.detach()
-        half = self.state[p].get("velocity")
-        momentum = torch.zeros_like(x) if half is None else damping * (half - 0.5 * h * grad)
-        kinetic = 0.5 * (momentum.double() ** 2).sum()
-        half = momentum - 0.5 * h * grad
-        return x + h * half, half, kinetic, None

@@ -50,79 +50,39 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from quotientopt.manifolds.factor_quotient import Grams
+    from quotientopt.manifolds.factor_quotient import Grams as G  # noqa: N817
 
 __all__ = ["HeadGeometry", "is_head_geometry"]
 
 
+T = torch.Tensor
+
+
 @runtime_checkable
 class HeadGeometry(Protocol):
-    """The interface between the quotient optimizers and a head manifold (see the module docs)."""
+    """The interface between the quotient optimizers and a head manifold (see the module docs).
+
+    ``T`` is ``torch.Tensor``; ``G`` is :class:`~quotientopt.manifolds.factor_quotient.Grams`."""
 
     n: int
     m: int
 
-    def factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def grams(
-        self,
-        z: torch.Tensor,
-        *,
-        check: bool | None = None,
-        reference: Grams | None = None,
-        inverses: bool = False,
-    ) -> Grams: ...
-
-    def egrad2rgrad(
-        self,
-        x: torch.Tensor,
-        u: torch.Tensor,
-        *,
-        grams: Grams | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
-    def proju(
-        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
-    ) -> torch.Tensor: ...
-
-    def proju_(
-        self, x: torch.Tensor, u: torch.Tensor, *, grams: Grams | None = None
-    ) -> torch.Tensor: ...
-
-    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor: ...
-
-    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
-    def inner(
-        self,
-        x: torch.Tensor,
-        u: torch.Tensor,
-        v: torch.Tensor | None = None,
-        *,
-        keepdim: bool = False,
-        grams: Grams | None = None,
-    ) -> torch.Tensor: ...
-
-    def cross(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def right_multiply(
-        self, u: torch.Tensor, left: torch.Tensor, right: torch.Tensor
-    ) -> torch.Tensor: ...
-
-    def momentum_map(
-        self, z: torch.Tensor, v: torch.Tensor, *, grams: Grams | None = None
-    ) -> torch.Tensor: ...
-
-    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None: ...
-
-    def decay_rgrad(self, z: torch.Tensor, mode: str, grams: Grams) -> torch.Tensor: ...
-
-    def kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
+    def factors(self, z: T) -> tuple[T, T]: ...
+    def grams(self, z: T, *, check=None, reference: G | None = None, inverses=False) -> G: ...
+    def egrad2rgrad(self, x: T, u: T, *, grams: G | None = None, out: T | None = None) -> T: ...
+    def proju(self, x: T, u: T, *, grams: G | None = None) -> T: ...
+    def proju_(self, x: T, u: T, *, grams: G | None = None) -> T: ...
+    def retr(self, x: T, u: T) -> T: ...
+    def transp(self, x: T, y: T, v: T) -> T: ...
+    def inner(self, x: T, u: T, v: T | None = None, *, keepdim=False, grams=None) -> T: ...
+    def cross(self, z: T, u: T) -> tuple[T, T]: ...
+    def right_multiply(self, u: T, left: T, right: T) -> T: ...
+    def momentum_map(self, z: T, v: T, *, grams: G | None = None) -> T: ...
+    def balancing_transform(self, z: T) -> tuple[T, T] | None: ...
+    def decay_rgrad(self, z: T, mode: str, grams: G) -> T: ...
+    def kinetic_force(self, z: T, v: T) -> T: ...
     @property
     def supports_kinetic_energy(self) -> bool: ...
-
     @property
     def is_row_sharded(self) -> bool: ...
 

@@ -65,7 +65,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from quotientopt.linalg import compute_dtype, sym_funm
-from quotientopt.manifolds import FactorQuotient
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
@@ -80,7 +80,7 @@ from quotientopt.optim._base import (
     manifold_of,
     where_heads,
 )
-from quotientopt.optim.sgd import WEIGHT_DECAY_MODES, quotient_weight_decay
+from quotientopt.optim.sgd import WEIGHT_DECAY_MODES
 
 
 def adam_root(v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -238,7 +238,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return Momentum(vector.to(p.dtype), "vector")
 
     # ----------------------------------------------------------------------------- helpers
-    def _frames(self, p: torch.Tensor, manifold: FactorQuotient) -> Frames:
+    def _frames(self, p: torch.Tensor, manifold: HeadGeometry) -> Frames:
         """The frames of ``p``: cached from the previous step while ``p`` is unmodified."""
         cached = self._log.get(p, "frames")
         if cached is not None and not self._log.modified_elsewhere(p):
@@ -248,8 +248,8 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     def _quotient_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep):
         """Candidate point, moments, step count and frames for one FactorQuotient tensor
         (nothing written to ``p`` or its state)."""
-        manifold: FactorQuotient = p.manifold
-        if manifold.row_reduce is not None:
+        manifold = geometry_of(p)
+        if manifold.is_row_sharded:
             raise ValueError(
                 "QuotientAdam needs whole factors for its orthonormal frames, but this manifold's "
                 "rows are sharded (row_reduce is set); use QuotientSGD for row-sharded sectors"
@@ -294,9 +294,8 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             if group["weight_decay_mode"] == "product":
                 new = new * (1 - decay)  # the preconditioned Riemannian gradient of |AB^T|^2 / 2
             else:
-                penalty = quotient_weight_decay(manifold, z, "nuclear")
                 unchecked = manifold.grams(z, check=False)  # bad heads are caught below
-                new = new - decay * manifold.egrad2rgrad(z, penalty, grams=unchecked).to(dtype)
+                new = new - decay * manifold.decay_rgrad(z, "nuclear", unchecked).to(dtype)
         new = (new - lr * torch.cat((delta_a, delta_b), dim=-2)).to(z.dtype)
 
         new_frames = Frames.of(*manifold.factors(new), reference=frames)

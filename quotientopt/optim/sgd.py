@@ -54,8 +54,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.manifolds import FactorQuotient
-from quotientopt.manifolds.factor_quotient import Grams, balance
+from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
@@ -65,6 +64,7 @@ from quotientopt.optim._base import (
     check_choice,
     check_number,
     found_nonfinite,
+    geometry_of,
     is_quotient_parameter,
     manifold_of,
     where_heads,
@@ -73,26 +73,8 @@ from quotientopt.optim._base import (
 WEIGHT_DECAY_MODES = ("product", "nuclear")
 
 
-def quotient_weight_decay(manifold: FactorQuotient, z: torch.Tensor, mode: str) -> torch.Tensor:
-    r"""Euclidean gradient of a weight-decay penalty that depends on the product only.
-
-    * ``"product"``: :math:`\tfrac12 \|A B^\top\|_F^2`, gradient :math:`(A\, B^\top B,\; B\, A^\top A)`;
-      in the preconditioned metric its Riemannian gradient is exactly :math:`(A, B)`, so a step
-      scales the product by :math:`(1 - \eta\lambda)^2`.
-    * ``"nuclear"``: :math:`\|A B^\top\|_*`, the factor norm
-      :math:`\tfrac12(\|A'\|_F^2 + \|B'\|_F^2)` of the balanced representative :math:`(A', B')`;
-      with :math:`S = A'^\top A'` its gradient is :math:`(A' S^{-1} B'^\top B,\; B' S^{-1} A'^\top A)`.
-
-    Neither is the representative-dependent factor decay :math:`\tfrac12(\|A\|^2 + \|B\|^2)`.
-    """
-    a, b = manifold.factors(z)
-    if mode == "product":
-        return torch.cat((a @ (b.mT @ b), b @ (a.mT @ a)), dim=-2)
-    a_bal, b_bal = balance(a, b)
-    s_inv = 1.0 / (a_bal * a_bal).sum(-2)  # S is diagonal: the singular values of A B^T
-    grad_a = (a_bal * s_inv[..., None, :]) @ (b_bal.mT @ b)
-    grad_b = (b_bal * s_inv[..., None, :]) @ (a_bal.mT @ a)
-    return torch.cat((grad_a, grad_b), dim=-2)
+#: the Euclidean gradient of a product weight-decay penalty (kept under its old name)
+quotient_weight_decay = product_decay_egrad
 
 
 def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
@@ -322,26 +304,16 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         ``between`` refreshes, which nothing checks afterwards, heads flagged unhealthy in
         ``grams`` get no decay either, and a non-finite decay (the nuclear norm at a head that
         lost rank since the refresh) is left out."""
-        manifold: FactorQuotient = p.manifold
+        manifold = geometry_of(p)
         z = p.detach()
         rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=self._work_buffers(p)[0])
         if group["maximize"]:
             rgrad.neg_()
         if group["weight_decay"]:
-            if (
-                group["weight_decay_mode"] == "product"
-                and manifold.metric == "preconditioned"
-                and manifold.damping == 0
-            ):  # exact: (A P) P^{-1} = A
-                rgrad.add_(
-                    where_heads(grams.ok, z, 0) if between else z, alpha=group["weight_decay"]
-                )
-            else:
-                penalty = quotient_weight_decay(manifold, z, group["weight_decay_mode"])
-                penalty = manifold.egrad2rgrad(z, penalty, grams=grams)
-                # (NaN at a rank-deficient head, where the nuclear norm has no gradient)
-                healthy = grams.ok & torch.isfinite(penalty).flatten(-2).all(-1)
-                rgrad.add_(where_heads(healthy, penalty, 0), alpha=group["weight_decay"])
+            decay = manifold.decay_rgrad(z, group["weight_decay_mode"], grams)
+            if decay is z:  # exact: (A P) P^{-1} = A, no extra pass
+                decay = where_heads(grams.ok, z, 0) if between else z
+            rgrad.add_(decay, alpha=group["weight_decay"])
         return rgrad
 
     def _refresh_update(
@@ -349,7 +321,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     ):
         """Candidate new point, momentum and Grams for one FactorQuotient tensor on a refresh
         step (nothing written to ``p`` or its state); the few full-size temporaries are reused."""
-        manifold: FactorQuotient = p.manifold
+        manifold = geometry_of(p)
         z = p.detach()
         lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
         rgrad = self._riemannian_gradient(p, grad, group, grams)
@@ -571,18 +543,18 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _rebalance(self, p: torch.Tensor) -> None:
-        r"""Move ``p`` to its balanced representative :math:`Z G` and push the momentum along
-        (:math:`m \mapsto (m_A G, m_B G^{-\top})`, with :math:`G = Q^{-1} A^\top A'`)."""
-        manifold: FactorQuotient = p.manifold
+        r"""Move ``p`` by the balancing move of its geometry's group,
+        :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has
+        none), and push the momentum along with the same group element."""
+        manifold = geometry_of(p)
         z = p.detach()
-        balanced = manifold.balance(z)
+        transform = manifold.balancing_transform(z)
+        if transform is None:
+            return
+        m_a, m_b = transform
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is not None:
-            a, _ = manifold.factors(z)
-            a_bal, _ = manifold.factors(balanced)
-            grams = manifold.grams(z, check=False)  # of this point, not the stored ones
-            g = torch.cholesky_solve(a.mT.to(grams.q.dtype) @ a_bal.to(grams.q.dtype), grams.chol_q)
-            state["momentum_buffer"] = manifold.push(buf, g)
-        p.copy_(balanced)
+            state["momentum_buffer"] = manifold.right_multiply(buf, m_a, m_b)
+        p.copy_(manifold.right_multiply(z, m_a, m_b))
         state.pop("grams", None)  # the next step computes the Grams of the balanced point

@@ -455,21 +455,20 @@ def rank_deficient_start(seed: int):
     return FactorQuotient(6, 5), z, gen
 
 
-def test_lazy_refresh_leaves_a_rank_deficient_head_in_place():
+def test_lazy_refresh_moves_a_rank_deficient_head_to_full_rank():
+    """A head that starts rank-deficient takes the regularized step (issue 16, fault 4) instead
+    of being skipped forever; once it has full rank it is an ordinary head."""
     manifold, z, gen = rank_deficient_start(12)
     point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
     optimizer = QuotientSGD([point], lr=0.01, momentum=0.9, refresh_every=4)
-    refreshed = []
-    for step in range(12):
-        point.grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
-        before = optimizer.state[point].get("next_refresh")
-        optimizer.step()
-        if optimizer.state[point].get("next_refresh") != before:
-            refreshed.append(step)
-    assert len(refreshed) < 12  # some steps ran between refreshes
-    assert torch.equal(point.detach()[1], z[1])  # neither kind of step moved the bad head
-    assert not torch.equal(point.detach()[0], z[0])
-    assert optimizer.rank_skips() == len(refreshed)  # one per refresh step, for head 1
+    with pytest.warns(RuntimeWarning, match="start rank-deficient"):
+        for _ in range(12):
+            point.grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+            optimizer.step()
+    assert torch.isfinite(point).all()
+    assert not torch.equal(point.detach()[1], z[1])
+    assert bool(manifold.grams(point.detach(), check=False).ok.all())  # full rank now
+    assert optimizer.rank_skips() == 0
 
 
 # ------------------------------------------------------- edge cases of the lazy refresh (review)
@@ -605,10 +604,13 @@ def test_lazy_refresh_stops_a_head_that_lost_rank():
     with torch.no_grad():
         point[1, :6, 1] = 0.0  # head 1 loses rank (an edit the optimizer notices)
     before = point.detach()[1].clone()
-    for _ in range(8):  # refresh steps and steps in between
-        point.grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
-        optimizer.step()
-        assert torch.equal(point.detach()[1], before)  # no coasting on the old momentum
+    grad = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    point.grad = grad.clone()
+    optimizer.step()  # the edit forces a refresh: the regularized step, without the old momentum
+    grams = manifold.grams(before, check=False, regularize=True)
+    assert not bool(grams.ok) and bool(grams.regularized)
+    expected = before - 0.01 * manifold.egrad2rgrad(before, grad[1], grams=grams)
+    assert torch.allclose(point.detach()[1], expected, rtol=0, atol=1e-12)
 
 
 def test_a_float32_checkpoint_loads_into_a_bfloat16_model():
@@ -645,9 +647,9 @@ def test_a_tensor_joining_late_starts_its_momentum_like_torch():
 
 
 @pytest.mark.parametrize("mode", ["product", "nuclear"])
-def test_weight_decay_leaves_a_rank_deficient_head_in_place_between_refreshes(mode):
-    """Nothing checks the steps between refreshes: the decay must leave an unhealthy head out
-    (the product decay moved it; the nuclear one, whose gradient is NaN there, wrote NaN)."""
+def test_weight_decay_keeps_a_rank_deficient_start_finite(mode):
+    """Nothing checks the steps between refreshes: the decay must not write NaN at a head that
+    starts rank-deficient (the nuclear norm has no gradient there); the head moves to full rank."""
     manifold, z, gen = rank_deficient_start(20)
     point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
     optimizer = QuotientSGD(
@@ -659,10 +661,12 @@ def test_weight_decay_leaves_a_rank_deficient_head_in_place_between_refreshes(mo
         refresh_every=4,
         refresh_tolerance=10,
     )
-    for _ in range(12):
-        point.grad = torch.randn(z.shape, generator=gen, dtype=torch.float64)
-        optimizer.step()
-    assert torch.equal(point.detach()[1], z[1])
+    with pytest.warns(RuntimeWarning, match="start rank-deficient"):
+        for _ in range(12):
+            point.grad = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+            optimizer.step()
+    assert torch.isfinite(point).all()
+    assert not torch.equal(point.detach()[1], z[1])
     assert not torch.equal(point.detach()[0], z[0])
 
 

@@ -70,6 +70,9 @@ class Grams(NamedTuple):
     # matmul instead of two triangular solves (faster, slightly less accurate at high condition)
     p_inv: torch.Tensor | None = None
     q_inv: torch.Tensor | None = None
+    # with grams(..., regularize=True): (...,) bool, heads that are not ok but finite, whose
+    # p, q and Cholesky factors are the regularized P + delta I, Q + delta I (see grams())
+    regularized: torch.Tensor | None = None
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -385,6 +388,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         check: bool | None = None,
         reference: Grams | None = None,
         inverses: bool = False,
+        regularize: bool = False,
     ) -> Grams:
         r"""The (damped) Grams :math:`P = B^\top B`, :math:`Q = A^\top A` of the point, their
         inverses and a per-head health flag, in float32 or better.
@@ -399,6 +403,10 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         to them counts as rank-deficient (see :func:`quotientopt.linalg.spd_cholesky_flagged`).
         ``inverses``: also form :math:`P^{-1}`, :math:`Q^{-1}` (``k x k``), so that solves become
         single matmuls (the optimizers' fast path).
+        ``regularize``: for the heads that are not ok but finite (rank-deficient, e.g. a
+        zero-initialized factor), regularized Grams instead of the identity, flagged in
+        ``regularized`` (see :meth:`_regularize`): what the optimizers use to move such a head
+        onto the full-rank set, where the exact geometry takes over.
         """
         q, p = self.cross(z, z)
         p, q = damp(p, self.damping), damp(q, self.damping)
@@ -410,11 +418,39 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         ok = ok_p & ok_q
         mask = ok[..., None, None]
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        regularized = None
+        if regularize:
+            p, q, chol_p, chol_q, regularized = self._regularize(p, q, chol_p, chol_q, ok, eye)
+            mask = (ok | regularized)[..., None, None]
         chol_p, chol_q = torch.where(mask, chol_p, eye), torch.where(mask, chol_q, eye)
-        if not inverses:
-            return Grams(p, q, chol_p, chol_q, ok)
-        p_inv, q_inv = torch.cholesky_inverse(chol_p), torch.cholesky_inverse(chol_q)
-        return Grams(p, q, chol_p, chol_q, ok, p_inv, q_inv)
+        p_inv = q_inv = None
+        if inverses:
+            p_inv, q_inv = torch.cholesky_inverse(chol_p), torch.cholesky_inverse(chol_q)
+        return Grams(p, q, chol_p, chol_q, ok, p_inv, q_inv, regularized)
+
+    #: relative size of the floor that :meth:`grams` adds for ``regularize=True``
+    regularization = 0.1
+
+    def _regularize(self, p, q, chol_p, chol_q, ok, eye):
+        r"""Regularized Grams for the heads that are not ok: :math:`P + \delta I`,
+        :math:`Q + \delta I` with :math:`\delta = 0.1\,(\mathrm{tr} P + \mathrm{tr} Q) / 2k`
+        (1 where both vanish). The Euclidean gradient of a factor lies in the range of the
+        other factor's Gram (:math:`\nabla_A f = E B`), so the regularized step is close to the
+        pseudo-inverse step: it never divides by a vanishing direction, and it moves a
+        zero-initialized factor off zero in one step. It is not GL(k)-equivariant."""
+        k = p.shape[-1]
+        scale = (p.diagonal(dim1=-2, dim2=-1).sum(-1) + q.diagonal(dim1=-2, dim2=-1).sum(-1)) / (
+            2 * k
+        )
+        delta = torch.where(scale > 0, self.regularization * scale, torch.ones_like(scale))
+        floor = ~ok[..., None, None] * delta[..., None, None] * eye
+        p, q = p + floor, q + floor
+        reg_p, info_p = torch.linalg.cholesky_ex(p)
+        reg_q, info_q = torch.linalg.cholesky_ex(q)
+        finite = torch.isfinite(p).flatten(-2).all(-1) & torch.isfinite(q).flatten(-2).all(-1)
+        regularized = ~ok & (info_p == 0) & (info_q == 0) & finite
+        mask = ok[..., None, None]
+        return p, q, torch.where(mask, chol_p, reg_p), torch.where(mask, chol_q, reg_q), regularized
 
     # ---------------------------------------------------------------------- the geometry
     def egrad2rgrad(

@@ -79,6 +79,7 @@ explicit) as torch's fused SGD kernel.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -440,6 +441,51 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         x = tril_inverse(chol)
         return gram, chol, x.mT @ x, ok
 
+    @staticmethod
+    def _regularize(cache: dict) -> tuple[dict, torch.Tensor]:
+        r"""For heads whose Grams are not both regular (a rank-deficient start, e.g. a
+        zero-initialized factor): the inverses of :math:`G + \delta I` with
+        :math:`\delta = 0.1\,(\mathrm{tr}\,Q + \mathrm{tr}\,P) / 2k` (1 where both vanish), and
+        their flag. As in :meth:`FactorQuotient.grams` with ``regularize=True``: the kinetic flow
+        of a factor only moves it along the range of its momentum, which lies in the range of
+        the other factor's Gram, so the regularized metric moves such a head onto the full-rank
+        set (not GL(k)-equivariantly), where the exact flow takes over."""
+        (q, *_, ok_q), (p, *_, ok_p) = cache[0], cache[1]
+        ok = ok_q & ok_p
+        k = q.shape[-1]
+        scale = (q.diagonal(dim1=-2, dim2=-1).sum(-1) + p.diagonal(dim1=-2, dim2=-1).sum(-1)) / (
+            2 * k
+        )
+        delta = torch.where(scale > 0, 0.1 * scale, torch.ones_like(scale))[..., None, None]
+        eye = torch.eye(k, dtype=q.dtype, device=q.device)
+        out, usable = {}, ~ok
+        for w, (g, chol, inv, flag) in cache.items():
+            damped = g + delta * eye
+            reg_chol, info = torch.linalg.cholesky_ex(damped)
+            usable = usable & (info == 0) & torch.isfinite(damped).flatten(-2).all(-1)
+            x = tril_inverse(torch.where((info == 0)[..., None, None], reg_chol, eye))
+            mask = ok[..., None, None]
+            out[w] = (g, torch.where(mask, chol, reg_chol), torch.where(mask, inv, x.mT @ x), flag)
+        return out, usable
+
+    @torch.compiler.disable
+    def _warn_if_rank_deficient(self, state: dict, regularized: torch.Tensor) -> None:
+        """Warn once (reading one flag on the host, at a tensor's first step only) that some
+        heads start rank-deficient and move with the regularized metric."""
+        if state.get("step", 0) != 0 or getattr(self, "_warned_rank_deficient", False):
+            return
+        count = int(regularized.sum())
+        if count:
+            self._warned_rank_deficient = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or low-rank "
+                "factor, e.g. a zero-initialized output projection). The quotient metric is "
+                "singular there, so they move with a regularized metric (G + delta I) until they "
+                "reach full rank; the exact invariance holds on full-rank heads only.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _splitting_step(self, p, grad, h, damping, diagnostics):
         r"""One step of the splitting integrator (module docstring), batched over the heads:
         the kick, then the exact flows of :math:`T_A` and :math:`T_B` for ``h`` each, in the order
@@ -458,6 +504,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         cache = state.get("grams")
         if cache is None or state.get("grams_version") != (z._version, z.data_ptr()):
             cache = {w: self._gram(geometry, zc, w) for w in (0, 1)}
+        cache, regularized = self._regularize(cache)
         start = dict(cache)
         # kick: p_n = e^{-gamma h} (p~ - h/2 g) ends the last step, p_n - h/2 g starts this one
         if old is None:
@@ -482,7 +529,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         current = list(geometry.factors(zc))
         moved = geometry.factors(new)
         momenta = geometry.factors(m)
-        healthy = cache[0][3] & cache[1][3]
+        healthy = (cache[0][3] & cache[1][3]) | regularized
         parity = state.get("step", 0) % 2
         for x in (0, 1) if parity == 0 else (1, 0):  # T_A then T_B, or T_B then T_A
             y = 1 - x
@@ -492,7 +539,9 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             s = self._contract(geometry, m, v, x)  # V_X^T V_X
             _add_right_product(momenta[y], current[y], s, h)  # p_Y += h Y V_X^T V_X
             cache[x] = self._gram(geometry, new, x, reference=cache[x][0])
-            healthy = healthy & cache[x][3] & torch.isfinite(s).flatten(-2).all(-1)
+            # a head that started rank-deficient only has to stay finite on its way to full rank
+            healthy = healthy & (cache[x][3] | regularized) & torch.isfinite(s).flatten(-2).all(-1)
+        self._warn_if_rank_deficient(state, regularized)
         state["step"] = state.get("step", 0) + 1
 
         def commit(keep):

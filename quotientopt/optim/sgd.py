@@ -48,6 +48,7 @@ it does not, or when the step was withheld (a non-finite gradient)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -243,7 +244,10 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         state = self.state[p]
         stored = state.get("grams")
         if stored is None or self._log.modified_elsewhere(p):
-            return p.manifold.grams(p.detach(), check=False, inverses=True), True
+            grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
+            if "step" not in state:
+                self._warn_if_rank_deficient(grams)
+            return grams, True
         step, due = state.get("step", 0), state.get("next_refresh", 0)
         # a refresh_every lowered since the last refresh shortens the current interval
         due = min(due, due - state.get("refresh_interval", 1) + group["refresh_every"])
@@ -328,6 +332,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = None
         if beta:
             old = self.state[p].get("momentum_buffer")
+            if old is not None:  # a head that is rank-deficient now does not coast on momentum
+                old = where_heads(grams.ok, old, torch.zeros((), dtype=old.dtype))
             if old is None:
                 buf = rgrad.clone()  # becomes the state; rgrad lives in a reused work buffer
             elif group["nesterov"]:
@@ -342,11 +348,35 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         else:
             direction = rgrad
         new = torch.add(z, direction, alpha=-lr, out=self._work_buffers(p)[1])
-        new_grams = manifold.grams(new, check=False, reference=grams, inverses=True)
-        ok = grams.ok & new_grams.ok & keep  # non-finite points have non-finite Grams
+        new_grams = manifold.grams(
+            new, check=False, reference=grams, inverses=True, regularize=True
+        )
+        # a healthy head must stay healthy; a rank-deficient one (regularized metric) must stay
+        # finite; non-finite points have non-finite Grams
+        usable = new_grams.ok | new_grams.regularized
+        started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
+        ok = torch.where(grams.ok, new_grams.ok, started_deficient & usable) & keep
         if buf is not None:
             buf = manifold.proju_(new, buf, grams=new_grams)
         return new, buf, new_grams, ok
+
+    @torch.compiler.disable
+    def _warn_if_rank_deficient(self, grams: Grams) -> None:
+        """Warn once (reading one flag on the host, at a tensor's first step only) that some
+        heads start rank-deficient and take the regularized step until they have full rank."""
+        if getattr(self, "_warned_rank_deficient", False):
+            return
+        deficient = int((~grams.ok).sum())
+        if deficient:
+            self._warned_rank_deficient = True
+            warnings.warn(
+                f"{type(self).__name__}: {deficient} head(s) start rank-deficient (a zero or "
+                "low-rank factor, e.g. a zero-initialized output projection). The quotient "
+                "metric is singular there, so they take a regularized step (P + delta I) until "
+                "they reach full rank; the exact invariance holds on full-rank heads only.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     @staticmethod
     def _frozen_where_unhealthy(grams: Grams) -> Grams:
@@ -373,6 +403,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = None
         if beta:
             old = self.state[p].get("momentum_buffer")
+            if old is not None:  # a head that is rank-deficient now does not coast on momentum
+                old = where_heads(grams.ok, old, torch.zeros((), dtype=old.dtype))
             buf = (
                 rgrad.clone()
                 if old is None
@@ -424,6 +456,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             stored = self.state[p]["grams"] = {
                 name: where_heads(ok, fresh, kept)
                 for name, fresh, kept in zip(Grams._fields, new_grams, grams, strict=True)
+                if fresh is not None and kept is not None
             }
             buf = self.state[p].get("momentum_buffer")
             if group["refresh_every"] > 1 and buf is not None:

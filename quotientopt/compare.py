@@ -228,7 +228,8 @@ def _finite(model: torch.nn.Module) -> bool:
 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    name = type(error).__name__.lstrip("_")  # torch._C._LinAlgError -> LinAlgError
+    return f"{name}: {lines[0]}" if lines else name
 
 
 def _train(model, optimizer, train, settings, steps, device, monitor=None, bar=None) -> dict:
@@ -388,6 +389,17 @@ def trailing_mean(series: list[float], window: int = 25) -> list[float]:
     return out
 
 
+def _json_safe(value):
+    """Non-finite floats (diagnostics of a diverged run) as null: results.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _cell(value, fmt: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
@@ -422,7 +434,7 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
     atomic_write(
         logdir / "results.json",
         json.dumps(
-            {"settings": asdict(settings), "data": source, "results": results},
+            _json_safe({"settings": asdict(settings), "data": source, "results": results}),
             indent=2,
             allow_nan=False,
             default=str,

@@ -6,10 +6,18 @@ import json
 import math
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from quotientopt.cli import main
-from quotientopt.compare import CONTENDERS, TUNE_FACTORS, Settings, figure_title, trailing_mean
+from quotientopt.compare import (
+    CONTENDERS,
+    TUNE_FACTORS,
+    Contender,
+    Settings,
+    figure_title,
+    trailing_mean,
+)
 
 TINY = [
     "--steps",
@@ -118,11 +126,12 @@ def strict_json(path):
 
 
 def test_a_diverging_run_is_marked_and_the_others_go_on(tmp_path, capsys):
-    """Huge learning rates: SGD's loss blows up, QuotientSGD's step leaves non-finite weights
-    with the monitor's diagnostics due on every step (--every 1); AdamW must still run."""
+    """Huge learning rates: SGD's loss blows up; QuotientSGD's first step leaves non-finite
+    weights while the monitor's diagnostics are due (--every 1: they raise on NaN inside
+    optimizer.step()); AdamW must still run."""
     logdir = tmp_path / "runs"
     args = [*TINY, "--every", "1", "--optimizers", "sgd,quotient-sgd,adamw"]
-    args += ["--lr", "sgd=1e4", "--lr", "quotient-sgd=1e4"]
+    args += ["--lr", "sgd=1e4", "--lr", "quotient-sgd=1e38"]
     assert main(["compare", "--data", str(corpus(tmp_path)), "--logdir", str(logdir), *args]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
@@ -175,3 +184,54 @@ def test_loss_curve_average_starts_at_step_one_and_titles_name_the_corpus():
     title = figure_title(Settings(steps=50, tune=True, tune_steps=20), "/some/dir/README.md")
     assert "README.md" in title and "50 steps of batch 16" in title and "seed 0" in title
     assert "--tune (20 steps each)" in title
+
+
+class RaisingSGD(torch.optim.SGD):
+    """SGD whose third step raises as the monitor's diagnostics do on NaN weights (eigh), after
+    making the weights non-finite (``poison``) or leaving them finite."""
+
+    def __init__(self, params, lr, poison):
+        super().__init__(params, lr=lr)
+        self.calls, self.poison = 0, poison
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 3:
+            if self.poison:
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("nan"))
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return super().step(closure)
+
+
+def test_a_step_that_raises_marks_only_its_run(tmp_path, capsys, monkeypatch):
+    for name, poison in (("nan-sgd", True), ("broken-sgd", False)):
+        monkeypatch.setitem(
+            CONTENDERS,
+            name,
+            Contender(
+                name,
+                "test double",
+                False,
+                False,
+                0.1,
+                lambda ps, lr, poison=poison: RaisingSGD(ps, lr, poison),
+            ),
+        )
+    logdir = tmp_path / "runs"
+    args = [*TINY, "--optimizers", "nan-sgd,broken-sgd,adamw"]
+    assert main(["compare", "--data", str(corpus(tmp_path)), "--logdir", str(logdir), *args]) == 0
+    err = capsys.readouterr().err
+    results = {r["optimizer"]: r for r in strict_json(logdir / "results.json")["results"]}
+    assert results["nan-sgd"]["status"] == "diverged" and results["nan-sgd"]["diverged_at"] == 4
+    assert results["broken-sgd"]["status"] == "failed"
+    assert results["broken-sgd"]["error"] == (
+        "step 3: LinAlgError: linalg.eigh: The algorithm failed to converge"
+    )
+    assert "broken-sgd failed at step 3" in err
+    assert results["adamw"]["status"] == "ok" and len(results["adamw"]["losses"]) == 12
+    table = (logdir / "results.md").read_text()
+    assert "| nan-sgd | 0.1 (default) | **diverged** at step 4 |" in table
+    assert "**failed** at step 3: LinAlgError" in table

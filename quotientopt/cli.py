@@ -236,9 +236,10 @@ def _compare(args, parser) -> int:
     logdir = _prepare_logdir(args.logdir, parser)
     results = run(text, source, settings, logdir, device=args.device)
     print((logdir / "results.md").read_text())
-    print(
-        f"Wrote {len(results)} TensorBoard runs, results.md, results.json, losses.png and charges.png to {logdir}"
-    )
+    files = ["results.md", "results.json"] + [
+        name for name in ("losses.png", "charges.png") if (logdir / name).is_file()
+    ]
+    print(f"Wrote {len(results)} TensorBoard runs, {', '.join(files)} to {logdir}")
     print(f"Open TensorBoard with:  tensorboard --logdir {logdir}")
     return 0
 

@@ -418,13 +418,10 @@ def figure_title(settings: Settings, source: str) -> str:
     )
 
 
-def write_report(results: list[dict], settings: Settings, logdir: Path, source: str) -> None:
-    """results.json, results.md, losses.png and charges.png; each written to a temporary name
-    and renamed, so a file is either complete or absent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_report(results: list[dict], settings: Settings, logdir: Path, source: str) -> list[str]:
+    """results.json, results.md, and with matplotlib (the ``plots`` extra) losses.png and
+    charges.png; each written to a temporary name and renamed, so a file is either complete or
+    absent. Returns the names written."""
 
     def atomic_write(path: Path, text: str) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -493,6 +490,14 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
         logdir / "results.md",
         header + "\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n",
     )
+    written = ["results.md", "results.json"]
+    try:
+        import matplotlib
+    except ImportError:
+        return written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     title = figure_title(settings, source)
     for filename, key, ylabel, caption in (
         (
@@ -550,6 +555,8 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         tmp.replace(logdir / filename)
+        written.append(filename)
+    return written
 
 
 def run(
@@ -591,5 +598,11 @@ def run(
         if trials is not None:
             result["tune_trials"] = trials
         results.append(result)
-    write_report(results, settings, logdir, source)
+    written = write_report(results, settings, logdir, source)
+    if "losses.png" not in written:
+        print(
+            "quotientopt: note: no losses.png / charges.png: matplotlib is not installed; "
+            "pip install 'quotientopt[plots]'",
+            file=sys.stderr,
+        )
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -235,3 +236,16 @@ def test_a_step_that_raises_marks_only_its_run(tmp_path, capsys, monkeypatch):
     table = (logdir / "results.md").read_text()
     assert "| nan-sgd | 0.1 (default) | **diverged** at step 4 |" in table
     assert "**failed** at step 3: LinAlgError" in table
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_plots_extra_named(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    logdir = tmp_path / "runs"
+    args = [*TINY, "--optimizers", "adamw"]
+    assert main(["compare", "--data", str(corpus(tmp_path)), "--logdir", str(logdir), *args]) == 0
+    captured = capsys.readouterr()
+    assert "pip install 'quotientopt[plots]'" in captured.err
+    assert "results.md, results.json to" in captured.out and "losses.png" not in captured.out
+    assert (logdir / "results.json").is_file() and not (logdir / "losses.png").exists()

@@ -58,3 +58,24 @@ def test_bash_blocks_name_existing_scripts_and_parse():
             script = ROOT / words[1]
             assert script.is_file(), command
             assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, command
+
+
+def test_the_docs_serve_their_maths_renderer_from_a_package_not_a_cdn():
+    """mkdocs.yml loads no script from the network; the hook finds MathJax's bundle and fonts in
+    the installed django-static-mathjax package (a missing package fails the build, naming it)."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    try:
+        from mathjax_offline import mathjax_root
+    finally:
+        sys.path.pop(0)
+
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    scripts = config["extra_javascript"]
+    assert "javascripts/mathjax/tex-mml-chtml.js" in scripts
+    assert not [s for s in scripts if "://" in s], scripts
+    assert "docs/_ext/mathjax_offline.py" in config["hooks"]
+    root = mathjax_root()
+    assert (root / "tex-mml-chtml.js").stat().st_size > 100_000
+    assert len(list((root / "output/chtml/fonts/woff-v2").glob("*.woff"))) >= 20

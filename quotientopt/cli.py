@@ -22,10 +22,8 @@ from quotientopt import __version__
 from quotientopt.compare import CONTENDERS, TUNE_FACTORS
 
 DESCRIPTION = (
-    "quotientopt: train attention heads on the quotient of their factor space by GL(k). "
-    "Commands: compare (train the reference GPT with several optimizers, compare them in "
-    "TensorBoard), audit (count a model's redundant symmetry dimensions), demo (a one-minute "
-    "low-rank fit). 'quotientopt COMMAND --help' describes each."
+    "Train transformer attention heads on the quotient of their factor space by GL(k). "
+    "'quotientopt COMMAND --help' describes each command."
 )
 
 
@@ -121,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="learning rate of one optimizer (repeatable); the defaults were tuned on the "
-        "default corpus, not on --data",
+        help="learning rate of one optimizer (repeatable); defaults, tuned on the default corpus "
+        "(not on --data): "
+        + ", ".join(f"{name}={c.default_lr:g}" for name, c in CONTENDERS.items()),
     )
     compare.add_argument(
         "--tune",

@@ -5,12 +5,13 @@
 * ``quotientopt audit``: the symmetry audit of a model (redundant dimensions per head and sector);
 * ``quotientopt demo``: a one-minute fit of a real low-rank problem with the quotient geometry.
 
-Bad input gives a one-line error and exit status 2.
+Bad input gives a one-line error, ``quotientopt: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,26 @@ from pathlib import Path
 import torch
 
 from quotientopt import __version__
+from quotientopt.compare import CONTENDERS, TUNE_FACTORS
+
+DESCRIPTION = (
+    "Train transformer attention heads on the quotient of their factor space by GL(k). "
+    "'quotientopt COMMAND --help' describes each command."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """One error prefix for every (sub)command: usage, then ``quotientopt: error: ...``."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        fail(message)
+
+
+def fail(message: str):
+    """Print the one-line error ``quotientopt: error: <message>`` and exit with status 2."""
+    sys.stderr.write(f"quotientopt: error: {message}\n")
+    raise SystemExit(2)
 
 
 def _positive_int(text: str) -> int:
@@ -41,13 +62,14 @@ def _condition(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quotientopt", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="quotientopt", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"quotientopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
         help="best rank-k approximation of a text's bigram statistics: quotient vs Euclidean",
-        description="Fit the best rank-k approximation of a text's character-bigram matrix with "
+        description="Fit the best rank-k approximation of a text's character-bigram matrix (over its "
+        "96 most frequent characters, any script) with "
         "geoopt's RiemannianSGD on FactorQuotient and with torch.optim.SGD, from one start "
         "and from a re-factorized copy of it, and print the gap to the optimum.",
     )
@@ -57,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a UTF-8 text file (default: the Python standard library's sources)",
     )
     demo.add_argument(
-        "--rank", type=_positive_int, default=8, help="rank k of the fit (default 8, at most 95)"
+        "--rank",
+        type=_positive_int,
+        help="rank k of the fit, below the rank of the text's bigram matrix (default 8, or less "
+        "when that rank is lower)",
     )
     demo.add_argument(
         "--steps", type=_positive_int, default=300, help="optimizer steps (default 300)"
@@ -94,7 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="learning rate of one optimizer (repeatable)",
+        help="learning rate of one optimizer (repeatable); defaults, tuned on the default corpus "
+        "(not on --data): "
+        + ", ".join(f"{name}={c.default_lr:g}" for name, c in CONTENDERS.items()),
+    )
+    compare.add_argument(
+        "--tune",
+        action="store_true",
+        help="before the runs, pick each optimizer's lr on this text: "
+        f"{len(TUNE_FACTORS)} lrs (the default or --lr times "
+        f"{', '.join(f'{f:g}' for f in TUNE_FACTORS)}), --tune-steps steps each, lowest final "
+        f"training loss; costs {len(TUNE_FACTORS)} x --tune-steps extra steps per optimizer",
     )
     for name, default, text in (
         ("steps", 1000, "training steps per optimizer"),
@@ -104,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("n-head", 4, "attention heads"),
         ("n-embd", 64, "model width"),
         ("every", 25, "log the symmetry diagnostics every this many steps"),
+        ("tune-steps", 100, "--tune: steps per tried lr (at most --steps)"),
     ):
         compare.add_argument(
             f"--{name}", type=_positive_int, default=default, help=f"{text} (default {default})"
@@ -137,8 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _contenders() -> list[str]:
-    from quotientopt.compare import CONTENDERS
-
     return list(CONTENDERS)
 
 
@@ -151,32 +185,26 @@ def _learning_rates(items: list[str], parser: argparse.ArgumentParser) -> dict[s
         except ValueError:
             sep = ""
         if not sep:
-            parser.error(f"--lr expects NAME=VALUE (e.g. --lr adamw=1e-3), got {item!r}")
+            fail(f"--lr expects NAME=VALUE (e.g. --lr adamw=1e-3), got {item!r}")
     return rates
 
 
 def _prepare_logdir(path: str | None, parser: argparse.ArgumentParser) -> Path:
     logdir = Path(path) if path else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     if logdir.exists() and (not logdir.is_dir() or any(logdir.iterdir())):
-        parser.exit(
-            2,
-            f"quotientopt compare: error: --logdir {logdir} exists and is not an empty folder; pass a new one\n",
-        )
+        fail(f"--logdir {logdir} exists and is not an empty folder; pass a new one")
     try:
         logdir.mkdir(parents=True, exist_ok=True)
         probe = logdir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        parser.exit(
-            2,
-            f"quotientopt compare: error: cannot write to --logdir {logdir} ({error.strerror}); choose a writable folder\n",
-        )
+        fail(f"cannot write to --logdir {logdir} ({error.strerror}); choose a writable folder")
     return logdir
 
 
 def _compare(args, parser) -> int:
-    from quotientopt.compare import Settings, run
+    from quotientopt.compare import DEFAULT_SOURCE, Settings, run
     from quotientopt.data import read_text_file, stdlib_text
 
     settings = Settings(
@@ -190,11 +218,11 @@ def _compare(args, parser) -> int:
         every=args.every,
         seed=args.seed,
         learning_rates=_learning_rates(args.lr, parser),
+        tune=args.tune,
+        tune_steps=args.tune_steps,
     )
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(
-            2, "quotientopt compare: error: --device cuda but no CUDA device is available\n"
-        )
+        fail("--device cuda but no CUDA device is available; pass --device cpu")
     try:
         settings.validate()
         text = read_text_file(args.data) if args.data else stdlib_text(settings.max_bytes)
@@ -202,39 +230,82 @@ def _compare(args, parser) -> int:
 
         split_corpus(text, settings.block_size, settings.batch_size)
     except ValueError as error:
-        parser.exit(2, f"quotientopt compare: error: {error}\n")
-    source = args.data or "the Python standard library's sources"
+        fail(str(error))
+    source = args.data or DEFAULT_SOURCE
     logdir = _prepare_logdir(args.logdir, parser)
     results = run(text, source, settings, logdir, device=args.device)
     print((logdir / "results.md").read_text())
-    print(
-        f"Wrote {len(results)} TensorBoard runs, results.md, results.json, losses.png and charges.png to {logdir}"
-    )
+    files = ["results.md", "results.json"] + [
+        name for name in ("losses.png", "charges.png") if (logdir / name).is_file()
+    ]
+    print(f"Wrote {len(results)} TensorBoard runs, {', '.join(files)} to {logdir}")
     print(f"Open TensorBoard with:  tensorboard --logdir {logdir}")
     return 0
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _load_hf(path_text: str):
+    """A local Hugging Face model folder, or a one-line error naming the file and the problem."""
+    path = Path(path_text)
+    if not path.exists():
+        fail(
+            f"--hf {path} does not exist; pass a local Hugging Face model folder "
+            "(config.json and model.safetensors; models are not downloaded)"
+        )
+    if path.is_file():
+        fail(
+            f"--hf {path} is a file; pass the folder that holds config.json and the weights "
+            f"(here: --hf {path.parent})"
+        )
+    config = path / "config.json"
+    if not config.is_file():
+        fail(f"--hf {path} holds no config.json; pass a Hugging Face model folder")
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        fail(f"{config} is not a readable JSON file ({error}); restore it from the model's source")
+    try:
+        from transformers import AutoModel
+    except ImportError:
+        fail("--hf needs transformers; pip install 'quotientopt[hf]'")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not any(path.glob("*.bin")):
+        fail(
+            f"--hf {path} holds config.json but no weights ({' or '.join(WEIGHT_FILES)}); "
+            "copy them next to config.json"
+        )
+    try:
+        from safetensors import safe_open
+
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+    except ImportError:
+        pass
+    except Exception as error:  # safetensors raises its own SafetensorError
+        fail(
+            f"{shard} is not a complete safetensors file ({_first_line(error)}); "
+            "download or copy it again"
+        )
+    try:
+        return AutoModel.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:  # transformers raises many types; name the folder, one line
+        fail(f"cannot load a Hugging Face model from {path}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _audit(args, parser) -> int:
     from quotientopt.symmetry.audit import audit
 
     if args.hf:
-        try:
-            from transformers import AutoModel
-        except ImportError:
-            parser.exit(
-                2,
-                "quotientopt audit: error: --hf needs transformers; pip install 'quotientopt[hf]'\n",
-            )
-        try:
-            model = AutoModel.from_pretrained(args.hf, local_files_only=True)
-        except (OSError, ValueError) as error:
-            first = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
-            parser.exit(
-                2,
-                f"quotientopt audit: error: cannot load a Hugging Face model from {args.hf}: {first}\n",
-            )
+        model = _load_hf(args.hf)
     else:
         from quotientopt.models import GPT, GPTConfig
 
@@ -250,7 +321,7 @@ def _audit(args, parser) -> int:
                 bias=not args.no_bias,
             )
         except ValueError as error:
-            parser.exit(2, f"quotientopt audit: error: {error}\n")
+            fail(str(error))
         model = GPT(config)
     print(audit(model).to_markdown())
     return 0
@@ -265,21 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         return _audit(args, parser)
     if args.command == "demo":
         from quotientopt.data import read_text_file, stdlib_text
-        from quotientopt.demo import ALPHABET, run_demo
+        from quotientopt.demo import run_demo
 
-        if args.rank >= len(ALPHABET):
-            parser.error(
-                f"--rank must be below {len(ALPHABET)} (the bigram matrix is {len(ALPHABET)} x {len(ALPHABET)})"
-            )
         try:
             text = read_text_file(args.data) if args.data else stdlib_text()
-        except ValueError as error:
-            parser.exit(2, f"quotientopt demo: error: {error}\n")
-        print(
-            run_demo(
+            report = run_demo(
                 text, rank=args.rank, steps=args.steps, condition=args.condition, seed=args.seed
             )
-        )
+        except ValueError as error:
+            fail(str(error))
+        print(report)
     return 0
 
 

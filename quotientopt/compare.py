@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,8 @@ class Settings:
     seed: int = 0
     max_bytes: int = 2_000_000
     learning_rates: dict[str, float] = field(default_factory=dict)
+    tune: bool = False  # a short lr search per optimizer on this text before the runs
+    tune_steps: int = 100  # steps per grid point (at most `steps`)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line message for nonsense settings."""
@@ -141,6 +144,7 @@ class Settings:
             "n_embd",
             "every",
             "eval_batches",
+            "tune_steps",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -195,17 +199,16 @@ def evaluate(model: GPT, val: torch.Tensor, settings: Settings, device) -> float
     return sum(losses) / len(losses)
 
 
-def train_one(
-    name: str,
-    train: torch.Tensor,
-    val: torch.Tensor,
-    settings: Settings,
-    logdir: Path,
-    device,
-    progress,
-) -> dict:
-    contender = CONTENDERS[name]
-    lr = settings.learning_rates.get(name, contender.default_lr)
+#: The ``source`` of the default corpus, as the report names it.
+DEFAULT_SOURCE = "the Python standard library's sources"
+#: ``--tune``: each optimizer's grid is its starting lr (default or ``--lr``) times these factors.
+TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0)
+#: A run has diverged when its training loss is non-finite or exceeds this many times its first
+#: value (the loss of the initialization, about ln 256 = 5.5 for bytes).
+DIVERGENCE_FACTOR = 3.0
+
+
+def _model(contender: Contender, settings: Settings, device) -> GPT:
     config = GPTConfig(
         block_size=settings.block_size,
         vocab_size=256,
@@ -216,31 +219,131 @@ def train_one(
         symmetry_breaking=contender.symmetry_breaking,
     )
     torch.manual_seed(settings.seed)  # the same initialization for every optimizer
-    model = GPT(config).to(device)
+    return GPT(config).to(device)
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__.lstrip("_")  # torch._C._LinAlgError -> LinAlgError
+    return f"{name}: {lines[0]}" if lines else name
+
+
+def _train(model, optimizer, train, settings, steps, device, monitor=None, bar=None) -> dict:
+    """``steps`` training steps on the shared batch sequence. Stops at the first step whose loss
+    is non-finite or above ``DIVERGENCE_FACTOR`` times the first loss (before stepping on it), and
+    when a step leaves non-finite weights (the monitor's diagnostics then raise inside
+    ``optimizer.step()``). Returns the finite losses, the time spent and where it diverged."""
+    gen = torch.Generator().manual_seed(settings.seed + 1)  # the same batches for every optimizer
+    losses: list[float] = []
+    elapsed, taken, diverged_at, error = 0.0, 0, None, None
+    for step in range(1, steps + 1):
+        x, y = batches(train, settings.block_size, settings.batch_size, gen, device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        value = loss.item()
+        if math.isfinite(value):
+            losses.append(value)
+            if monitor is not None:
+                monitor.log_loss(value)
+        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * losses[0]:
+            diverged_at = step
+            break
+        loss.backward()
+        try:
+            optimizer.step()
+            taken += 1
+        except RuntimeError as exc:  # torch.linalg.LinAlgError is one
+            if _finite(model):
+                error = f"step {step}: {_first_line(exc)}"
+            else:
+                diverged_at = step + 1  # the weights are non-finite from this step's update on
+            break
+        finally:
+            elapsed += time.perf_counter() - start
+        if bar is not None:
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.3f}")
+    return {
+        "losses": losses,
+        "elapsed": elapsed,
+        "steps_done": max(taken, 1),
+        "diverged_at": diverged_at,
+        "error": error,
+    }
+
+
+def tune_lr(name: str, train: torch.Tensor, settings: Settings, device) -> tuple[float, list[dict]]:
+    """``--tune``: train ``min(tune_steps, steps)`` steps at each lr of the grid (the starting lr
+    times :data:`TUNE_FACTORS`) from the shared initialization, without the monitor, and pick the
+    lr with the lowest mean training loss over the last 10 of those steps (a diverged trial
+    loses). Returns the chosen lr and the trials."""
+    contender = CONTENDERS[name]
+    base = settings.learning_rates.get(name, contender.default_lr)
+    steps = min(settings.tune_steps, settings.steps)
+    trials = []
+    for factor in TUNE_FACTORS:
+        lr = base * factor
+        model = _model(contender, settings, device)
+        optimizer = contender.build(list(model.parameters()), lr)
+        out = _train(model, optimizer, train, settings, steps, device)
+        ok = out["diverged_at"] is None and out["error"] is None
+        tail = out["losses"][-10:]
+        trials.append(
+            {
+                "lr": lr,
+                "train_loss_last10": sum(tail) / len(tail) if ok else None,
+                "diverged_at": out["diverged_at"],
+                "error": out["error"],
+            }
+        )
+    finished = [t for t in trials if t["train_loss_last10"] is not None]
+    if not finished:  # every trial diverged: the smallest lr, which the run will mark diverged
+        return trials[0]["lr"], trials
+    return min(finished, key=lambda t: t["train_loss_last10"])["lr"], trials
+
+
+def train_one(
+    name: str,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    settings: Settings,
+    logdir: Path,
+    device,
+    progress,
+    lr: float | None = None,
+    lr_source: str | None = None,
+) -> dict:
+    """Train one optimizer with the monitor attached; a run that diverges (see
+    :data:`DIVERGENCE_FACTOR`) or whose step raises stops there and is marked, instead of
+    aborting the comparison."""
+    contender = CONTENDERS[name]
+    if lr is None:
+        lr = settings.learning_rates.get(name, contender.default_lr)
+        lr_source = "--lr" if name in settings.learning_rates else "default"
+    model = _model(contender, settings, device)
     optimizer = contender.build(list(model.parameters()), lr)
     probe_gen = torch.Generator().manual_seed(12345)  # attention patterns on one fixed batch
     probe = batches(val, settings.block_size, 2, probe_gen, device)[0]
     monitor = SymmetryMonitor(
         model, optimizer, logdir / name, every=settings.every, probe=probe, loss_every=1
     )
-    gen = torch.Generator().manual_seed(settings.seed + 1)  # the same batches for every optimizer
-    losses, elapsed = [], 0.0
-    bar = progress(range(settings.steps), desc=f"{name:>20}", leave=True)
-    for step in bar:
-        x, y = batches(train, settings.block_size, settings.batch_size, gen, device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        elapsed += time.perf_counter() - start
-        value = loss.item()
-        monitor.log_loss(value)
-        losses.append(value)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{value:.3f}")
-    val_loss = evaluate(model, val, settings, device)
-    monitor._scalar("loss/val", val_loss)
+    bar = progress(total=settings.steps, desc=f"{name:>20}", leave=True)
+    out = _train(model, optimizer, train, settings, settings.steps, device, monitor, bar)
+    bar.close()
+    losses, diverged_at, error = out["losses"], out["diverged_at"], out["error"]
+    val_loss = None
+    if diverged_at is None and error is None:
+        val_loss = evaluate(model, val, settings, device)
+        if not math.isfinite(val_loss) or val_loss > DIVERGENCE_FACTOR * losses[0]:
+            diverged_at, val_loss = settings.steps, None
+        else:
+            monitor._scalar("loss/val", val_loss)
     summary = {
         tag.removeprefix("summary/"): points[-1][1]
         for tag, points in monitor.history.items()
@@ -248,26 +351,77 @@ def train_one(
     }
     charges = monitor.history.get("summary/charge_drift", [])
     monitor.close({"optimizer": name, "lr": lr})
+    status = "failed" if error else "diverged" if diverged_at is not None else "ok"
+    if status != "ok":
+        print(
+            f"quotientopt: warning: {name} "
+            + (f"failed at {error}" if error else f"diverged at step {diverged_at}")
+            + f" (lr {lr:g}); the other optimizers go on",
+            file=sys.stderr,
+        )
+    tail = losses[-10:]
     return {
         "optimizer": name,
         "description": contender.description,
         "lr": lr,
-        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "lr_source": lr_source,
+        "status": status,
+        "diverged_at": diverged_at,
+        "error": error,
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
         "val_loss": val_loss,
-        "step_ms": 1e3 * elapsed / settings.steps,
+        "step_ms": 1e3 * out["elapsed"] / out["steps_done"],
         "diagnostics": summary,
         "losses": losses,
         "charge_drift": charges,
     }
 
 
-def write_report(results: list[dict], settings: Settings, logdir: Path, source: str) -> None:
-    """results.json, results.md, losses.png and charges.png; each written to a temporary name
-    and renamed, so a file is either complete or absent."""
-    import matplotlib
+def trailing_mean(series: list[float], window: int = 25) -> list[float]:
+    """Mean of the last ``min(t, window)`` values at each position ``t = 1, 2, ...``: a moving
+    average that starts at the first step."""
+    out, total = [], 0.0
+    for i, value in enumerate(series):
+        total += value
+        if i >= window:
+            total -= series[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _json_safe(value):
+    """Non-finite floats (diagnostics of a diverged run) as null: results.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _source_name(source: str) -> str:
+    return Path(source).name if Path(source).is_file() else source
+
+
+def figure_title(settings: Settings, source: str) -> str:
+    """The plots' title: the corpus and the settings."""
+    return (
+        f"{_source_name(source)}: GPT {settings.n_layer} layers x {settings.n_head} heads, width "
+        f"{settings.n_embd}, context {settings.block_size}\n{settings.steps} steps of batch "
+        f"{settings.batch_size}, seed {settings.seed}"
+        + (f", lrs tuned by --tune ({settings.tune_steps} steps each)" if settings.tune else "")
+    )
+
+
+def write_report(results: list[dict], settings: Settings, logdir: Path, source: str) -> list[str]:
+    """results.json, results.md, and with matplotlib (the ``plots`` extra) losses.png and
+    charges.png; each written to a temporary name and renamed, so a file is either complete or
+    absent. Returns the names written."""
 
     def atomic_write(path: Path, text: str) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -276,7 +430,12 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
 
     atomic_write(
         logdir / "results.json",
-        json.dumps({"settings": asdict(settings), "data": source, "results": results}, indent=2)
+        json.dumps(
+            _json_safe({"settings": asdict(settings), "data": source, "results": results}),
+            indent=2,
+            allow_nan=False,
+            default=str,
+        )
         + "\n",
     )
     rows = [
@@ -285,10 +444,41 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
     ]
     for r in results:
         d = r["diagnostics"]
+        if r["status"] == "diverged":
+            val = f"**diverged** at step {r['diverged_at']}"
+        elif r["status"] == "failed":
+            val = f"**failed** at {r['error']}"
+        else:
+            val = f"{r['val_loss']:.4f}"
         rows.append(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['final_train_loss']:.4f} | {r['step_ms']:.1f} | "
-            f"{d.get('charge_drift', float('nan')):.3g} | {d.get('vertical_fraction_euclidean', float('nan')):.3g} | "
-            f"{d.get('vertical_fraction_preconditioned', float('nan')):.3g} |"
+            f"| {r['optimizer']} | {r['lr']:.3g} ({r['lr_source']}) | {val} | "
+            f"{_cell(r['final_train_loss'], '.4f')} | {r['step_ms']:.1f} | "
+            f"{_cell(d.get('charge_drift'), '.3g')} | {_cell(d.get('vertical_fraction_euclidean'), '.3g')} | "
+            f"{_cell(d.get('vertical_fraction_preconditioned'), '.3g')} |"
+        )
+    sources = {r["lr_source"] for r in results}
+    notes = []
+    if "default" in sources:
+        notes.append(
+            "default: the learning rate was tuned on the default corpus (the Python standard "
+            "library's sources; a three-point grid at 200 steps, seed 0)"
+            + (
+                "."
+                if source == DEFAULT_SOURCE
+                else ", not on this text; `--tune` searches a short grid on it, `--lr NAME=VALUE` "
+                "sets one."
+            )
+        )
+    if "tuned" in sources:
+        notes.append(
+            f"tuned: picked by `--tune` from {len(TUNE_FACTORS)} lrs (the default times "
+            f"{', '.join(f'{f:g}' for f in TUNE_FACTORS)}), {min(settings.tune_steps, settings.steps)} "
+            "steps each, lowest training loss over the last 10 steps (trials in results.json)."
+        )
+    if any(r["status"] == "diverged" for r in results):
+        notes.append(
+            f"diverged: the training loss became non-finite or exceeded {DIVERGENCE_FACTOR:g}x its "
+            "first value; the run stopped there (try a smaller `--lr NAME=VALUE` or `--tune`)."
         )
     header = (
         f"Byte-level GPT ({settings.n_layer} layers, {settings.n_head} heads, width {settings.n_embd}, context "
@@ -296,35 +486,77 @@ def write_report(results: list[dict], settings: Settings, logdir: Path, source: 
         f"Validation: {settings.eval_batches} fixed batches of the last 10% of the text. One seed: differences "
         "smaller than the seed-to-seed spread (not measured here) mean nothing."
     )
-    atomic_write(logdir / "results.md", header + "\n\n" + "\n".join(rows) + "\n")
-    for filename, key, ylabel, log in (
-        ("losses.png", "losses", "training loss (25-step moving average)", False),
-        ("charges.png", "charge_drift", "charge drift ||C - C0|| / (||Q0|| + ||P0||)", True),
+    atomic_write(
+        logdir / "results.md",
+        header + "\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n",
+    )
+    written = ["results.md", "results.json"]
+    try:
+        import matplotlib
+    except ImportError:
+        return written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = figure_title(settings, source)
+    for filename, key, ylabel, caption in (
+        (
+            "losses.png",
+            "losses",
+            "training loss (nats per byte)",
+            "Mean of the last 25 steps (of all steps so far before step 25). y axis clipped at "
+            "1.5x the first loss; x: a diverged run, stopped there.",
+        ),
+        (
+            "charges.png",
+            "charge_drift",
+            "charge drift (relative)",
+            "C = A^T A - B^T B per head (the GL(k) symmetry's conserved quantity under gradient "
+            "flow); plotted: ||C(t) - C(0)||_F / (||A0^T A0||_F + ||B0^T B0||_F), mean over heads "
+            "and sectors, every --every steps; log scale.",
+        ),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 5))
+        top = 0.0
         for r in results:
-            series = r[key]
-            if key == "losses":  # a 25-step moving average; the raw curve is too noisy to compare
-                window = min(25, len(series))
-                smooth = torch.tensor(series).unfold(0, window, 1).mean(1).tolist()
-                ax.plot(range(window - 1, len(series)), smooth, label=r["optimizer"], linewidth=1.2)
-            elif series:
-                ax.plot(
-                    [s for s, _ in series],
-                    [max(v, 1e-12) for _, v in series],
-                    label=r["optimizer"],
-                    marker=".",
-                )
+            label = r["optimizer"] + (f" ({r['status']})" if r["status"] != "ok" else "")
+            if key == "losses":
+                series = r["losses"]
+                if not series:
+                    continue
+                smooth = trailing_mean(series)
+                steps = range(1, len(series) + 1)
+                (line,) = ax.plot(steps, smooth, label=label, linewidth=1.2)
+                top = max(top, series[0])
+                if r["status"] != "ok":
+                    ax.plot(len(series), smooth[-1], "x", color=line.get_color(), markersize=9)
+            else:
+                points = [(s, v) for s, v in r[key] if math.isfinite(v)]
+                if points:
+                    ax.plot(
+                        [s + 1 for s, _ in points],
+                        [max(v, 1e-12) for _, v in points],
+                        label=label,
+                        marker=".",
+                    )
+        if key == "losses" and top > 0:  # clipped: a diverging curve must not squash the others
+            finite = [v for r in results for v in trailing_mean(r["losses"]) if v <= 1.5 * top]
+            ax.set_ylim(0.95 * min(finite), 1.5 * top)
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
+        ax.set_title(title, fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         tmp = logdir / (filename + ".tmp.png")
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         tmp.replace(logdir / filename)
+        written.append(filename)
+    return written
 
 
 def run(
@@ -335,16 +567,42 @@ def run(
     device: str | None = None,
     progress=None,
 ) -> list[dict]:
-    """Validate, then train every optimizer and write the report. Returns the results."""
+    """Validate, optionally tune the learning rates (``settings.tune``), then train every
+    optimizer and write the report. Returns the results."""
     settings.validate()
     train, val = split_corpus(text, settings.block_size, settings.batch_size)
     if progress is None:
         from tqdm.auto import tqdm as progress
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     logdir.mkdir(parents=True, exist_ok=True)
-    results = [
-        train_one(name, train, val, settings, logdir, device, progress)
-        for name in settings.optimizers
-    ]
-    write_report(results, settings, logdir, source)
+    results = []
+    for name in settings.optimizers:
+        lr, lr_source, trials = None, None, None
+        if settings.tune:
+            lr, trials = tune_lr(name, train, settings, device)
+            lr_source = "tuned"
+            print(
+                f"{name:>20}: --tune picked lr {lr:.3g} from "
+                + ", ".join(
+                    f"{t['lr']:.3g}: "
+                    + (
+                        f"{t['train_loss_last10']:.3f}"
+                        if t["train_loss_last10"] is not None
+                        else "diverged"
+                    )
+                    for t in trials
+                ),
+                file=sys.stderr,
+            )
+        result = train_one(name, train, val, settings, logdir, device, progress, lr, lr_source)
+        if trials is not None:
+            result["tune_trials"] = trials
+        results.append(result)
+    written = write_report(results, settings, logdir, source)
+    if "losses.png" not in written:
+        print(
+            "quotientopt: note: no losses.png / charges.png: matplotlib is not installed; "
+            "pip install 'quotientopt[plots]'",
+            file=sys.stderr,
+        )
     return results

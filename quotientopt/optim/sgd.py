@@ -247,6 +247,9 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
             if "step" not in state:
                 self._warn_if_rank_deficient(grams)
+            buf = state.get("momentum_buffer")
+            if buf is not None:  # edited elsewhere: a head that lost rank does not coast
+                where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
             return grams, True
         step, due = state.get("step", 0), state.get("next_refresh", 0)
         # a refresh_every lowered since the last refresh shortens the current interval
@@ -332,8 +335,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = None
         if beta:
             old = self.state[p].get("momentum_buffer")
-            if old is not None:  # a head that is rank-deficient now does not coast on momentum
-                old = where_heads(grams.ok, old, torch.zeros((), dtype=old.dtype))
             if old is None:
                 buf = rgrad.clone()  # becomes the state; rgrad lives in a reused work buffer
             elif group["nesterov"]:
@@ -403,8 +404,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = None
         if beta:
             old = self.state[p].get("momentum_buffer")
-            if old is not None:  # a head that is rank-deficient now does not coast on momentum
-                old = where_heads(grams.ok, old, torch.zeros((), dtype=old.dtype))
             buf = (
                 rgrad.clone()
                 if old is None

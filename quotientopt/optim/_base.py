@@ -14,8 +14,9 @@ from typing import Any, Literal, NamedTuple
 import geoopt
 import torch
 
+from quotientopt.distributed import local_geometry
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
+from quotientopt.manifolds.protocol import HeadGeometry
 
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
@@ -52,9 +53,10 @@ def manifold_of(p: torch.Tensor) -> geoopt.manifolds.Manifold | None:
 
 def geometry_of(p: torch.Tensor) -> HeadGeometry | None:
     """The head geometry of a parameter (a manifold that implements
-    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter."""
-    manifold = getattr(p, "manifold", None)
-    return manifold if is_head_geometry(manifold) else None
+    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter.
+    For a DTensor parameter (FSDP2), the geometry of its local shard, placement-aware
+    (:func:`quotientopt.distributed.local_geometry`)."""
+    return local_geometry(p)
 
 
 def is_quotient_parameter(p: torch.Tensor) -> bool:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
@@ -234,6 +235,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
+from quotientopt.distributed import steps_local_shards
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.manifolds.factor_quotient import Grams, balance
 from quotientopt.optim._base import (
@@ -413,6 +414,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf
 
     # -------------------------------------------------------------------------------- step
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""

@@ -47,6 +47,7 @@ __all__ = [
     "fully_shard",
     "local_geometry",
     "local_shards",
+    "max_over_head_shards",
     "steps_local_shards",
 ]
 
@@ -56,6 +57,7 @@ PARAMETER_SHAPED_STATE = ("momentum_buffer", "exp_avg", "velocity")
 
 _GEOMETRIES_ATTR = "_quotientopt_geometries"
 _LOCAL_ATTR = "_quotientopt_local_geometry"
+_HEAD_GROUPS_ATTR = "_quotientopt_head_groups"
 
 
 def all_reduce_sum(
@@ -209,9 +211,33 @@ def _alias(p: DTensor) -> torch.Tensor:
     geometry = local_geometry(p)
     if geometry is not None:
         alias.manifold = geometry
+        batch = p.ndim - 2
+        setattr(
+            alias,
+            _HEAD_GROUPS_ATTR,
+            [
+                p.device_mesh.get_group(mesh_dim)
+                for mesh_dim, pl in enumerate(p.placements)
+                if isinstance(pl, Shard) and pl.dim % p.ndim < batch
+            ],
+        )
     elif "manifold" in alias.__dict__:
         del alias.manifold
     return alias
+
+
+def max_over_head_shards(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a per-tensor decision value computed from this rank's heads, e.g. the largest
+    metric drift) maximized over the ranks that hold the other heads of ``p`` (NaN counts as
+    ``inf``), so that every rank takes the decision the whole tensor would. ``p`` as an optimizer
+    sees it inside :func:`local_shards`; for any other tensor ``value`` is returned unchanged."""
+    groups = getattr(p, _HEAD_GROUPS_ATTR, None)
+    if not groups:
+        return value
+    value = torch.nan_to_num(value.detach().clone(), nan=torch.inf)
+    for group in groups:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return value
 
 
 def _to_local(value: Any) -> Any:

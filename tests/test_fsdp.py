@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
-from quotientopt.distributed import fully_shard, local_geometry
+from quotientopt.distributed import fully_shard
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import QuotientAdam, QuotientSGD, geometry_of, split_parameters
@@ -196,6 +196,7 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
         ("gpt", "adam", "heads"),
         ("gpt", "sgd", "rows"),
         ("tiny", "sgd", "rows"),
+        ("gpt", "sgd-lazy", "heads"),
         ("gpt", "sgd-lazy", "hsdp"),
         ("gpt", "adam", "hsdp"),
     ],
@@ -220,3 +221,96 @@ def test_quotient_adam_refuses_row_placements(tmp_path):
     says so, on every rank (asserted in the worker), instead of stepping wrongly."""
     _spawn(_match_worker, tmp_path, str(tmp_path / "unused.pt"), "gpt", "adam", "rows")
     assert not (tmp_path / "unused.pt").exists()
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    """``get_state_dict(model, optimizer)`` flattened to ``{path: value}``, DTensors gathered
+    whole (a collective: every rank calls it)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, DTensor):
+            flat[prefix] = value.full_tensor().clone()
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value.clone()
+        else:
+            flat[prefix] = value
+
+    walk("model", model_state)
+    walk("optim", optim_state["state"])
+    return flat
+
+
+def assert_bitwise(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype, key
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def _checkpoint_worker(
+    rank: int, init_file: str, out: str, optimizer_name: str, placement: str
+) -> None:
+    _init(rank, init_file)
+    data, rows = batches(10), _my_rows(rank)
+    checkpoint = str(Path(out) / "checkpoint")
+    model = _sharded_model("gpt", placement)
+    optimizer = make_optimizer(optimizer_name, model)
+    train(model, optimizer, data[:5], rows)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
+    saved = flat_state(model, optimizer)
+    per_head = [v for k, v in saved.items() if k.endswith(("grams/p", "/exp_avg_sq"))]
+    per_head = [v for v in per_head if v.dim() > 2]  # the heads' entries, not AdamW's
+    assert per_head and all(v.shape[0] == CONFIG["n_head"] for v in per_head), "k x k state"
+    train(model, optimizer, data[5:], rows)
+    uninterrupted = flat_state(model, optimizer)
+
+    resumed_model = _sharded_model("gpt", placement)
+    resumed_optimizer = make_optimizer(optimizer_name, resumed_model)
+    load_checkpoint(resumed_model, resumed_optimizer, checkpoint)
+    assert_bitwise(flat_state(resumed_model, resumed_optimizer), saved)  # the round trip
+    train(resumed_model, resumed_optimizer, data[5:], rows)
+    assert_bitwise(flat_state(resumed_model, resumed_optimizer), uninterrupted)  # the resume
+    if rank == 0:
+        torch.save({"saved": saved, "uninterrupted": uninterrupted}, Path(out) / "states.pt")
+    _finish()
+
+
+# loading in the test process, which has no process group, is meant
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize(
+    ("optimizer_name", "placement"), [("sgd-lazy", "heads"), ("adam", "heads"), ("sgd", "rows")]
+)
+def test_checkpoint_round_trip_resume_and_reshard(tmp_path, optimizer_name, placement):
+    """On 2 ranks: a DCP checkpoint of the sharded model and optimizer reloads bitwise into fresh
+    ones, and 5 more steps from it equal 5 more steps of the uninterrupted run bitwise (parameters
+    and optimizer state). On 1 process: the same checkpoint loads into an unsharded model (the
+    saved values, bitwise), and 5 more steps there end on the 2-rank run's parameters to 1e-5."""
+    _spawn(_checkpoint_worker, tmp_path, str(tmp_path), optimizer_name, placement)
+    states = torch.load(tmp_path / "states.pt")
+    model = make_model("gpt")
+    optimizer = make_optimizer(optimizer_name, model)
+    load_checkpoint(model, optimizer, str(tmp_path / "checkpoint"))
+    assert_bitwise(flat_state(model, optimizer), states["saved"])
+    train(model, optimizer, batches(10)[5:])
+    got = {k: v for k, v in flat_state(model, optimizer).items() if k.startswith("model/")}
+    want = {k: v for k, v in states["uninterrupted"].items() if k.startswith("model/")}
+    assert_close(got, want, 1e-5)

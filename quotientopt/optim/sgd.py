@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.distributed import steps_local_shards
+from quotientopt.distributed import max_over_head_shards, steps_local_shards
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.manifolds.factor_quotient import Grams, balance
 from quotientopt.optim._base import (
@@ -449,7 +449,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         for p, group, grams, new, buf, new_grams, ok in refreshed:
             self._write(p, new, buf, ok)
             if group["refresh_every"] > 1:
-                self._schedule_next_refresh(p, group, self._metric_drift(grams, new_grams, ok))
+                drift = max_over_head_shards(p, self._metric_drift(grams, new_grams, ok))
+                self._schedule_next_refresh(p, group, drift)
             # heads whose update was withheld keep the Grams they stepped with
             stored = self.state[p]["grams"] = {
                 name: where_heads(ok, fresh, kept)

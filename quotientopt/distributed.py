@@ -48,6 +48,7 @@ __all__ = [
     "local_geometry",
     "local_shards",
     "max_over_head_shards",
+    "nonfinite_on_any_rank",
     "steps_local_shards",
 ]
 
@@ -292,6 +293,25 @@ def _parameter_shaped(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
     return PARAMETER_SHAPED_STATE + tuple(getattr(optimizer, "parameter_shaped_state", ()))
 
 
+_ACTIVE_MESHES: list[list] = []  # the device meshes of the local_shards contexts being run
+
+
+def nonfinite_on_any_rank(
+    flags: dict[torch.device, torch.Tensor],
+) -> dict[torch.device, torch.Tensor]:
+    """Inside :func:`local_shards`: the per-device non-finite-gradient flags of
+    :func:`quotientopt.optim._base.found_nonfinite` maximized over every rank of the parameters'
+    device meshes (in place), so that a NaN in one rank's gradient shard skips the step on every
+    rank, as it would skip it for the whole tensor. Elsewhere: ``flags`` unchanged."""
+    if not _ACTIVE_MESHES:
+        return flags
+    for mesh in _ACTIVE_MESHES[-1]:
+        for flag in flags.values():
+            for mesh_dim in range(mesh.ndim):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+    return flags
+
+
 @contextmanager
 def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Within the block, ``optimizer``'s DTensor parameters are plain views of their local shards
@@ -316,7 +336,12 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                     p = alias
                 local_params.append(p)
             group["params"] = local_params
-        yield
+        meshes = {id(p.device_mesh): p.device_mesh for p, _ in swapped}
+        _ACTIVE_MESHES.append(list(meshes.values()))
+        try:
+            yield
+        finally:
+            _ACTIVE_MESHES.pop()
     finally:
         for group, params in zip(groups, originals, strict=True):
             group["params"] = params

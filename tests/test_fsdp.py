@@ -314,3 +314,45 @@ def test_checkpoint_round_trip_resume_and_reshard(tmp_path, optimizer_name, plac
     got = {k: v for k, v in flat_state(model, optimizer).items() if k.startswith("model/")}
     want = {k: v for k, v in states["uninterrupted"].items() if k.startswith("model/")}
     assert_close(got, want, 1e-5)
+
+
+# --------------------------------------------------------------------- refusals, NaN gradients
+def _columns(p: torch.nn.Parameter) -> Shard | None:
+    return Shard(p.ndim - 1) if getattr(p, "manifold", None) is not None else None
+
+
+def _nonfinite_worker(rank: int, init_file: str, out: str) -> None:
+    _init(rank, init_file)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    with pytest.raises(ValueError, match="sharded along its k columns"):
+        fully_shard(make_model("tiny"), mesh=mesh, shard_placement_fn=_columns)
+
+    model = _sharded_model("gpt", "heads")
+    optimizer = make_optimizer("sgd", model)
+    data = batches(2)
+    train(model, optimizer, data[:1], _my_rows(rank))
+    before = full_params(model)
+    _, loss = model(data[1][_my_rows(rank), :-1], data[1][_my_rows(rank), 1:])
+    optimizer.zero_grad()
+    loss.backward()
+    if rank == 0:  # a NaN in one shard of one gradient, on one rank only
+        model.h[1].mlp.c_fc.weight.grad.to_local()[0, 0] = float("nan")
+    optimizer.step()
+    assert optimizer.nonfinite_steps() == 1, "this rank did not skip the step"
+    after = full_params(model)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} moved on a skipped step"
+    train(model, optimizer, data[1:], _my_rows(rank))  # and training goes on
+    assert not torch.equal(full_params(model)["h.0.attn.attn.qk"], before["h.0.attn.attn.qk"])
+    if rank == 0:
+        Path(out).write_text("ok")
+    _finish()
+
+
+def test_a_nan_in_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
+    """A non-finite gradient in one rank's shard skips the step on every rank (the flag is
+    all-reduced), as it would for the whole tensor; and a sector sharded along its k columns is
+    refused by fully_shard with a ValueError that says why (both asserted in the workers)."""
+    out = tmp_path / "ok"
+    _spawn(_nonfinite_worker, tmp_path, str(out))
+    assert out.read_text() == "ok"

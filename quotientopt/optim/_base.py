@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 import geoopt
 import torch
 
-from quotientopt.distributed import local_geometry
+from quotientopt.distributed import local_geometry, nonfinite_on_any_rank
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
 
@@ -102,7 +102,8 @@ def momentum_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Momentum |
 
 def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
     """Per device, a 0-dim float tensor that is 1 if any gradient holds NaN/Inf, else 0, computed by
-    one fused kernel per device and dtype with no host synchronisation (AMP's check)."""
+    one fused kernel per device and dtype with no host synchronisation (AMP's check); for the
+    local shards of DTensor parameters, 1 if any rank's shard holds one."""
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[(g.device, g.dtype)].append(g)
@@ -111,7 +112,7 @@ def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tenso
         flag = torch.zeros((), device=device, dtype=torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
         flags[device] = torch.maximum(flags[device], flag) if device in flags else flag
-    return flags
+    return nonfinite_on_any_rank(flags)
 
 
 def where_heads(

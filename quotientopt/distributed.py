@@ -242,11 +242,14 @@ def max_over_head_shards(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _to_local(value: Any) -> Any:
+def _to_local(value: Any, seen: dict[int, DTensor]) -> Any:
+    """``value`` with its DTensors replaced by their local tensors, each recorded in ``seen`` (by
+    the local tensor's id) so that a state tensor updated in place is not wrapped anew."""
     if isinstance(value, DTensor):
+        seen[id(value._local_tensor)] = value
         return value._local_tensor
     if isinstance(value, dict):
-        return {key: _to_local(item) for key, item in value.items()}
+        return {key: _to_local(item, seen) for key, item in value.items()}
     return value
 
 
@@ -261,28 +264,35 @@ def _per_head_placements(p: DTensor) -> tuple:
 _SPECS_ATTR = "_quotientopt_state_specs"
 
 
-def _wrap(local: torch.Tensor, p: DTensor, placements: tuple, shape: torch.Size) -> DTensor:
-    """``local`` as a DTensor on ``p``'s mesh (``DTensor.from_local`` without its checks: it cost
-    about 10 ms a call here, the direct construction that FSDP2 uses a few microseconds), with the
+def _wrap(local: torch.Tensor, p: DTensor, kind: str, shape: torch.Size) -> DTensor:
+    """``local`` as a DTensor on ``p``'s mesh, with ``p``'s placements (``kind="param"``) or its
+    head placements (``"head"``: row shards replicated). ``DTensor.from_local`` cost about 10 ms a
+    call here; this is the direct construction that FSDP2 uses (a few microseconds), with the
     spec cached on ``p``."""
     specs = p.__dict__.setdefault(_SPECS_ATTR, {})
-    key = (placements, shape, local.dtype)
+    key = (kind, shape, local.dtype)
     spec = specs.get(key)
     if spec is None:
+        placements = tuple(p.placements) if kind == "param" else _per_head_placements(p)
         stride = torch.empty(shape, device="meta").stride()
         meta = TensorMeta(shape, stride, local.dtype)
         spec = specs[key] = DTensorSpec(p.device_mesh, placements, tensor_meta=meta)
     return DTensor(local, spec, requires_grad=False)
 
 
-def _distribute(value: Any, p: DTensor, key: str, head: bool, parameter_shaped: tuple) -> Any:
+def _distribute(
+    value: Any, p: DTensor, key: str, head: bool, parameter_shaped: tuple, seen: dict
+) -> Any:
     """A state entry of ``p`` (local tensors) as DTensors: parameter-shaped entries with ``p``'s
     placements, per-head entries of a head parameter with its head placements (row shards
     replicated: the ``k x k`` data is the same on every row shard), scalars as they are."""
     if isinstance(value, dict):
-        return {k: _distribute(v, p, key, head, parameter_shaped) for k, v in value.items()}
+        return {k: _distribute(v, p, key, head, parameter_shaped, seen) for k, v in value.items()}
     if not isinstance(value, torch.Tensor) or isinstance(value, DTensor) or value.dim() == 0:
         return value
+    previous = seen.get(id(value))
+    if previous is not None and previous._local_tensor is value and previous.dtype == value.dtype:
+        return previous  # updated in place: the DTensor from before the step still wraps it
     local_shape = p._local_tensor.shape
     if head:
         batch = p.ndim - 2
@@ -292,16 +302,16 @@ def _distribute(value: Any, p: DTensor, key: str, head: bool, parameter_shaped: 
                     f"state entry {key!r} of shape {tuple(value.shape)} was declared parameter-"
                     f"shaped, but the local shard has shape {tuple(local_shape)}"
                 )
-            placements, shape = p.placements, p.shape
+            kind, shape = "param", p.shape
         elif value.dim() >= batch and value.shape[:batch] == local_shape[:batch]:
-            placements, shape = _per_head_placements(p), p.shape[:batch] + value.shape[batch:]
+            kind, shape = "head", p.shape[:batch] + value.shape[batch:]
         else:
             return value
     elif value.shape == local_shape:
-        placements, shape = p.placements, p.shape
+        kind, shape = "param", p.shape
     else:
         return value
-    return _wrap(value, p, tuple(placements), torch.Size(shape))
+    return _wrap(value, p, kind, torch.Size(shape))
 
 
 def _parameter_shaped(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
@@ -336,6 +346,7 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     groups = optimizer.param_groups
     originals = [group["params"] for group in groups]
     swapped: list[tuple[DTensor, torch.Tensor]] = []
+    seen: dict[int, DTensor] = {}
     state = optimizer.state
     try:
         for group, params in zip(groups, originals, strict=True):
@@ -346,7 +357,7 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                     grad = p.grad
                     alias.grad = None if grad is None else grad._local_tensor
                     if p in state:
-                        state[alias] = _to_local(state.pop(p))
+                        state[alias] = _to_local(state.pop(p), seen)
                     swapped.append((p, alias))
                     p = alias
                 local_params.append(p)
@@ -366,7 +377,7 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             if alias in state:
                 head = local_geometry(p) is not None
                 state[p] = {
-                    key: _distribute(value, p, key, head, parameter_shaped)
+                    key: _distribute(value, p, key, head, parameter_shaped, seen)
                     for key, value in state.pop(alias).items()
                 }
 

@@ -23,7 +23,13 @@ from torch.distributed.tensor import DTensor, Shard
 from quotientopt.distributed import fully_shard
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.models import GPT, GPTConfig
-from quotientopt.optim import QuotientAdam, QuotientSGD, geometry_of, split_parameters
+from quotientopt.optim import (
+    QuotientAdam,
+    QuotientHamiltonian,
+    QuotientSGD,
+    geometry_of,
+    split_parameters,
+)
 
 WORLD = 2
 BATCH, LENGTH = 8, 16
@@ -74,6 +80,10 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
             momentum=0.9,
             refresh_every=4,
             weight_decay=1e-3,
+        )
+    if name == "hamiltonian":
+        return QuotientHamiltonian(
+            [{"params": heads, "lr": 0.05}, {"params": rest, "lr": 0.05}], friction=0.1
         )
     return QuotientAdam(
         [{"params": heads, "lr": 3e-3}, {"params": rest, "lr": 3e-3}], weight_decay=1e-2
@@ -199,6 +209,8 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
         ("gpt", "sgd-lazy", "heads"),
         ("gpt", "sgd-lazy", "hsdp"),
         ("gpt", "adam", "hsdp"),
+        ("gpt", "hamiltonian", "heads"),
+        ("gpt", "hamiltonian", "rows"),
     ],
 )
 def test_fsdp_matches_one_process(tmp_path, kind, optimizer_name, placement):

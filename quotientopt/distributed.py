@@ -28,24 +28,26 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.weak import WeakIdKeyDictionary
 
 from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "PARAMETER_SHAPED_STATE",
     "all_reduce_sum",
     "fully_shard",
+    "is_dtensor",
     "local_geometry",
     "local_shards",
     "max_over_head_shards",
@@ -60,6 +62,13 @@ PARAMETER_SHAPED_STATE = ("momentum_buffer", "exp_avg", "velocity")
 _GEOMETRIES_ATTR = "_quotientopt_geometries"
 _LOCAL_ATTR = "_quotientopt_local_geometry"
 _HEAD_GROUPS_ATTR = "_quotientopt_head_groups"
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor``, without importing that module
+    (about a second) when nothing has: then no DTensor can exist."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def all_reduce_sum(
@@ -91,6 +100,8 @@ def _row_sharded(manifold: HeadGeometry, n: int, m: int, reduce: Callable) -> He
 def _check_placements(p: DTensor) -> tuple[list[int], int]:
     """The mesh dimensions that shard the rows of a head parameter, and the number of batch (head)
     dims; raises a ``ValueError`` for placements the quotient step cannot follow."""
+    from torch.distributed.tensor import Replicate, Shard
+
     batch = p.ndim - 2
     row_dims = []
     for mesh_dim, placement in enumerate(p.placements):
@@ -128,7 +139,7 @@ def local_geometry(p: torch.Tensor) -> HeadGeometry | None:
     manifold = getattr(p, "manifold", None)
     if not is_head_geometry(manifold):
         return None
-    if not isinstance(p, DTensor):
+    if not is_dtensor(p):
         return manifold
     key = (id(manifold), tuple(p.placements), id(p.device_mesh), tuple(p.shape))
     cached = p.__dict__.get(_LOCAL_ATTR)
@@ -144,6 +155,8 @@ def local_geometry(p: torch.Tensor) -> HeadGeometry | None:
                 "its DTensor placements shard the rows too; declare it with the whole sector's "
                 "FactorQuotient(n, m) and let the placements drive the reduction"
             )
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         start, length = offset[batch], shape[batch]
         n_local = max(0, min(start + length, manifold.n) - start)
@@ -213,6 +226,8 @@ def _alias(p: DTensor) -> torch.Tensor:
     geometry = local_geometry(p)
     if geometry is not None:
         alias.manifold = geometry
+        from torch.distributed.tensor import Shard
+
         batch = p.ndim - 2
         setattr(
             alias,
@@ -245,7 +260,7 @@ def max_over_head_shards(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _to_local(value: Any, seen: dict[int, DTensor]) -> Any:
     """``value`` with its DTensors replaced by their local tensors, each recorded in ``seen`` (by
     the local tensor's id) so that a state tensor updated in place is not wrapped anew."""
-    if isinstance(value, DTensor):
+    if is_dtensor(value):
         seen[id(value._local_tensor)] = value
         return value._local_tensor
     if isinstance(value, dict):
@@ -254,6 +269,8 @@ def _to_local(value: Any, seen: dict[int, DTensor]) -> Any:
 
 
 def _per_head_placements(p: DTensor) -> tuple:
+    from torch.distributed.tensor import Replicate, Shard
+
     batch = p.ndim - 2
     return tuple(
         Replicate() if isinstance(pl, Shard) and pl.dim % p.ndim >= batch else pl
@@ -269,6 +286,9 @@ def _wrap(local: torch.Tensor, p: DTensor, kind: str, shape: torch.Size) -> DTen
     head placements (``"head"``: row shards replicated). ``DTensor.from_local`` cost about 10 ms a
     call here; this is the direct construction that FSDP2 uses (a few microseconds), with the
     spec cached on ``p``."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
     specs = p.__dict__.setdefault(_SPECS_ATTR, {})
     key = (kind, shape, local.dtype)
     spec = specs.get(key)
@@ -288,7 +308,7 @@ def _distribute(
     replicated: the ``k x k`` data is the same on every row shard), scalars as they are."""
     if isinstance(value, dict):
         return {k: _distribute(v, p, key, head, parameter_shaped, seen) for k, v in value.items()}
-    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor) or value.dim() == 0:
+    if not isinstance(value, torch.Tensor) or is_dtensor(value) or value.dim() == 0:
         return value
     previous = seen.get(id(value))
     if previous is not None and previous._local_tensor is value and previous.dtype == value.dtype:
@@ -352,7 +372,7 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         for group, params in zip(groups, originals, strict=True):
             local_params = []
             for p in params:
-                if isinstance(p, DTensor):
+                if is_dtensor(p):
                     alias = _alias(p)
                     grad = p.grad
                     alias.grad = None if grad is None else grad._local_tensor
@@ -396,7 +416,7 @@ def steps_local_shards(step: Step) -> Step:
 
     @functools.wraps(step)
     def wrapper(self: torch.optim.Optimizer, closure: Callable | None = None) -> Any:
-        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+        if not any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             return step(self, closure)
         loss = None
         if closure is not None:

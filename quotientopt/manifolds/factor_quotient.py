@@ -146,8 +146,14 @@ def product_decay_egrad(manifold: FactorQuotient, z: torch.Tensor, mode: str) ->
     if mode not in ("product", "nuclear"):
         raise ValueError(f"unknown weight-decay mode {mode!r}; use 'product' or 'nuclear'")
     a, b = manifold.factors(z)
-    if mode == "product":
-        return torch.cat((a @ (b.mT @ b), b @ (a.mT @ a)), dim=-2)
+    if mode == "product":  # the Grams through cross(), which sums them over row shards
+        q, p = (g.to(z.dtype) for g in manifold.cross(z, z))
+        return torch.cat((a @ p, b @ q), dim=-2)
+    if manifold.is_row_sharded:
+        raise ValueError(
+            "the nuclear-norm weight decay needs whole factors (a balanced representative), but "
+            "this sector's rows are sharded; use weight_decay_mode='product' for row-sharded sectors"
+        )
     a_bal, b_bal = balance(a, b)
     s_inv = 1.0 / (a_bal * a_bal).sum(-2)  # S is diagonal: the singular values of A B^T
     grad_a = (a_bal * s_inv[..., None, :]) @ (b_bal.mT @ b)

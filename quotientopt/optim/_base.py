@@ -14,8 +14,9 @@ from typing import Any, Literal, NamedTuple
 import geoopt
 import torch
 
+from quotientopt.distributed import local_geometry, nonfinite_on_any_rank
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
+from quotientopt.manifolds.protocol import HeadGeometry
 
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
@@ -52,9 +53,10 @@ def manifold_of(p: torch.Tensor) -> geoopt.manifolds.Manifold | None:
 
 def geometry_of(p: torch.Tensor) -> HeadGeometry | None:
     """The head geometry of a parameter (a manifold that implements
-    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter."""
-    manifold = getattr(p, "manifold", None)
-    return manifold if is_head_geometry(manifold) else None
+    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter.
+    For a DTensor parameter (FSDP2), the geometry of its local shard, placement-aware
+    (:func:`quotientopt.distributed.local_geometry`)."""
+    return local_geometry(p)
 
 
 def is_quotient_parameter(p: torch.Tensor) -> bool:
@@ -100,7 +102,8 @@ def momentum_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Momentum |
 
 def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
     """Per device, a 0-dim float tensor that is 1 if any gradient holds NaN/Inf, else 0, computed by
-    one fused kernel per device and dtype with no host synchronisation (AMP's check)."""
+    one fused kernel per device and dtype with no host synchronisation (AMP's check); for the
+    local shards of DTensor parameters, 1 if any rank's shard holds one."""
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[(g.device, g.dtype)].append(g)
@@ -110,7 +113,7 @@ def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tenso
         inv_scale = torch.ones((), device=device, dtype=torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv_scale)
         flags[device] = torch.maximum(flags[device], flag) if device in flags else flag
-    return flags
+    return nonfinite_on_any_rank(flags)
 
 
 class WriteLog:

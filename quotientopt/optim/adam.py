@@ -64,6 +64,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim.adam import adam as torch_adam
 
+from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import compute_dtype, sym_funm
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
@@ -329,6 +330,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, (exp_avg, exp_avg_sq, step)
 
     # -------------------------------------------------------------------------------- step
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""

@@ -87,6 +87,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
+from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import compute_dtype, spd_cholesky_flagged
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
@@ -379,6 +380,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
+from quotientopt.distributed import max_over_head_shards, steps_local_shards
 from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -416,6 +417,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf
 
     # -------------------------------------------------------------------------------- step
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
@@ -450,7 +452,8 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         for p, group, grams, new, buf, new_grams, ok in refreshed:
             self._write(p, new, buf, ok)
             if group["refresh_every"] > 1:
-                self._schedule_next_refresh(p, group, self._metric_drift(grams, new_grams, ok))
+                drift = max_over_head_shards(p, self._metric_drift(grams, new_grams, ok))
+                self._schedule_next_refresh(p, group, drift)
             # heads whose update was withheld keep the Grams they stepped with
             stored = self.state[p]["grams"] = {
                 name: where_heads(ok, fresh, kept)

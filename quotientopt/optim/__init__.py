@@ -2,6 +2,7 @@
 
 from quotientopt.optim._base import Momentum, geometry_of, momentum_of
 from quotientopt.optim.adam import QuotientAdam
+from quotientopt.optim.ecd import QuotientECD
 from quotientopt.optim.hamiltonian import QuotientHamiltonian
 from quotientopt.optim.hybrid import HybridOptimizer, split_parameters
 from quotientopt.optim.sgd import QuotientSGD
@@ -10,6 +11,7 @@ __all__ = [
     "HybridOptimizer",
     "Momentum",
     "QuotientAdam",
+    "QuotientECD",
     "QuotientHamiltonian",
     "QuotientSGD",
     "geometry_of",

@@ -5,18 +5,20 @@ Why Adam breaks the symmetry: its second moment is elementwise in the coordinate
 :math:`B`, and those coordinates are the arbitrary factorization. The construction below keeps
 every adaptive statistic in a frame that only rotates under a re-factorization.
 
-**Frames.** For :math:`Z = [A; B]` let :math:`P = B^\top B = L_P L_P^\top` and
-:math:`Q = A^\top A = L_Q L_Q^\top` (lower Cholesky factors). Then :math:`U_B = B L_P^{-\top}` and
-:math:`U_A = A L_Q^{-\top}` are orthonormal bases of the column spaces of :math:`B` and :math:`A`.
-Under :math:`Z \mapsto (A G, B G^{-\top})` the Cholesky factors become
-:math:`G^{-1} L_P O_P` and :math:`G^\top L_Q O_Q` with orthogonal :math:`O_P, O_Q`, and the frames
-rotate: :math:`U_B \mapsto U_B O_P`, :math:`U_A \mapsto U_A O_Q`.
+**Frames.** For :math:`Z = [A; B]` let :math:`A = U_A R_A`, :math:`B = U_B R_B` with orthonormal
+:math:`U` (``rows x k``) and upper triangular :math:`R` (``k x k``). Under
+:math:`Z \mapsto (A G, B G^{-\top})` the frames rotate, :math:`U_A \mapsto U_A O_A`,
+:math:`U_B \mapsto U_B O_B` (any two orthonormal bases of one column space differ by a rotation),
+and :math:`R_A \mapsto O_A^\top R_A G`, :math:`R_B \mapsto O_B^\top R_B G^{-\top}`. Only the
+:math:`R` are kept (:class:`Basis`); the :math:`U` are never formed. The first step takes them
+from Householder QR, every later step from :func:`advance_bases`: Cholesky QR of the nearly
+orthonormal :math:`W = X_+ R^{-1}`, as accurate as Householder QR and made of matmuls.
 
 **Unmagnified gradients** (the gradient of :math:`W = AB^\top` seen through the frame, with
 :math:`E = \nabla_W f`):
 
-.. math:: \bar G_A = \nabla_A f \, L_P^{-\top} = E\, U_B, \qquad
-          \bar G_B = \nabla_B f \, L_Q^{-\top} = E^\top U_A  \qquad (n \times k,\ m \times k).
+.. math:: \bar G_A = \nabla_A f \, R_B^{-1} = E\, U_B, \qquad
+          \bar G_B = \nabla_B f \, R_A^{-1} = E^\top U_A  \qquad (n \times k,\ m \times k).
 
 **Moments in the frame** (one side shown; :math:`t` counts steps):
 
@@ -26,13 +28,13 @@ rotate: :math:`U_B \mapsto U_B O_P`, :math:`U_A \mapsto U_A O_Q`.
     V_t = \beta_2 V_{t-1} + (1 - \beta_2) \bar G_t^\top \bar G_t \quad (k \times k), \\
     S_t &= \frac{M_t}{1 - \beta_1^t}
            \Big( \big(\tfrac{V_t}{1 - \beta_2^t}\big)^{1/2} + \epsilon I \Big)^{-1}, \qquad
-    A_{t+1} = A_t - \eta\, S_t L_P^{-1} \quad (\text{so } \Delta W = -\eta\, S_t U_B^\top),
+    A_{t+1} = A_t - \eta\, S_t R_B^{-\top} \quad (\text{so } \Delta W = -\eta\, S_t U_B^\top),
 
-and likewise :math:`B_{t+1} = B_t - \eta S^B_t L_Q^{-1}`. The matrix root acts on the ``k x k``
+and likewise :math:`B_{t+1} = B_t - \eta S^B_t R_A^{-\top}`. The matrix root acts on the ``k x k``
 second moment, so adaptivity mixes directions only inside the frame, where it is a rotation.
 
 **Transport between frames.** After the step the frames move to those of :math:`Z_{t+1}`; the
-moments follow by the projection :math:`T = U_+^\top U = L_{P_+}^{-1} B_+^\top B\, L_P^{-\top}`:
+moments follow by the projection :math:`T = U_+^\top U = R_{B+}^{-\top} B_+^\top B\, R_B^{-1}`:
 
 .. math:: M \leftarrow M T^\top, \qquad
           V \leftarrow T V T^\top + \frac{\operatorname{tr} V - \operatorname{tr}(T V T^\top)}{k} I .
@@ -43,7 +45,7 @@ preconditioner smaller and the step larger.
 
 **Invariance.** Every quantity above transforms as :math:`\bar G \mapsto \bar G O`,
 :math:`M \mapsto M O`, :math:`V \mapsto O^\top V O`, :math:`T \mapsto O_+^\top T O`, and the matrix
-function commutes with :math:`O`; hence :math:`S_t L_P^{-1} \mapsto S_t L_P^{-1} G` and the products
+function commutes with :math:`O`; hence :math:`S_t R_B^{-\top} \mapsto S_t R_B^{-\top} G` and the products
 :math:`A_t B_t^\top` do not depend on the representative the run starts from (in exact
 arithmetic; tested to 1e-10 in float64 at ``cond(G) = 1000``).
 
@@ -53,7 +55,14 @@ preconditioned metric, so :math:`W \mapsto (1-\eta\lambda)^2 W`), ``"nuclear"`` 
 Riemannian gradient of :math:`\|AB^\top\|_*`. Neither is the representative-dependent factor decay.
 
 State per head: :math:`M` (``(n + m) x k``, the size of the parameter), two ``k x k`` second
-moments and a step count: :math:`(n + m)k + 2k^2` numbers against AdamW's :math:`2(n + m)k`.
+moments, the two :math:`R` and their inverses (``frame``, ``frame_inv``) and a step count:
+:math:`(n + m)k + 6k^2 + 1` numbers against AdamW's :math:`2(n + m)k`.
+
+**Cost.** Per factor and step: seven ``(rows x k) @ (k x k)``-sized products (the unmagnified
+gradient, its Gram, the step fused with the decay in one ``baddbmm``, :math:`W`, :math:`W^\top W`,
+:math:`W^\top X`, the transport of :math:`M`), no QR and no triangular solve over the rows. The
+``k x k`` work (the matrix roots by ``eigh``, the Cholesky factorizations, the transports) runs as
+one batched call per group of tensors with equal ``k``, dtype and device, over all their heads.
 """
 
 from __future__ import annotations
@@ -143,6 +152,154 @@ class Frames(NamedTuple):
         return cls(u_a, r_a, u_b, r_b, scale, ok)
 
 
+class Basis(NamedTuple):
+    r"""The triangular factors :math:`R` of a factor pair, :math:`A = U_A R_A`,
+    :math:`B = U_B R_B` with orthonormal :math:`U`, stacked ``[R_A, R_B]`` (``(..., 2, k, k)``,
+    upper triangular, float32 or better), their inverses and a per-head flag ``ok``.
+
+    The frames :math:`U = X R^{-1}` themselves are never formed: every quantity of the step is a
+    product of a factor (or gradient) with a ``k x k`` matrix. The first step (or a step after an
+    outside write to the parameter) takes :math:`R` from Householder QR (:meth:`of`); every later
+    step updates it by :func:`advance_bases`, a Cholesky QR preconditioned by the previous
+    :math:`R`.
+    """
+
+    r: torch.Tensor
+    r_inv: torch.Tensor
+    ok: torch.Tensor  # (...,)
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor) -> Basis:
+        """From the Householder QR of ``(a, b)`` (see :class:`Frames`)."""
+        frames = Frames.of(a, b)
+        r = torch.stack((frames.r_a, frames.r_b), dim=-3)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        return cls(r, torch.linalg.solve_triangular(r, eye, upper=True), frames.ok)
+
+    @classmethod
+    def restore(cls, r: torch.Tensor, r_inv: torch.Tensor) -> Basis:
+        """From stored factors; ``ok`` as in :meth:`Frames.of`: finite, and every pivot
+        :math:`R_{ii}^2` above :math:`4 k \varepsilon` times the largest squared column norm."""
+        k = r.shape[-1]
+        pivots = torch.diagonal(r, dim1=-2, dim2=-1) ** 2
+        scale = (r * r).sum(-2).amax(-1)
+        regular = pivots.amin(-1) > 4 * k * torch.finfo(r.dtype).eps * scale
+        finite = torch.isfinite(r).flatten(-2).all(-1) & torch.isfinite(r_inv).flatten(-2).all(-1)
+        return cls(r, r_inv, (regular & finite).all(-1))
+
+
+def advance_bases(
+    r: torch.Tensor, r_inv: torch.Tensor, h: torch.Tensor, cross: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The triangular factors of the new point and the transport between the frames, from
+    ``k x k`` data only (all arguments ``(..., k, k)``, one matrix per factor).
+
+    With :math:`X = U R` the old factor, :math:`X_+` the new one and
+    :math:`W = X_+ R^{-1}` (orthonormal up to the step), the caller supplies
+    :math:`H = W^	op W` and :math:`K = W^	op X`. With :math:`H = L L^	op` (Cholesky):
+
+    .. math:: R_+ = L^	op R, \qquad R_+^{-1} = R^{-1} L^{-	op}, \qquad
+              T = U_+^	op U = L^{-1} K R^{-1},
+
+    since :math:`U_+ = W L^{-	op}` and :math:`U = X R^{-1}`. This is Cholesky QR of :math:`W`,
+    not of :math:`X_+`: its Gram has condition number :math:`\kappa(W)^2 pprox 1`, so the
+    factors keep the accuracy of Householder QR (error :math:`arepsilon\,\kappa(X)`, from
+    forming :math:`W`) instead of Cholesky QR's :math:`arepsilon\,\kappa(X)^2`. Under a
+    re-factorization every output rotates: :math:`W \mapsto W O`,
+    :math:`L \mapsto O^	op L O_+`, :math:`R_+ \mapsto O_+^	op R_+ G`, :math:`T \mapsto O_+^	op T O`.
+
+    Returns ``(r_new, r_inv_new, t, ok)``, ``ok`` of shape ``(...)``: the Cholesky factorization
+    succeeded, everything is finite and the smallest pivot :math:`L_{ii}^2` is above
+    :math:`4 k arepsilon \max(1, \max_i H_{ii})` (the old frame has unit columns, so a factor
+    that collapsed in one step counts as rank loss too).
+    """
+    k = h.shape[-1]
+    chol, info = torch.linalg.cholesky_ex(h)
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    r_new = chol.mT @ r
+    r_inv_new = r_inv @ chol_inv.mT
+    t = chol_inv @ cross @ r_inv
+    pivots = torch.diagonal(chol, dim1=-2, dim2=-1) ** 2
+    scale = torch.diagonal(h, dim1=-2, dim2=-1).amax(-1).clamp_min(1.0)
+    finite = torch.isfinite(h).flatten(-2).all(-1) & torch.isfinite(cross).flatten(-2).all(-1)
+    ok = (info == 0) & finite & (pivots.amin(-1) > 4 * k * torch.finfo(h.dtype).eps * scale)
+    return r_new, r_inv_new, t, ok
+
+
+def _right_multiply(x: torch.Tensor, c: torch.Tensor, n: int) -> torch.Tensor:
+    r""":math:`[X_A C_0;\ X_B C_1]` for ``x`` of shape ``(..., n + m, k)`` (rows ``:n`` are
+    :math:`X_A`) and ``c`` ``(..., 2, k, k)``; one batched product when ``n == m``."""
+    if x.shape[-2] == 2 * n:
+        return (x.unflatten(-2, (2, n)) @ c).flatten(-3, -2)
+    return torch.cat((x[..., :n, :] @ c[..., 0, :, :], x[..., n:, :] @ c[..., 1, :, :]), dim=-2)
+
+
+def _side_products(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    r""":math:`[X_A^\top Y_A,\ X_B^\top Y_B]` (``(..., 2, k, k)``) for ``x``, ``y`` of shape
+    ``(..., n + m, k)``; one batched product when ``n == m``."""
+    if x.shape[-2] == 2 * n:
+        return x.unflatten(-2, (2, n)).mT @ y.unflatten(-2, (2, n))
+    sides = (slice(None, n), slice(n, None))
+    return torch.stack([x[..., s, :].mT @ y[..., s, :] for s in sides], dim=-3)
+
+
+def _add_right_product(
+    x: torch.Tensor, m: torch.Tensor, c: torch.Tensor, n: int, beta: float, alpha: float
+) -> torch.Tensor:
+    r""":math:`\beta X + \alpha\, [M_A C_0;\ M_B C_1]` (shapes as :func:`_right_multiply`), as
+    ``baddbmm`` calls over the flattened batch (one when ``n == m``)."""
+    k = m.shape[-1]
+
+    def fused(x_, m_, c_, rows):
+        out = torch.baddbmm(
+            x_.reshape(-1, rows, k),
+            m_.reshape(-1, rows, k),
+            c_.reshape(-1, k, k),
+            beta=beta,
+            alpha=alpha,
+        )
+        return out.reshape(m_.shape)
+
+    if m.shape[-2] == 2 * n:
+        return fused(x.unflatten(-2, (2, n)), m.unflatten(-2, (2, n)), c, n).flatten(-3, -2)
+    rows = m.shape[-2] - n
+    return torch.cat(
+        (
+            fused(x[..., :n, :], m[..., :n, :], c[..., 0, :, :], n),
+            fused(x[..., n:, :], m[..., n:, :], c[..., 1, :, :], rows),
+        ),
+        dim=-2,
+    )
+
+
+def _batched(tensors: list[torch.Tensor], dims: int) -> tuple[torch.Tensor, list]:
+    """``tensors`` with their batch dims (all but the last ``dims``) flattened and concatenated,
+    and what :func:`_unbatched` needs to split the result back."""
+    shapes = [t.shape[: t.dim() - dims] for t in tensors]
+    flat = [t.reshape((-1, *t.shape[t.dim() - dims :])) for t in tensors]
+    return (flat[0] if len(flat) == 1 else torch.cat(flat)), shapes
+
+
+def _unbatched(x: torch.Tensor, shapes: list, dims: int) -> list[torch.Tensor]:
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    return [
+        part.reshape((*s, *x.shape[x.dim() - dims :]))
+        for part, s in zip(x.split(sizes), shapes, strict=True)
+    ]
+
+
+@torch.compiler.disable
+def _stored_frame(state: dict, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(state[p]["frame"], state[p]["frame_inv"])`` or None, looked up eagerly: under
+    ``torch.compile`` a traced lookup in a dict keyed by tensors can return another parameter's
+    entry (see :class:`~quotientopt.optim._base.WriteLog`)."""
+    entry = state.get(p)
+    if entry is None or "frame" not in entry:
+        return None
+    return entry["frame"], entry["frame_inv"]
+
+
 class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Adam on the head quotients, exactly invariant under re-factorization (see the module docs).
 
@@ -169,11 +326,12 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     manifold's ``metric`` does not enter the step (its ``damping`` does, through the Grams).
 
     The eigendecomposition of the ``k x k`` second moments (``torch.linalg.eigh``) checks
-    convergence on CUDA, which is one host synchronisation per quotient tensor and step.
+    convergence on CUDA, which is one host synchronisation per step and group of tensors with
+    equal ``k`` (one call over all their heads).
     """
 
     # restored in float32 or better by load_state_dict (KeepStateDtypes)
-    full_precision_state = ("exp_avg", "exp_avg_sq", "step")
+    full_precision_state = ("exp_avg", "exp_avg_sq", "step", "frame", "frame_inv")
 
     def __init__(
         self,
@@ -227,28 +385,26 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         geometry = geometry_of(p)
         if geometry is None:
             return Momentum(exp_avg, "covector")
-        frames = self._frames(p, geometry)
-        m_a, m_b = geometry.factors(exp_avg)
-        vector = torch.cat(
-            (
-                right_solve_upper(m_a, frames.r_b.mT, upper=False),
-                right_solve_upper(m_b, frames.r_a.mT, upper=False),
-            ),
-            dim=-2,
-        )
+        r_inv = self._basis(p, geometry).r_inv
+        vector = _right_multiply(exp_avg, r_inv.flip(-3).mT, geometry.n)
         return Momentum(vector.to(p.dtype), "vector")
 
     # ----------------------------------------------------------------------------- helpers
-    def _frames(self, p: torch.Tensor, manifold: HeadGeometry) -> Frames:
-        """The frames of ``p``: cached from the previous step while ``p`` is unmodified."""
-        cached = self._log.get(p, "frames")
-        if cached is not None and not self._log.modified_elsewhere(p):
-            return cached
-        return Frames.of(*manifold.factors(p.detach()))
+    def _basis(self, p: torch.Tensor, manifold: HeadGeometry) -> Basis:
+        """The triangular factors of ``p``: from the state (``frame``, ``frame_inv``, written by
+        the last step or restored by ``load_state_dict``) while ``p`` is unmodified, else from a
+        Householder QR (the first step, or after an outside write to ``p``).
 
-    def _quotient_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, keep):
-        """Candidate point, moments, step count and frames for one FactorQuotient tensor
-        (nothing written to ``p`` or its state)."""
+        They are state, not a cache: the moments live in the frames they define, and a frame
+        updated by :func:`advance_bases` depends on the path, not only on the point."""
+        stored = _stored_frame(self.state, p)
+        if stored is not None and not self._log.modified_elsewhere(p):
+            return Basis.restore(*stored)
+        return Basis.of(*manifold.factors(p.detach()))
+
+    def _quotient_moments(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> dict:
+        """Phase 1 for one head tensor: unmagnified gradients, the new moments and the
+        bias-corrected second moment (nothing written)."""
         manifold = geometry_of(p)
         if manifold.is_row_sharded:
             raise ValueError(
@@ -258,8 +414,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         z = p.detach()
         dtype = compute_dtype(z.dtype)
         beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        frames = self._frames(p, manifold)
+        basis = self._basis(p, manifold)
         state = self.state[p]
         batch, k = z.shape[:-2], z.shape[-1]
         if "exp_avg" in state:
@@ -268,45 +423,65 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             exp_avg = torch.zeros(z.shape, dtype=dtype, device=z.device)
             exp_avg_sq = torch.zeros((*batch, 2, k, k), dtype=dtype, device=z.device)
             step = torch.zeros(batch, dtype=dtype, device=z.device)
-
         # unmagnified gradients: grad_A R_B^{-1} = E U_B and grad_B R_A^{-1} = E^T U_A
-        grad_a, grad_b = (x.to(dtype) for x in manifold.factors(grad))
+        n = manifold.n
+        grad = grad.to(dtype)
         if group["maximize"]:
-            grad_a, grad_b = -grad_a, -grad_b
-        unmagnified = (right_solve_upper(grad_a, frames.r_b), right_solve_upper(grad_b, frames.r_a))
-        exp_avg_a, exp_avg_b = manifold.factors(exp_avg)
-        m_a = torch.lerp(exp_avg_a, unmagnified[0], 1 - beta1)
-        m_b = torch.lerp(exp_avg_b, unmagnified[1], 1 - beta1)
-        v = torch.lerp(exp_avg_sq, torch.stack([g.mT @ g for g in unmagnified], dim=-3), 1 - beta2)
+            grad = -grad
+        g = _right_multiply(grad, basis.r_inv.flip(-3), n)
+        m = torch.lerp(exp_avg, g, 1 - beta1)
+        v = torch.lerp(exp_avg_sq, _side_products(g, g, n), 1 - beta2)
         new_step = step + 1
-        bias1 = (1 - beta1**new_step)[..., None, None, None]
-        bias2 = (1 - beta2**new_step)[..., None, None, None]
         # a head with a non-finite moment (NaN/Inf gradient, or a rank-deficient frame) is
-        # discarded below; give eigh a harmless matrix there, or it fails to converge
-        finite = frames.ok & torch.isfinite(v).flatten(-3).all(-1)
+        # discarded later; give eigh a harmless matrix there, or it fails to converge
+        finite = basis.ok & torch.isfinite(v).flatten(-3).all(-1)
         eye = torch.eye(k, dtype=dtype, device=z.device)
-        root = adam_root(torch.where(finite[..., None, None, None], v / bias2, eye), eps) / bias1
-        # the step in the frame, S = M root, mapped back to the factors: dA = S_A R_B^{-T}
-        delta_a = right_solve_upper(m_a @ root[..., 0, :, :], frames.r_b.mT, upper=False)
-        delta_b = right_solve_upper(m_b @ root[..., 1, :, :], frames.r_a.mT, upper=False)
-        new = z.to(dtype)
+        v_hat = torch.where(
+            finite[..., None, None, None], v / (1 - beta2**new_step)[..., None, None, None], eye
+        )
+        return dict(
+            p=p,
+            manifold=manifold,
+            group=group,
+            basis=basis,
+            m=m,
+            v=v,
+            v_hat=v_hat,
+            step=new_step,
+            old=(exp_avg, exp_avg_sq, step),
+        )
+
+    def _quotient_point(self, job: dict, root: torch.Tensor) -> torch.Tensor:
+        r"""Phase 3: the candidate point and the Grams of its preconditioned factors.
+
+        ``root`` (``(..., 2, k, k)``) is
+        :math:`(\hat V^{1/2} + \epsilon I)^{-1} / (1 - \beta_1^t)`.
+        The step :math:`\Delta A = M_A\, \mathrm{root}_A R_B^{-\top}` is one product with a
+        ``k x k`` matrix, fused with the decay into one ``baddbmm``. Then
+        :math:`W = X_+ R^{-1}` per factor (nearly orthonormal) and its Grams
+        :math:`H = W^\top W`, :math:`K = W^\top X` (stored in ``job``)."""
+        p, manifold, group, basis = job["p"], job["manifold"], job["group"], job["basis"]
+        z = p.detach()
+        dtype = compute_dtype(z.dtype)
+        lr = group["lr"]
+        r_inv = basis.r_inv
+        # the k x k maps from the frame's momentum to the factor's step: root_A R_B^{-T}
+        step_maps = root @ r_inv.flip(-3).mT
+        base, scale = z, 1.0
         if group["weight_decay"]:
             decay = lr * group["weight_decay"]
             if group["weight_decay_mode"] == "product":
-                new = new * (1 - decay)  # the preconditioned Riemannian gradient of |AB^T|^2 / 2
+                scale = 1 - decay  # the preconditioned Riemannian gradient of |AB^T|^2 / 2
             else:
-                unchecked = manifold.grams(z, check=False)  # bad heads are caught below
-                new = new - decay * manifold.decay_rgrad(z, "nuclear", unchecked).to(dtype)
-        new = (new - lr * torch.cat((delta_a, delta_b), dim=-2)).to(z.dtype)
-
-        new_frames = Frames.of(*manifold.factors(new), reference=frames)
-        ok = frames.ok & new_frames.ok & keep
-        # transport into the frames of the new point: T = U_+^T U (k x k, per side)
-        t_a, t_b = new_frames.u_b.mT @ frames.u_b, new_frames.u_a.mT @ frames.u_a
-        m_new = torch.cat((m_a @ t_a.mT, m_b @ t_b.mT), dim=-2)
-        v_new = trace_preserving_transport(v, torch.stack((t_a, t_b), dim=-3))
-        old = (exp_avg, exp_avg_sq, step)
-        return new, (m_new, v_new, new_step), old, (new_frames, frames), ok
+                unchecked = manifold.grams(z, check=False)  # bad heads are caught later
+                base = z.to(dtype) - decay * manifold.decay_rgrad(z, "nuclear", unchecked).to(dtype)
+        n = manifold.n
+        new = _add_right_product(base.to(dtype), job["m"], step_maps, n, scale, -lr).to(z.dtype)
+        w = _right_multiply(new.to(dtype), r_inv, n)
+        job["new"] = new
+        job["h"] = _side_products(w, w, n)
+        job["cross"] = _side_products(w, z.to(dtype), n)
+        return new
 
     def _manifold_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):
         """geoopt RiemannianAdam's step for a parameter on another geoopt manifold (nothing written)."""
@@ -330,6 +505,40 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, (exp_avg, exp_avg_sq, step)
 
     # -------------------------------------------------------------------------------- step
+    def _quotient_steps(self, jobs: list[dict], keep: dict) -> None:
+        """Phases 1-4 for every head tensor: the ``k x k`` algebra (the matrix roots, the new
+        triangular factors, the transports) runs once per group of tensors with the same ``k``,
+        dtype and device (concatenated over their heads), the ``n x k`` products per tensor."""
+        groups: dict[tuple, list[dict]] = {}
+        for job in jobs:
+            v = job["v_hat"]
+            groups.setdefault((v.shape[-1], v.dtype, v.device, job["group"]["eps"]), []).append(job)
+        for (_, _, _, eps), members in groups.items():
+            flat, shapes = _batched([job["v_hat"] for job in members], 3)
+            roots = _unbatched(adam_root(flat, eps), shapes, 3)
+            for job, root in zip(members, roots, strict=True):
+                beta1 = job["group"]["betas"][0]
+                self._quotient_point(job, root / (1 - beta1 ** job["step"])[..., None, None, None])
+            r, shapes = _batched([job["basis"].r for job in members], 3)
+            r_inv, _ = _batched([job["basis"].r_inv for job in members], 3)
+            h, _ = _batched([job["h"] for job in members], 3)
+            cross, _ = _batched([job["cross"] for job in members], 3)
+            v, _ = _batched([job["v"] for job in members], 3)
+            r_new, r_inv_new, t, ok = advance_bases(r, r_inv, h, cross)
+            # the A side's moments live in B's frame and vice versa
+            v_new = trace_preserving_transport(v, t.flip(-3))
+            parts = zip(
+                *(_unbatched(x, shapes, 3) for x in (r_new, r_inv_new, t, v_new)),
+                _unbatched(ok.all(-1), shapes, 0),
+                strict=True,
+            )
+            for job, (r_j, r_inv_j, t_j, v_j, ok_j) in zip(members, parts, strict=True):
+                n = job["manifold"].n
+                m_new = _right_multiply(job["m"], t_j.flip(-3).mT, n)
+                job["moments"] = (m_new, v_j, job["step"])
+                job["new_basis"] = Basis(r_j, r_inv_j, ok_j)
+                job["ok"] = job["basis"].ok & ok_j & keep[job["p"].device]
+
     @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -338,45 +547,44 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         if not grads:
             return loss
         nonfinite = found_nonfinite(grads)
+        keep = {device: flag == 0 for device, flag in nonfinite.items()}
 
-        # phase 1: every quotient and manifold update, computed and checked, nothing written
-        pending = []
+        # every quotient and manifold update, computed and checked, nothing written
+        jobs, manifold_pending = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                keep = nonfinite[p.device] == 0
                 if is_quotient_parameter(p):
-                    pending.append(("quotient", p, *self._quotient_update(p, p.grad, group, keep)))
+                    jobs.append(self._quotient_moments(p, p.grad, group))
                 elif manifold_of(p) is not None:
                     new, moments = self._manifold_update(p, p.grad, group)
-                    pending.append(("manifold", p, new, moments, None, None, keep))
-        self._enforce_policy(nonfinite, [ok for kind, *_, ok in pending if kind == "quotient"])
+                    manifold_pending.append((p, new, moments, keep[p.device]))
+        self._quotient_steps(jobs, keep)
+        self._enforce_policy(nonfinite, [job["ok"] for job in jobs])
 
-        # phase 2: write
-        for kind, p, new, moments, old, frames, ok in pending:
+        # write
+        for p, new, moments, ok in manifold_pending:
             state = self.state[p]
-            if kind == "manifold":
-                exp_avg, exp_avg_sq, step = moments
-                state["exp_avg"] = torch.where(ok, exp_avg, state.get("exp_avg", 0 * exp_avg))
-                state["exp_avg_sq"] = torch.where(
-                    ok, exp_avg_sq, state.get("exp_avg_sq", 0 * exp_avg_sq)
-                )
-                state["step"] = torch.where(ok, step, step - 1)
-                p.copy_(torch.where(ok, new, p))
-                continue
+            exp_avg, exp_avg_sq, step = moments
+            state["exp_avg"] = torch.where(ok, exp_avg, state.get("exp_avg", 0 * exp_avg))
+            state["exp_avg_sq"] = torch.where(
+                ok, exp_avg_sq, state.get("exp_avg_sq", 0 * exp_avg_sq)
+            )
+            state["step"] = torch.where(ok, step, step - 1)
+            p.copy_(torch.where(ok, new, p))
+        for job in jobs:
+            p, ok = job["p"], job["ok"]
+            state = self.state[p]
             for name, value, previous in zip(
-                ("exp_avg", "exp_avg_sq", "step"), moments, old, strict=True
+                ("exp_avg", "exp_avg_sq", "step"), job["moments"], job["old"], strict=True
             ):
                 state[name] = where_heads(ok, value, previous)
-            where_heads(ok, new, p.detach(), out=p.detach())
-            new_frames, old_frames = frames
-            kept = Frames(
-                *(where_heads(ok, x, y) for x, y in zip(new_frames, old_frames, strict=True))
-            )
-            self._log.put(p, "frames", kept)
+            where_heads(ok, job["new"], p.detach(), out=p.detach())
+            state["frame"] = where_heads(ok, job["new_basis"].r, job["basis"].r)
+            state["frame_inv"] = where_heads(ok, job["new_basis"].r_inv, job["basis"].r_inv)
             self._log.record(p)
-            self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
+            self._count(self._rank_skips, p.device, (~ok & keep[p.device]).sum())
 
         for group in self.param_groups:
             plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]

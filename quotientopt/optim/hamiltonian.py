@@ -104,6 +104,7 @@ from quotientopt.optim._base import (
     manifold_of,
     where_heads,
 )
+from quotientopt.optim.ecd import ecd_group, write_ecd
 
 
 def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
@@ -267,10 +268,10 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     ``state[p]["momentum_map"]`` and ``state[p]["kinetic"]`` hold :math:`J` and :math:`T` per
     head at :math:`(Z_n, p_n)` of the last step.
 
-    ``mode="ecd"`` replaces the leapfrog by energy-conserving descent (see :meth:`_ecd_group`):
-    unit-speed motion whose direction turns towards :math:`-g` at a rate
-    :math:`\propto 1/(F - F_0)`, with ``eta`` and ``loss_floor`` :math:`F_0`; it needs
-    ``step(closure)``; its state is ``state[p]["velocity"]``.
+    ``mode="ecd"`` (deprecated: use :class:`~quotientopt.optim.QuotientECD`) replaces the
+    leapfrog by energy-conserving descent, computed by :func:`quotientopt.optim.ecd.ecd_group`
+    with ``eta`` and ``loss_floor``; it needs ``step(closure)``; its state is
+    ``state[p]["velocity"]``.
 
     Quotient parameters must live on a head geometry with a kinetic energy
     (``FactorQuotient(metric="preconditioned", damping=0)`` or a subgroup of it); plain tensors
@@ -300,6 +301,13 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         check_number("lr", lr, 0.0, float("inf"))
         check_number("friction", friction, 0.0, float("inf"))
         check_choice("mode", mode, ("hamiltonian", "ecd"))
+        if mode == "ecd":
+            warnings.warn(
+                "QuotientHamiltonian(mode='ecd') is deprecated; use quotientopt.optim.QuotientECD "
+                "(the same update, which this mode now delegates to)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         check_choice("integrator", integrator, INTEGRATORS)
         check_number("eta", eta, 0.0, float("inf"), low_open=True)
         check_number("loss_floor", loss_floor, -float("inf"), float("inf"))
@@ -396,7 +404,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                         "QuotientHamiltonian(mode='ecd') needs the loss value: call "
                         "optimizer.step(closure) with a closure that returns the loss"
                     )
-                ecd += self._ecd_group(group, loss.detach(), nonfinite)
+                ecd += ecd_group(group, loss.detach(), nonfinite, self.state)
                 continue
             h, damping = group["lr"], math.exp(-group["friction"] * group["lr"])
             diagnostics = group["diagnostics"]
@@ -419,11 +427,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             keep = (nonfinite[p.device] == 0) & healthy
             commit(keep)
             self._count(self._rank_skips, p.device, (~healthy & (nonfinite[p.device] == 0)).sum())
-        for p, new, v, _, _, keep in ecd:
-            state = self.state[p]
-            old = state.get("velocity")
-            p.copy_(torch.where(keep, new, p))
-            state["velocity"] = torch.where(keep, v, torch.zeros_like(v) if old is None else old)
+        write_ecd(self.state, ecd)
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
         return loss
@@ -680,93 +684,6 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             state.pop("grams", None)
 
         return p, healthy, commit
-
-    def _ecd_group(self, group: dict, loss: torch.Tensor, nonfinite: dict) -> list:
-        r"""Energy-conserving descent on the quotient (the unit-speed ECD variant of paper 003):
-
-        .. math::
-
-            v &\leftarrow \frac{v - \delta\,(g - v\, \langle v, g\rangle)}{\|\cdot\|},\quad
-                \delta = \frac{\Delta t\, \eta\, d}{2 (d - 1) (F - F_0)},\quad
-                \Delta t = \frac{\mathrm{lr}}{\sqrt{\eta}} \\
-            \theta &\leftarrow R_\theta(\Delta t\, v), \qquad
-                v \leftarrow \mathrm{proj}^h_{\theta}(v) / \|\cdot\|
-
-        with :math:`g` the Riemannian gradient (horizontal), inner products and norms in the
-        preconditioned metric for quotient parameters and Euclidean for the others, summed over
-        the group, and :math:`d` the dimension of the group's quotient. The speed is fixed, so
-        the step slows where :math:`F - F_0` is large relative to the gradient and the dynamics
-        concentrates at low loss. :math:`F - F_0` is floored at ``1e-12``.
-        """
-        params = [p for p in group["params"] if p.grad is not None]
-        dt = group["lr"] / math.sqrt(group["eta"])
-        dims = 0
-        for p in params:
-            if is_quotient_parameter(p):
-                heads = p[..., 0, 0].numel()
-                dims += heads * (p.shape[-2] - p.shape[-1]) * p.shape[-1]
-            else:
-                dims += p.numel()
-        gap = (loss.double() - group["loss_floor"]).clamp_min(1e-12)
-        delta = dt * group["eta"] * dims / (2 * max(dims - 1, 1)) / gap
-        grads, velocities, grams = [], [], []
-        for p in params:
-            z = p.detach()
-            if is_quotient_parameter(p):
-                gram = p.manifold.grams(z, check=False)
-                grads.append(p.manifold.egrad2rgrad(z, p.grad, grams=gram))
-            else:
-                gram = None
-                grads.append(p.grad)
-            grams.append(gram)
-            velocities.append(self.state[p].get("velocity"))
-
-        def inner(p, gram, u, v):
-            if gram is None:
-                return (u.double() * v.double()).sum()
-            return p.manifold.inner(p.detach(), u, v, grams=gram).double().sum()
-
-        if any(v is None for v in velocities):  # start downhill
-            norm = sum(
-                inner(p, gm, g, g) for p, gm, g in zip(params, grams, grads, strict=True)
-            ).sqrt()
-            velocities = [-g / norm.clamp_min(1e-30).to(g.dtype) for g in grads]
-        along = sum(
-            inner(p, gm, v, g) for p, gm, v, g in zip(params, grams, velocities, grads, strict=True)
-        )
-        velocities = [
-            v - delta.to(v.dtype) * (g - v * along.to(v.dtype))
-            for v, g in zip(velocities, grads, strict=True)
-        ]
-        norm = sum(
-            inner(p, gm, v, v) for p, gm, v in zip(params, grams, velocities, strict=True)
-        ).sqrt()
-        velocities = [v / norm.to(v.dtype) for v in velocities]
-        moved, transported, new_grams = [], [], []
-        for p, v in zip(params, velocities, strict=True):
-            z = p.detach()
-            if is_quotient_parameter(p):
-                new = p.manifold.retr(z, dt * v)
-                gram = p.manifold.grams(new, check=False)
-                v = p.manifold.proju(new, v, grams=gram)
-            else:
-                new, gram = z + dt * v, None
-            moved.append(new)
-            transported.append(v)
-            new_grams.append(gram)
-        norm = sum(
-            inner(p, gm, v, v)
-            if gm is None
-            else p.manifold.inner(new, v, v, grams=gm).double().sum()
-            for p, gm, v, new in zip(params, new_grams, transported, moved, strict=True)
-        ).sqrt()
-        out = []
-        for p, new, v, gram in zip(params, moved, transported, new_grams, strict=True):
-            keep = nonfinite[p.device] == 0
-            if gram is not None:
-                keep = keep & gram.ok.all()
-            out.append((p, new, v / norm.to(v.dtype), None, None, keep))
-        return out
 
     def _implicit_leapfrog(self, p, grad, carried, h, damping, iterations):
         r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are

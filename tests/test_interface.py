@@ -248,17 +248,22 @@ def test_quotient_adam_survives_nonfinite_gradients_at_k8(policy):
     assert optimizer.nonfinite_steps() == (0 if policy == "raise" else 1)
 
 
-def test_quotient_adam_skips_a_head_with_a_zero_column():
-    """Fault 5 of issue 12: a start with a zero column in one head crashed eigh."""
+def test_quotient_adam_moves_a_head_with_a_zero_column_to_full_rank():
+    """Fault 5 of issue 12: a start with a zero column in one head crashed eigh. Now that head
+    takes the regularized step onto the full-rank set (issue 16, fault 4), with one warning."""
+    torch.manual_seed(5)
     manifold = FactorQuotient(12, 10)
     z = manifold.random(3, 22, 8)
+    target = manifold.product(manifold.random(3, 22, 8))  # rank 8: the loss wants full rank
     z[1, :12, 3] = 0  # head 1: A loses a column
     point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
     optimizer = QuotientAdam([point], lr=0.01)
-    for _ in range(2):
-        optimizer.zero_grad()
-        manifold.product(point).square().sum().backward()
-        optimizer.step()
+    with pytest.warns(RuntimeWarning, match="start rank-deficient"):
+        for _ in range(2):
+            optimizer.zero_grad()
+            (manifold.product(point) - target).square().sum().backward()
+            optimizer.step()
     assert torch.isfinite(point).all()
-    assert torch.equal(point.detach()[1], z[1])  # the deficient head is left where it is
-    assert not torch.equal(point.detach()[0], z[0])  # the others move
+    assert not torch.equal(point.detach()[1], z[1])
+    assert bool(manifold.grams(point.detach(), check=False).ok.all())
+    assert optimizer.rank_skips() == 0

@@ -67,6 +67,7 @@ one batched call per group of tensors with equal ``k``, dtype and device, over a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -400,7 +401,43 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         stored = _stored_frame(self.state, p)
         if stored is not None and not self._log.modified_elsewhere(p):
             return Basis.restore(*stored)
-        return Basis.of(*manifold.factors(p.detach()))
+        return self._regularized(Basis.of(*manifold.factors(p.detach())), manifold, p)
+
+    def _regularized(self, basis: Basis, manifold: HeadGeometry, p: torch.Tensor) -> Basis:
+        r"""For heads that are rank-deficient at a fresh start (a zero-initialized factor):
+        triangular factors of the regularized Grams, :math:`R^\top R = X^\top X + \delta I`
+        (``grams(..., regularize=True)``), flagged ok, so that the head takes a regularized step
+        onto the full-rank set instead of being skipped; the frames of the new point are then
+        exact (:func:`advance_bases` gives :math:`R_+^\top R_+ = X_+^\top X_+`). Warns once."""
+        grams = manifold.grams(p.detach(), check=False, regularize=True)
+        regularized = grams.regularized & ~basis.ok
+        self._warn_if_rank_deficient(regularized)
+        r = torch.stack((grams.chol_q.mT, grams.chol_p.mT), dim=-3).to(basis.r.dtype)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+        mask = regularized[..., None, None, None]
+        return Basis(
+            torch.where(mask, r, basis.r),
+            torch.where(mask, r_inv, basis.r_inv),
+            basis.ok | regularized,
+        )
+
+    @torch.compiler.disable
+    def _warn_if_rank_deficient(self, regularized: torch.Tensor) -> None:
+        """One warning (reading one flag on the host, only on fresh starts)."""
+        if getattr(self, "_warned_rank_deficient", False):
+            return
+        count = int(regularized.sum())
+        if count:
+            self._warned_rank_deficient = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or low-rank "
+                "factor, e.g. a zero-initialized output projection). The quotient metric is "
+                "singular there, so they take a regularized step (frames of X^T X + delta I) until "
+                "they reach full rank; the exact invariance holds on full-rank heads only.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def _quotient_moments(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> dict:
         """Phase 1 for one head tensor: unmagnified gradients, the new moments and the

@@ -116,6 +116,19 @@ def found_nonfinite(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tenso
     return nonfinite_on_any_rank(flags)
 
 
+def eager_step(step):
+    """Decorator for a quotient optimizer's ``step``: it runs eagerly even inside
+    ``torch.compile(optimizer.step)`` (a graph break), so compiling gives the eager result.
+
+    Why: dynamo traces the step correctly (``tests/test_interface.py`` compiles the undecorated
+    kernels with the ``aot_eager`` backend), but inductor, the default backend, miscompiled it in
+    torch 2.13: with two sectors of one shape, the compiled QuotientSGD step wrote one sector's
+    update into the other (difference 2.39 after one step). A wrong step is worse than an
+    uncompiled one; compiling therefore gains nothing for these optimizers today
+    (``benchmarks/compile_step.py`` measures it)."""
+    return torch.compiler.disable(step)
+
+
 class WriteLog:
     """What this optimizer knows about each parameter's current data: the version of the tensor
     it wrote last (``p._version`` and the storage), and values derived from that data (Grams,

@@ -85,6 +85,7 @@ from quotientopt.optim._base import (
     WriteLog,
     check_choice,
     check_number,
+    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
@@ -576,6 +577,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 job["new_basis"] = Basis(r_j, r_inv_j, ok_j)
                 job["ok"] = job["basis"].ok & ok_j & keep[job["p"].device]
 
+    @eager_step
     @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

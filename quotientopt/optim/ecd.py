@@ -48,6 +48,7 @@ from quotientopt.optim._base import (
     Momentum,
     check_choice,
     check_number,
+    eager_step,
     found_nonfinite,
     geometry_of,
     manifold_of,
@@ -202,6 +203,7 @@ class QuotientECD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             return None
         return Momentum(velocity, "vector" if geometry_of(p) is not None else "covector")
 
+    @eager_step
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One ECD step; ``closure`` re-evaluates the model and returns the loss (required)."""

@@ -98,6 +98,7 @@ from quotientopt.optim._base import (
     Momentum,
     check_choice,
     check_number,
+    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
@@ -388,6 +389,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
+    @eager_step
     @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -65,6 +65,7 @@ from quotientopt.optim._base import (
     WriteLog,
     check_choice,
     check_number,
+    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
@@ -417,6 +418,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf
 
     # -------------------------------------------------------------------------------- step
+    @eager_step
     @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -17,11 +17,12 @@ from quotientopt.nn import convert
 from quotientopt.optim import geometry_of
 
 STEPS = 120
-# each quotient contender at its compare default, against torch's AdamW at its default (torch SGD
-# at its default lr 0.3 is chaotic here: its loss after 120 steps went from 0.71 to 1.03 with the
-# thread count). None: QuotientHamiltonian at its default is slower on this task from any start
-# (smoothed loss 1.50 after 240 steps from the standard init, 1.54 from the zero one).
-PAIRS = [("quotient-sgd", "adamw"), ("quotient-adam", "adamw"), ("quotient-hamiltonian", None)]
+# each quotient contender against torch's AdamW at its compare default (torch SGD at its default
+# lr 0.3 is chaotic here: its loss after 120 steps went from 0.71 to 1.03 with the thread count).
+# The quotient contenders run at their compare defaults, except QuotientHamiltonian, which is slow
+# on this task at its default 0.03 from any start (smoothed loss 1.50 after 240 steps from the
+# standard initialization, 1.54 from the zero one) and runs at 0.06 (0.85; 0.1 gave 0.69).
+PAIRS = [("quotient-sgd", None), ("quotient-adam", None), ("quotient-hamiltonian", 0.06)]
 
 
 def copy_task(seed: int, batch: int = 16, length: int = 16, vocab: int = 32):
@@ -43,9 +44,9 @@ def standard_model() -> torch.nn.Module:
     return model
 
 
-def train(model: torch.nn.Module, name: str, steps: int) -> list[float]:
+def train(model: torch.nn.Module, name: str, steps: int, lr: float | None = None) -> list[float]:
     contender = CONTENDERS[name]
-    optimizer = contender.build(list(model.parameters()), contender.default_lr)
+    optimizer = contender.build(list(model.parameters()), lr or contender.default_lr)
     losses = []
     for step in range(steps):
         x, y = copy_task(step)
@@ -67,14 +68,14 @@ def standard_init_model() -> torch.nn.Module:
     return GPT(config)
 
 
-@pytest.mark.parametrize(("quotient", "euclidean"), PAIRS)
-def test_zero_initialized_output_projection_trains(quotient, euclidean):
+@pytest.mark.parametrize(("quotient", "lr"), PAIRS)
+def test_zero_initialized_output_projection_trains(quotient, lr):
     model = convert(standard_model())
     heads = [p for p in model.parameters() if geometry_of(p) is not None]
     assert heads
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        losses = smoothed(train(model, quotient, 2 * STEPS))
+        losses = smoothed(train(model, quotient, 2 * STEPS, lr))
     assert any("start rank-deficient" in str(w.message) for w in caught)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0] - 1.0
@@ -82,11 +83,11 @@ def test_zero_initialized_output_projection_trains(quotient, euclidean):
     for p in heads:
         assert bool(geometry_of(p).grams(p.detach(), check=False).ok.all())
     # the zero start costs (almost) nothing against the standard initialization
-    reference = smoothed(train(convert(standard_init_model()), quotient, 2 * STEPS))
+    reference = smoothed(train(convert(standard_init_model()), quotient, 2 * STEPS, lr))
     assert min(losses) <= min(reference) + 0.1, (min(losses), min(reference))
-    if euclidean is not None:  # and it gets as far as torch's optimizer within twice its steps
-        baseline = smoothed(train(standard_model(), euclidean, STEPS))
-        assert min(losses) <= baseline[-1] + 0.05, (min(losses), baseline[-1])
+    # and it gets as far as torch's AdamW (same zero start) within twice AdamW's steps
+    baseline = smoothed(train(standard_model(), "adamw", STEPS))
+    assert min(losses) <= baseline[-1] + 0.05, (min(losses), baseline[-1])
 
 
 def test_zero_init_model_is_the_standard_one():

@@ -4,6 +4,7 @@ from quotientopt.optim._base import Momentum, geometry_of, momentum_of
 from quotientopt.optim.adam import QuotientAdam
 from quotientopt.optim.hamiltonian import QuotientHamiltonian
 from quotientopt.optim.hybrid import HybridOptimizer, split_parameters
+from quotientopt.optim.muon import QuotientMuon, muon_and_adamw
 from quotientopt.optim.sgd import QuotientSGD
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "Momentum",
     "QuotientAdam",
     "QuotientHamiltonian",
+    "QuotientMuon",
     "QuotientSGD",
     "geometry_of",
     "momentum_of",
+    "muon_and_adamw",
     "split_parameters",
 ]

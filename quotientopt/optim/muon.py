@@ -43,13 +43,16 @@ Momentum is kept on the Euclidean factor gradients (a covector, transforming as
 only along the gradient: with a zero gradient nothing moves (no balancing or other move along
 :math:`GL(k)` directions that a subgroup does not contain).
 
-**Scale.** ``head_scale="balanced"`` (default) multiplies :math:`\Delta A` by
+**Scale.** ``head_scale="rms"`` (default, the prototype's rule) multiplies both sides by
+:math:`0.2 \sqrt{n m / k}`: the product change :math:`\Delta A\, B^\top` (rank :math:`k`, all
+singular values equal) has RMS 0.2 per unit lr, as torch Muon's ``match_rms_adamw`` update of a
+matrix. ``head_scale="balanced"`` multiplies :math:`\Delta A` by
 :math:`0.2 \sqrt{\max(n, k)}\, s` and :math:`\Delta B` by :math:`0.2 \sqrt{\max(m, k)}\, s`,
 :math:`s = (\|W\|_F^2 / k)^{1/4} = (\operatorname{tr}(PQ)/k)^{1/4}`: the product change that
 torch Muon's ``match_rms_adamw`` update of a *balanced* factor (singular values
 :math:`\sigma_i(W)^{1/2}`) would make, so one learning rate serves heads and MLP matrices and
-transfers across widths as Muon's does. ``head_scale="rms"`` (the prototype) uses
-:math:`0.2 \sqrt{n m / k}` on both sides: the product change has AdamW's RMS 0.2.
+transfers across widths as Muon's does (it lost to ``"rms"`` at 0.2x head lr on the benchmark:
+see ``docs/quotient_muon.md``).
 
 **Weight decay** scales both factors by :math:`\sqrt{1 - \eta\lambda}`, i.e. the product by
 :math:`1 - \eta\lambda`, exactly what torch Muon does to a matrix (a scalar: equivariant).
@@ -75,7 +78,7 @@ from typing import Any
 import torch
 from torch.optim import _muon as torch_muon_module
 
-from quotientopt.linalg import compute_dtype, sym
+from quotientopt.linalg import sym
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
@@ -94,6 +97,9 @@ __all__ = ["QuotientMuon", "muon_and_adamw", "polar_right_factor"]
 
 POLAR_METHODS = ("newton-schulz", "eigh")
 HEAD_SCALES = ("balanced", "rms")
+HEAD_LR_RATIO = (
+    0.2  # muon_and_adamw's default head lr / matrix lr (measured, docs/quotient_muon.md)
+)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 NS_COEFFICIENTS = (
     torch_muon_module.DEFAULT_A,
@@ -162,9 +168,9 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             :math:`1 - \eta\lambda` per step.
         adjust_lr_fn: torch Muon's lr scaling of plain matrices (``None``/``"original"``:
             :math:`\sqrt{\max(1, A/B)}`; ``"match_rms_adamw"``: :math:`0.2\sqrt{\max(A, B)}`).
-        head_scale: ``"balanced"`` (default) or ``"rms"``, the scale of the head step (module
-            docs); heads always use an AdamW-matched scale, so ``adjust_lr_fn="match_rms_adamw"``
-            gives heads and matrices one lr.
+        head_scale: ``"rms"`` (default: the product change has AdamW's RMS 0.2 per unit lr) or
+            ``"balanced"`` (module docs). Measured on the benchmark GPT, heads want about 0.2x
+            the lr of the MLP matrices with ``"rms"`` (:func:`muon_and_adamw`'s default).
         polar: ``"newton-schulz"`` (default, no host synchronisation) or ``"eigh"`` (exact).
         ns_coefficients, ns_steps, eps: the Newton-Schulz iteration and the regularization of the
             polar factor, as torch Muon's (the plain matrices use them unchanged).
@@ -185,7 +191,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         weight_decay: float = 0.1,
         *,
         adjust_lr_fn: str | None = "match_rms_adamw",
-        head_scale: str = "balanced",
+        head_scale: str = "rms",
         polar: str = "newton-schulz",
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_steps: int = 5,
@@ -417,7 +423,7 @@ def muon_and_adamw(
     ``optimizer = muon_and_adamw(model, lr=0.02)``.
 
     * head parameters (on a head geometry) -> :class:`QuotientMuon` at ``head_lr`` (default
-      ``lr``);
+      ``0.2 * lr``, the measured best ratio for the default ``head_scale="rms"``);
     * the hidden 2-D matrices -> :class:`QuotientMuon` at ``lr``, i.e. torch Muon's own step
       (``adjust_lr_fn="match_rms_adamw"`` unless given);
     * everything else (embeddings, the output layer, gains, biases) -> ``torch.optim.AdamW`` at
@@ -461,7 +467,7 @@ def muon_and_adamw(
         )
     groups = [
         {"params": g, "lr": rate}
-        for g, rate in ((heads, lr if head_lr is None else head_lr), (matrices, lr))
+        for g, rate in ((heads, HEAD_LR_RATIO * lr if head_lr is None else head_lr), (matrices, lr))
         if g
     ]
     muon_options.setdefault("adjust_lr_fn", "match_rms_adamw")

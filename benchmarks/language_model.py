@@ -778,6 +778,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--data", help="a UTF-8 text file (default: the embedded standard-library corpus)")
     add("--optimizers", nargs="+", choices=list(METHODS), help="default: all")
     add("--seeds", type=int, help="final runs per optimizer, on seeds 1..N (default 5)")
+    add(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="final runs on seeds F..F+N-1 (default 1; "
+        "0 = the tuning seed, for ablations of a pinned lr)",
+    )
     add("--steps", type=int, help="training steps of a final run (default 400)")
     add("--grid-steps", type=int, help="steps of a tuning run; 0: no tuning (default 400)")
     add("--lr", nargs="+", metavar="NAME=LR", help="pin an optimizer's lr (skips its tuning)")
@@ -913,7 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ratios=args.ratios,
         options=args.options,
     )
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     tune = {
         n: args.grids.get(n, METHODS[n].grid)
         for n in names

@@ -160,8 +160,10 @@ class PerHeadMuon(torch.optim.Optimizer):
 
 # ------------------------------------------------------------------------------ invariance
 @pytest.mark.parametrize("kind", ["gl", "rope", "qk-norm"])
-@pytest.mark.parametrize("polar", ["newton-schulz", "eigh"])
-def test_products_do_not_depend_on_the_factorization(kind, polar):
+@pytest.mark.parametrize(
+    "polar, step", [("newton-schulz", "block"), ("eigh", "block"), ("newton-schulz", "tangent")]
+)
+def test_products_do_not_depend_on_the_factorization(kind, polar, step):
     """200 float64 steps from Z and from Z G (G in the geometry's group, cond(G) = 1000 where
     the group has such elements): the products agree to 1e-10."""
     z0, loss = problem(kind)
@@ -169,11 +171,13 @@ def test_products_do_not_depend_on_the_factorization(kind, polar):
     manifold = geometry(kind)
 
     def make(ps):
-        return QuotientMuon(ps, lr=0.003, polar=polar)
+        return QuotientMuon(ps, lr=0.003, polar=polar, step=step)
 
     w0 = train(z0, loss, make, 200, manifold)
     w1 = train(act(z0, g), loss, make, 200, manifold)
-    assert torch.linalg.matrix_norm(w0 - w1).max() < 1e-10 * torch.linalg.matrix_norm(w0).max()
+    # the tangent step subtracts Grams (S_A = X^T X - C^T C), which costs it one digit: 1e-9
+    tol = 1e-10 if step == "block" else 1e-9
+    assert torch.linalg.matrix_norm(w0 - w1).max() < tol * torch.linalg.matrix_norm(w0).max()
     assert torch.isfinite(w0).all() and float(loss(torch.cat((z0,), 0))) > 0
 
 
@@ -280,6 +284,43 @@ def test_first_step_is_the_spectral_steepest_descent_of_the_product(head_scale):
             else (lr * c[..., 0]).expand_as(sv),
             rtol=1e-8,
         )
+
+
+def test_tangent_step_is_the_polar_of_the_tangent_projection():
+    """step="tangent": the product change is -c polar(P_T E) with its normal block removed
+    (P_T: projection onto the tangent space of the rank-k matrices at A B^T), lifted horizontally
+    (zero momentum map), to first order in lr."""
+    gen = rng(6)
+    manifold = FactorQuotient(N, M)
+    z0 = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    a, b = z0[..., :N, :], z0[..., N:, :]
+    e = torch.randn(HEADS, N, M, generator=gen, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    lr = 1e-7
+    opt = QuotientMuon(
+        [p],
+        lr=lr,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        polar="eigh",
+        eps=1e-14,
+        step="tangent",
+    )
+    p.grad = torch.cat((e @ b, e.mT @ a), dim=-2)
+    opt.step()
+    dz = p.detach() - z0
+    dw = dz[..., :N, :] @ b.mT + a @ dz[..., N:, :].mT
+    u, v = torch.linalg.qr(a).Q, torch.linalg.qr(b).Q
+    pu, pv = u @ u.mT, v @ v.mT
+    tangent = pu @ e + e @ pv - pu @ e @ pv
+    pol = polar_svd(tangent)
+    eye_n, eye_m = torch.eye(N, dtype=torch.float64), torch.eye(M, dtype=torch.float64)
+    expected = -(pol - (eye_n - pu) @ pol @ (eye_m - pv)) * lr * 0.2 * math.sqrt(N * M / K)
+    assert torch.allclose(dw, expected, rtol=1e-7, atol=1e-8 * float(expected.abs().max()))
+    generic = manifold.momentum_map(z0, torch.randn(dz.shape, generator=gen, dtype=dz.dtype))
+    relative = manifold.momentum_map(z0, dz).abs().max() / dz.abs().max()
+    assert relative < 1e-6 * generic.abs().max()  # rounding of z0 + dz only
 
 
 def newton_schulz_reference(x: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -95,6 +95,7 @@ from quotientopt.optim.hybrid import HybridOptimizer
 
 __all__ = ["QuotientMuon", "muon_and_adamw", "polar_right_factor"]
 
+STEP_KINDS = ("block", "tangent")
 POLAR_METHODS = ("newton-schulz", "eigh")
 HEAD_SCALES = ("balanced", "rms")
 HEAD_LR_RATIO = (
@@ -150,6 +151,77 @@ def polar_right_factor(
     return m
 
 
+def _lsolve(chol: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:math:`L^{-1} X` for lower triangular ``chol``."""
+    return torch.linalg.solve_triangular(chol, x, upper=False)
+
+
+def _rsolve(x: torch.Tensor, chol: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """:math:`X L^{-1}` (or :math:`X L^{-\\top}` with ``transpose``) for lower triangular ``chol``."""
+    if transpose:
+        return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
+    return torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+
+
+def _block_matrices(geometry, update: torch.Tensor, grams, polar: dict) -> torch.Tensor:
+    r"""The block step's :math:`(K_A, K_B)` (``(..., 2, k, k)``) with
+    :math:`\Delta A = -G_A K_A`, :math:`K_A = L_P^{-\top} M(S_A) L_P^{-1}`,
+    :math:`S_A = L_P^{-1} G_A^\top G_A L_P^{-\top}` (and :math:`B` with :math:`L_Q`)."""
+    chol = torch.stack((grams.chol_p, grams.chol_q), dim=-3)  # A is whitened by P, B by Q
+    c = torch.stack(geometry.cross(update, update), dim=-3)  # (G_A^T G_A, G_B^T G_B)
+    s = sym(_lsolve(chol, _rsolve(c, chol, transpose=True)))
+    m = polar_right_factor(s, **polar)
+    return _rsolve(torch.linalg.solve_triangular(chol.mT, m, upper=True), chol)
+
+
+def _root_and_pinv(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`S^{1/2}` and the regularized :math:`S^{+1/2}` (:math:`\sqrt\lambda/(\lambda +
+    \text{eps}\,\operatorname{tr} S)`) of symmetric PSD ``s``, through ``eigh`` (spectral
+    functions: they commute with rotations)."""
+    c = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(0) + 1e-30
+    lam, vec = torch.linalg.eigh(s / c)
+    root = lam.clamp_min(0).sqrt()
+    pinv = root / (lam.clamp_min(0) + eps)
+    build = lambda f: (vec * f[..., None, :]) @ vec.mT  # noqa: E731
+    return build(root) * c.sqrt(), build(pinv) / c.sqrt()
+
+
+def _tangent_matrices(geometry, z, update, grams, polar: dict):
+    r"""The joint (tangent-space) step: :math:`\Delta W = -\operatorname{polar}(P_T E)`
+    restricted to the tangent space of the rank-k matrices, lifted horizontally; returned as
+    ``(K on the update, K on the point)``, each ``(..., 2, k, k)``, with
+    :math:`\Delta A = -(G_A K_1 + A K_2)`, :math:`\Delta B = -(G_B K_3 + B K_4)`
+    (derivation: ``docs/quotient_muon.md``)."""
+    lp, lq = grams.chol_p, grams.chol_q
+    ga_ga, gb_gb = geometry.cross(update, update)
+    a_ga, b_gb = geometry.cross(z, update)
+    c1 = _lsolve(lq, _rsolve(a_ga, lp, transpose=True))  # U^T X_A
+    c2 = _lsolve(lp, _rsolve(b_gb, lq, transpose=True))  # V^T X_B
+    s_a = sym(_lsolve(lp, _rsolve(ga_ga, lp, transpose=True)) - c1.mT @ c1)  # Y_A^T Y_A
+    s_b = sym(_lsolve(lq, _rsolve(gb_gb, lq, transpose=True)) - c2.mT @ c2)
+    eps = polar["eps"]
+    root_a, pinv_a = _root_and_pinv(s_a, eps)
+    root_b, pinv_b = _root_and_pinv(s_b, eps)
+    core = torch.cat(
+        (
+            torch.cat((0.5 * (c1 + c2.mT), root_b), dim=-1),
+            torch.cat((root_a, torch.zeros_like(root_a)), dim=-1),
+        ),
+        dim=-2,
+    )  # rows [U, Q_1], columns [V, Q_2]
+    pol = core @ polar_right_factor(core.mT @ core, **polar)
+    k = lp.shape[-1]
+    a, b, c = pol[..., :k, :k], pol[..., :k, k:], pol[..., k:, :k]
+    pc, pb = pinv_a @ c, pinv_b @ b.mT
+    k1 = _rsolve(_rsolve(pc.mT, lp).mT, lp)  # L_P^{-T} R_A^+ c L_P^{-1}
+    k2 = _rsolve(
+        _rsolve((0.5 * a - c1 @ pc).mT, lq).mT, lp
+    )  # L_Q^{-T} (a/2 - C_1 R_A^+ c) L_P^{-1}
+    k3 = _rsolve(_rsolve(pb.mT, lq).mT, lq)
+    k4 = _rsolve(_rsolve((0.5 * a.mT - c2 @ pb).mT, lp).mT, lq)
+    return torch.stack((k1, k3), dim=-3), torch.stack((k2, k4), dim=-3)
+
+
 class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Muon on the head quotients (see the module docs), ``torch.optim.Muon`` on plain matrices.
 
@@ -172,6 +244,10 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             ``"balanced"`` (module docs). Measured on the benchmark GPT, heads want about 0.2x
             the lr of the MLP matrices with ``"rms"`` (:func:`muon_and_adamw`'s default).
         polar: ``"newton-schulz"`` (default, no host synchronisation) or ``"eigh"`` (exact).
+        step: ``"block"`` (default: each factor's own polar, both from the same point) or
+            ``"tangent"`` (the polar of the product gradient's projection onto the tangent space
+            of the rank-k matrices, lifted horizontally; uses ``eigh``, which synchronises on
+            CUDA). See ``docs/quotient_muon.md`` for the comparison.
         ns_coefficients, ns_steps, eps: the Newton-Schulz iteration and the regularization of the
             polar factor, as torch Muon's (the plain matrices use them unchanged).
         on_nonfinite: ``"skip"`` (default, no host synchronisation), ``"warn"`` or ``"raise"``:
@@ -193,6 +269,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         adjust_lr_fn: str | None = "match_rms_adamw",
         head_scale: str = "rms",
         polar: str = "newton-schulz",
+        step: str = "block",
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_steps: int = 5,
         eps: float = torch_muon_module.EPS,
@@ -211,6 +288,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             )
         check_choice("head_scale", head_scale, HEAD_SCALES)
         check_choice("polar", polar, POLAR_METHODS)
+        check_choice("step", step, STEP_KINDS)
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
             raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
@@ -226,6 +304,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             adjust_lr_fn=adjust_lr_fn,
             head_scale=head_scale,
             polar=polar,
+            step=step,
             ns_coefficients=tuple(ns_coefficients),
             ns_steps=ns_steps,
             eps=eps,
@@ -288,36 +367,40 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         update = grad.lerp(buf, beta) if group["nesterov"] else buf
 
         grams = geometry.grams(z, check=False)
-        chol = torch.stack((grams.chol_p, grams.chol_q), dim=-3)  # (..., 2, k, k): A uses P
-        c = torch.stack(geometry.cross(update, update), dim=-3)  # (G_A^T G_A, G_B^T G_B)
-        half = torch.linalg.solve_triangular(chol, c, upper=False)  # L^{-1} C
-        s = sym(torch.linalg.solve_triangular(chol, half.mT, upper=False))  # L^{-1} C L^{-T}
-        m = polar_right_factor(
-            s,
-            group["polar"],
+        polar = dict(
+            method=group["polar"],
             eps=group["eps"],
             ns_coefficients=group["ns_coefficients"],
             ns_steps=group["ns_steps"],
         )
-        left = torch.linalg.solve_triangular(chol.mT, m, upper=True)  # L^{-T} M
-        k_mats = torch.linalg.solve_triangular(chol, left, upper=False, left=False)  # .. L^{-1}
+        if group["step"] == "tangent":
+            on_update, on_point = _tangent_matrices(geometry, z, update, grams, polar)
+        else:
+            on_update, on_point = _block_matrices(geometry, update, grams, polar), None
 
         n, m_rows, k = geometry.n, geometry.m, z.shape[-1]
         if group["head_scale"] == "rms":
             scale = torch.full(
-                (*z.shape[:-2], 2), 0.2 * math.sqrt(n * m_rows / k), dtype=s.dtype, device=s.device
+                (*z.shape[:-2], 2),
+                0.2 * math.sqrt(n * m_rows / k),
+                dtype=grams.p.dtype,
+                device=z.device,
             )
         else:
             w_sq = (grams.p * grams.q).sum((-1, -2))  # ||A B^T||_F^2 = tr(PQ)
             root = (w_sq.clamp_min(0) / k).pow(0.25)
             sides = torch.tensor(
                 [0.2 * math.sqrt(max(n, k)), 0.2 * math.sqrt(max(m_rows, k))],
-                dtype=s.dtype,
-                device=s.device,
+                dtype=grams.p.dtype,
+                device=z.device,
             )
             scale = root[..., None] * sides
-        k_mats = k_mats * (-lr * scale)[..., None, None]
-        step = geometry.right_multiply(update, k_mats[..., 0, :, :], k_mats[..., 1, :, :])
+        factor = (-lr * scale)[..., None, None]
+        on_update = on_update * factor
+        step = geometry.right_multiply(update, on_update[..., 0, :, :], on_update[..., 1, :, :])
+        if on_point is not None:
+            on_point = on_point * factor
+            step = step + geometry.right_multiply(z, on_point[..., 0, :, :], on_point[..., 1, :, :])
         decay = 1.0 - lr * group["weight_decay"]
         if decay < 0:
             raise ValueError(

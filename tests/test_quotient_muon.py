@@ -587,3 +587,30 @@ def test_a_step_does_not_synchronise_with_the_host(monkeypatch):
     opt.step()
     monkeypatch.undo()
     assert opt.nonfinite_steps() == 0
+
+
+# --------------------------------------------------------------------- benchmark contenders
+@pytest.mark.parametrize("name", ["quotient-muon", "muon-per-head", "muon"])
+def test_benchmark_muon_contenders_train(name, monkeypatch):
+    """The language-model benchmark's Muon family builds and trains (loss falls, finite)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from quotientopt.compare import split_corpus
+    from quotientopt.data import stdlib_text
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    language_model = importlib.import_module("language_model")
+    try:
+        train_tokens, val = split_corpus(stdlib_text(100_000), 16, 4)
+        setup = language_model.Setup(
+            n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4, eval_batches=2
+        )
+        job = language_model.Job(name, 0.02, 0, 30, curve=True)
+        result = language_model.run_job(job, setup, train_tokens, val)
+    finally:
+        sys.modules.pop("language_model", None)
+    assert math.isfinite(result["val_loss"])
+    assert result["curve"][-1][1] < result["curve"][0][1] - 0.3
+    assert result["optimizer_state_bytes"] > 0

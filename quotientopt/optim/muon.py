@@ -248,8 +248,9 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             ``"tangent"`` (the polar of the product gradient's projection onto the tangent space
             of the rank-k matrices, lifted horizontally; uses ``eigh``, which synchronises on
             CUDA). See ``docs/quotient_muon.md`` for the comparison.
-        ns_coefficients, ns_steps, eps: the Newton-Schulz iteration and the regularization of the
-            polar factor, as torch Muon's (the plain matrices use them unchanged).
+        ns_coefficients: the quintic Newton-Schulz coefficients :math:`(a, b, c)` (torch Muon's).
+        ns_steps: Newton-Schulz iterations (torch Muon's 5).
+        eps: regularization of the polar factor (torch Muon's 1e-7; module docs).
         on_nonfinite: ``"skip"`` (default, no host synchronisation), ``"warn"`` or ``"raise"``:
             a NaN/Inf gradient skips the whole step (every parameter and momentum kept); a head
             update that would lose rank skips that head.

@@ -440,6 +440,12 @@ def test_unsupported_parameters_and_options_name_the_fix():
     ):
         with pytest.raises(ValueError, match=message):
             QuotientMuon(w, **options)
+    sharded = geoopt.ManifoldParameter(
+        torch.randn(1, N + M, K), manifold=FactorQuotient(N, M, row_reduce=lambda t: t)
+    )
+    sharded.grad = torch.randn_like(sharded)
+    with pytest.raises(ValueError, match="rows are sharded"):
+        QuotientMuon([sharded]).step()
     opt = QuotientMuon(w)
     with pytest.raises(ValueError, match="2-D matrices"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})

@@ -358,6 +358,12 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         """Candidate point, momentum buffer and per-head health flag of one head tensor
         (nothing written)."""
         geometry = geometry_of(p)
+        if geometry.is_row_sharded:
+            raise ValueError(
+                "QuotientMuon scales a head step by the sector's global row counts, but this "
+                "manifold's rows are sharded (row_reduce is set); step row-sharded sectors with "
+                "QuotientSGD, or gather the rows first"
+            )
         z, grad = p.detach(), p.grad
         beta, lr = group["momentum"], group["lr"]
         state = self.state[p]

@@ -9,7 +9,11 @@ budget, each optimizer's learning rate tuned on a stated grid, the best one run 
 Options: ``--optimizers`` (a subset of :data:`METHODS`), ``--seeds N`` (final runs on seeds
 1..N), ``--steps`` (final runs), ``--grid-steps`` (tuning runs; 0 skips tuning), ``--grid
 NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batch sizes,
-``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``).
+``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``); for the Muon family
+``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-per-head``,
+``quotient-muon``; defaults 1, 1, 0.2), ``--option KEY=VALUE`` (QuotientMuon options of
+``quotient-muon``, e.g. ``step=tangent``, ``polar=eigh``) and ``--first-seed`` (ablations on the
+tuning seed 0).
 
 **Default.** The embedded corpus (the Python standard library's own sources, 2 MB, UTF-8 bytes,
 vocabulary 256; :func:`quotientopt.data.stdlib_text`), 90/10 train/validation split by position;

@@ -9,7 +9,11 @@ budget, each optimizer's learning rate tuned on a stated grid, the best one run 
 Options: ``--optimizers`` (a subset of :data:`METHODS`), ``--seeds N`` (final runs on seeds
 1..N), ``--steps`` (final runs), ``--grid-steps`` (tuning runs; 0 skips tuning), ``--grid
 NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batch sizes,
-``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``).
+``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``); for the Muon family
+``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-per-head``,
+``quotient-muon``; defaults 1, 1, 0.2), ``--option KEY=VALUE`` (QuotientMuon options of
+``quotient-muon``, e.g. ``step=tangent``, ``polar=eigh``) and ``--first-seed`` (ablations on the
+tuning seed 0).
 
 **Default.** The embedded corpus (the Python standard library's own sources, 2 MB, UTF-8 bytes,
 vocabulary 256; :func:`quotientopt.data.stdlib_text`), 90/10 train/validation split by position;
@@ -70,6 +74,7 @@ from quotientopt.compare import CONTENDERS, Settings, batches, evaluate, split_c
 from quotientopt.data import read_text_file, stdlib_text
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import HybridOptimizer, QuotientSGD
+from quotientopt.optim.muon import muon_and_adamw
 
 try:  # being written alongside this benchmark; skipped with a note while it is missing
     from quotientopt.optim import QuotientAdam
@@ -106,6 +111,13 @@ class Setup:
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
     nanogpt_adamw: bool = False  # "adamw" decays tensors of >= 2 dims only, as nanoGPT does
+    # (name, ratio): the attention/head lr over the MLP lr of muon, muon-per-head, quotient-muon
+    ratios: tuple[tuple[str, float], ...] = ()
+    # (name, value): QuotientMuon options of quotient-muon (head_scale, polar) for ablations
+    options: tuple[tuple[str, str], ...] = ()
+
+    def ratio(self, name: str) -> float:
+        return dict(self.ratios).get(name, DEFAULT_RATIOS.get(name, 1.0))
 
 
 def _adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -129,22 +141,104 @@ def _build_adamw(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
+#: default attention (or head) lr / MLP lr of the Muon family (``--ratio NAME=R`` overrides)
+DEFAULT_RATIOS = {"muon": 1.0, "muon-per-head": 1.0, "quotient-muon": 0.2}
+MUON_KW = dict(weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+
+
 def _build_muon(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
     """torch.optim.Muon on the 2-D matrices inside the blocks, AdamW on the rest (embeddings,
     biases, LayerNorms), both at ``lr``: Muon's ``match_rms_adamw`` scaling makes its update RMS
-    match AdamW's, so one learning rate serves both."""
-    hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h.")]
-    ids = {id(p) for p in hidden}
+    match AdamW's, so one learning rate serves both. The attention matrices run at
+    ``setup.ratio("muon")`` x lr (1 by default)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h.")]
+    attention = [p for n, p in named if ".attn." in n]
+    mlp = [p for n, p in named if ".attn." not in n]
+    ids = {id(p) for _, p in named}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    muon = torch.optim.Muon(
-        hidden,
-        lr=lr,
-        weight_decay=0.1,
-        momentum=0.95,
-        nesterov=True,
-        adjust_lr_fn="match_rms_adamw",
-    )
+    groups = [{"params": mlp}, {"params": attention, "lr": setup.ratio("muon") * lr}]
+    muon = torch.optim.Muon(groups, lr=lr, **MUON_KW)
     return HybridOptimizer(muon, _adamw(rest, lr))
+
+
+class PerHeadMuon(torch.optim.Optimizer):
+    """The per-head peer: torch Muon's own step (its functional ``muon``) on each head's two
+    factors separately, as ``n x k`` and ``m x k`` matrices (views of the sector tensor), no
+    whitening by the partner factor. A per-head Python loop: a baseline, not a fast path."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        super().__init__(params, dict(lr=lr, **MUON_KW))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
+        from torch.optim import _muon
+
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                n = p.manifold.n
+                for z, g, b in zip(p.detach(), p.grad, state["momentum_buffer"], strict=True):
+                    for rows in (slice(None, n), slice(n, None)):
+                        params.append(z[rows])
+                        grads.append(g[rows])
+                        bufs.append(b[rows])
+            kw = {key: group[key] for key in MUON_KW}
+            _muon.muon(
+                params,
+                grads,
+                bufs,
+                lr=group["lr"],
+                ns_coefficients=_muon_defaults()[0],
+                ns_steps=_muon_defaults()[1],
+                eps=_muon_defaults()[2],
+                has_complex=False,
+                **kw,
+            )
+
+
+def _muon_defaults() -> tuple[tuple[float, float, float], int, float]:
+    from torch.optim import _muon
+
+    return (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C), _muon.DEFAULT_NS_STEPS, _muon.EPS
+
+
+def _hidden_matrices(model: GPT) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the blocks' plain 2-D matrices, everything else that is not a head parameter)."""
+    heads = {id(p) for p in model.parameters() if getattr(p, "manifold", None) is not None}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) not in heads]
+    hidden = [p for n, p in named if p.dim() == 2 and n.startswith("h.")]
+    ids = {id(p) for p in hidden}
+    return hidden, [p for _, p in named if id(p) not in ids]
+
+
+def _build_muon_per_head(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    """torch Muon on each head's factors (PerHeadMuon) at ``ratio`` x lr, torch Muon on the MLP
+    matrices and AdamW on the rest at lr."""
+    heads = [p for p in model.parameters() if getattr(p, "manifold", None) is not None]
+    hidden, rest = _hidden_matrices(model)
+    inner = HybridOptimizer(
+        PerHeadMuon(heads, setup.ratio("muon-per-head") * lr),
+        torch.optim.Muon(hidden, lr=lr, **MUON_KW),
+    )
+    return HybridOptimizer(inner, _adamw(rest, lr))
+
+
+def _build_quotient_muon(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    """quotientopt.optim.muon_and_adamw: QuotientMuon on the heads at ``ratio`` x lr and (torch
+    Muon's own step) on the MLP matrices at lr, AdamW (betas (0.9, 0.99), weight decay 0.1) on
+    the rest at lr."""
+    return muon_and_adamw(
+        model,
+        lr,
+        head_lr=setup.ratio("quotient-muon") * lr,
+        adamw_betas=(0.9, 0.99),
+        **dict(setup.options),
+    )
 
 
 QSGD_ADAMW_RATIO = 0.3  # AdamW's lr for the rest / QuotientSGD's lr for the heads
@@ -222,6 +316,28 @@ METHODS = {
             1.6e-2,
             (4e-3, 8e-3, 1.6e-2, 3.2e-2),
             _build_muon,
+        ),
+        Method(
+            "muon-per-head",
+            "torch.optim.Muon's step on each head's factors separately (the quotient layout, no "
+            "whitening by the partner factor) and on the blocks' other 2-D matrices, "
+            f"{ADAMW_TEXT} on the rest, both at lr",
+            True,
+            False,
+            1.6e-2,
+            (4e-3, 8e-3, 1.6e-2, 3.2e-2),
+            _build_muon_per_head,
+        ),
+        Method(
+            "quotient-muon",
+            "QuotientMuon (momentum 0.95, Nesterov, weight decay 0.1, rms head scale, "
+            "Newton-Schulz polar) on the heads at 0.2 lr, torch Muon's step on the blocks' other "
+            f"2-D matrices and {ADAMW_TEXT} on the rest at lr (quotientopt.optim.muon_and_adamw)",
+            True,
+            False,
+            1.6e-2,
+            (4e-3, 8e-3, 1.6e-2, 3.2e-2),
+            _build_quotient_muon,
         ),
         Method(
             "breaking-sgd",
@@ -666,6 +782,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--data", help="a UTF-8 text file (default: the embedded standard-library corpus)")
     add("--optimizers", nargs="+", choices=list(METHODS), help="default: all")
     add("--seeds", type=int, help="final runs per optimizer, on seeds 1..N (default 5)")
+    add(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="final runs on seeds F..F+N-1 (default 1; "
+        "0 = the tuning seed, for ablations of a pinned lr)",
+    )
     add("--steps", type=int, help="training steps of a final run (default 400)")
     add("--grid-steps", type=int, help="steps of a tuning run; 0: no tuning (default 400)")
     add("--lr", nargs="+", metavar="NAME=LR", help="pin an optimizer's lr (skips its tuning)")
@@ -681,6 +804,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--schedule", choices=["constant", "cosine"])
     add("--warmup", type=int)
     add("--grad-clip", type=float)
+    add(
+        "--ratio",
+        nargs="+",
+        metavar="NAME=R",
+        default=[],
+        help="attention/head lr over MLP lr for muon, muon-per-head, quotient-muon",
+    )
+    add(
+        "--option",
+        nargs="+",
+        metavar="KEY=VALUE",
+        default=[],
+        help="QuotientMuon options of quotient-muon (head_scale=rms, polar=eigh)",
+    )
     add("--workers", type=int, default=min(2, os.cpu_count() or 1))
     add("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -719,6 +856,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not grids[name] or min(grids[name]) <= 0:
             parser.error(f"--grid {item!r}: learning rates must be positive")
     args.grids = grids
+    ratios = []
+    for item in args.ratio:
+        name, _, value = item.partition("=")
+        if name not in DEFAULT_RATIOS:
+            parser.error(f"--ratio names {name!r}; choose from {', '.join(DEFAULT_RATIOS)}")
+        try:
+            ratios.append((name, float(value)))
+        except ValueError:
+            parser.error(f"--ratio {item!r}: expected NAME=NUMBER")
+    args.ratios = tuple(ratios)
+    args.options = tuple(tuple(item.split("=", 1)) for item in args.option)
+    if any(len(o) != 2 for o in args.options):
+        parser.error("--option expects KEY=VALUE")
     return args
 
 
@@ -771,8 +921,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip,
         nanogpt_adamw=args.nanogpt_adamw,
+        ratios=args.ratios,
+        options=args.options,
     )
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     tune = {
         n: args.grids.get(n, METHODS[n].grid)
         for n in names

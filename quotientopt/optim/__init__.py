@@ -5,6 +5,7 @@ from quotientopt.optim.adam import QuotientAdam
 from quotientopt.optim.ecd import QuotientECD
 from quotientopt.optim.hamiltonian import QuotientHamiltonian
 from quotientopt.optim.hybrid import HybridOptimizer, split_parameters
+from quotientopt.optim.muon import QuotientMuon, muon_and_adamw
 from quotientopt.optim.sgd import QuotientSGD
 
 __all__ = [
@@ -13,8 +14,10 @@ __all__ = [
     "QuotientAdam",
     "QuotientECD",
     "QuotientHamiltonian",
+    "QuotientMuon",
     "QuotientSGD",
     "geometry_of",
     "momentum_of",
+    "muon_and_adamw",
     "split_parameters",
 ]

@@ -1,0 +1,571 @@
+r"""QuotientMuon: spectral steepest descent of the head products, exactly invariant under
+re-factorization; torch's own Muon for plain matrices.
+
+**The step.** For a sector :math:`Z = [A; B]` (``(..., n + m, k)``), product
+:math:`W = A B^\top`, let :math:`G_A` be the (Nesterov momentum of the) Euclidean gradient of
+:math:`A` and :math:`P = B^\top B = L_P L_P^\top` (lower Cholesky). The steepest descent of the
+loss over :math:`\Delta A` in the spectral norm of the product change
+:math:`\Delta W = \Delta A\, B^\top` is
+
+.. math::
+
+    \Delta A = -\operatorname{polar}(G_A L_P^{-\top})\, L_P^{-1}, \qquad
+    \operatorname{polar}(X) = X (X^\top X)^{-1/2},
+
+and symmetrically :math:`\Delta B = -\operatorname{polar}(G_B L_Q^{-\top}) L_Q^{-1}` with
+:math:`Q = A^\top A`. Derivation: :math:`U_B = B L_P^{-\top}` is orthonormal, so
+:math:`\Delta W = -\operatorname{polar}(X) U_B^\top` has spectral norm 1, and with
+:math:`G_A = E B` (:math:`E = \nabla_W f`), :math:`X = G_A L_P^{-\top} = E U_B` and
+:math:`\langle E, \Delta W\rangle = -\|E U_B\|_*`, the smallest value any
+:math:`\Delta W = Y U_B^\top` with :math:`\|Y\|_2 \le 1` reaches (docs: ``quotient_muon.md``).
+
+**Only k x k work.** With :math:`C = G_A^\top G_A`, :math:`S = L_P^{-1} C L_P^{-\top}
+= X^\top X` and :math:`M = S^{-1/2}` (``k x k``), :math:`\operatorname{polar}(X) = X M` and
+
+.. math:: \Delta A = -G_A\, K_A, \qquad K_A = L_P^{-\top} M L_P^{-1},
+
+two ``(n x k) @ (k x k)`` products per factor (``cross`` and ``right_multiply`` of the geometry)
+and ``k x k`` algebra in float32 or better. :math:`M` comes from ``eigh`` of :math:`S`
+(``polar="eigh"``) or from Muon's quintic Newton-Schulz iteration run on :math:`S` alone
+(``polar="newton-schulz"``, the default: with :math:`X_t = X_0 M_t`, :math:`S_t = X_t^\top X_t`,
+the iteration :math:`X_{t+1} = X_t\, p(S_t)`, :math:`p(s) = a + b s + c s^2`, becomes
+:math:`M_{t+1} = M_t\, p(S_t)`, :math:`S_{t+1} = S_t\, p(S_t)^2`, all polynomials of
+:math:`S_0`; no host synchronisation, unlike ``eigh`` on CUDA).
+
+**Invariance.** Under :math:`(A, B) \mapsto (A G, B G^{-\top})` the gradient maps to
+:math:`G_A G^{-\top}`, the Cholesky factor to :math:`G^{-1} L_P O` (:math:`O` orthogonal), so
+:math:`X \mapsto X O`, :math:`S \mapsto O^\top S O`, :math:`M \mapsto O^\top M O` (any spectral
+function, Newton-Schulz included, commutes with :math:`O`) and :math:`\Delta A \mapsto \Delta A\,
+G`: the step is exactly :math:`GL(k)`-equivariant, hence equivariant under every subgroup
+:math:`H` of a :class:`~quotientopt.manifolds.SubgroupFactorQuotient` geometry (RoPE, QK-norm).
+Momentum is kept on the Euclidean factor gradients (a covector, transforming as
+:math:`G^{-\top}`), so heavy-ball and Nesterov momentum are equivariant as well. The step moves
+only along the gradient: with a zero gradient nothing moves (no balancing or other move along
+:math:`GL(k)` directions that a subgroup does not contain).
+
+**Scale.** ``head_scale="rms"`` (default, the prototype's rule) multiplies both sides by
+:math:`0.2 \sqrt{n m / k}`: the product change :math:`\Delta A\, B^\top` (rank :math:`k`, all
+singular values equal) has RMS 0.2 per unit lr, as torch Muon's ``match_rms_adamw`` update of a
+matrix. ``head_scale="balanced"`` multiplies :math:`\Delta A` by
+:math:`0.2 \sqrt{\max(n, k)}\, s` and :math:`\Delta B` by :math:`0.2 \sqrt{\max(m, k)}\, s`,
+:math:`s = (\|W\|_F^2 / k)^{1/4} = (\operatorname{tr}(PQ)/k)^{1/4}`: the product change that
+torch Muon's ``match_rms_adamw`` update of a *balanced* factor (singular values
+:math:`\sigma_i(W)^{1/2}`) would make, so one learning rate serves heads and MLP matrices and
+transfers across widths as Muon's does (it lost to ``"rms"`` at 0.2x head lr on the benchmark:
+see ``docs/quotient_muon.md``).
+
+**Weight decay** scales both factors by :math:`\sqrt{1 - \eta\lambda}`, i.e. the product by
+:math:`1 - \eta\lambda`, exactly what torch Muon does to a matrix (a scalar: equivariant).
+
+**Rank loss.** A head whose Grams are singular or non-finite (or would become so after the step)
+is skipped (its factors and momentum kept) and counted in :meth:`rank_skips`; with a damped
+geometry (``damping > 0``) the Grams are floored and the step stays defined, exactly equivariant
+only under :math:`\mathbb{R}_{>0} \times O(k)` (the damping breaks the rest at order
+:math:`\epsilon\kappa`). The polar factor itself is regularized as Muon's Newton-Schulz is:
+singular values of :math:`X` below :math:`\sqrt{\text{eps}}\,\|X\|_F` are damped, which is a
+spectral function and so keeps the invariance.
+
+Plain 2-D tensors take ``torch.optim.Muon``'s step (its functional implementation, called
+unchanged); a non-finite gradient skips them too, device-side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import _muon as torch_muon_module
+
+from quotientopt.linalg import sym
+from quotientopt.optim._base import (
+    NONFINITE_POLICIES,
+    HealthMixin,
+    KeepStateDtypes,
+    Momentum,
+    check_choice,
+    check_number,
+    found_nonfinite,
+    geometry_of,
+    manifold_of,
+    where_heads,
+)
+from quotientopt.optim.hybrid import HybridOptimizer
+
+__all__ = ["QuotientMuon", "muon_and_adamw", "polar_right_factor"]
+
+STEP_KINDS = ("block", "tangent")
+POLAR_METHODS = ("newton-schulz", "eigh")
+HEAD_SCALES = ("balanced", "rms")
+HEAD_LR_RATIO = (
+    0.2  # muon_and_adamw's default head lr / matrix lr (measured, docs/quotient_muon.md)
+)
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+NS_COEFFICIENTS = (
+    torch_muon_module.DEFAULT_A,
+    torch_muon_module.DEFAULT_B,
+    torch_muon_module.DEFAULT_C,
+)
+
+
+def polar_right_factor(
+    s: torch.Tensor,
+    method: str = "newton-schulz",
+    *,
+    eps: float = 1e-7,
+    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    ns_steps: int = 5,
+) -> torch.Tensor:
+    r"""The ``k x k`` matrix :math:`M` with :math:`\operatorname{polar}(X) \approx X M`, from the
+    Gram :math:`S = X^\top X` alone (``(..., k, k)``, symmetric PSD, float32 or better).
+
+    * ``"eigh"``: :math:`M = c^{-1/2} f(S / c)` with :math:`c = \operatorname{tr} S + \text{eps}`
+      and :math:`f(\lambda) = (\lambda + \text{eps})^{-1/2}` through ``torch.linalg.eigh``: the
+      exact polar factor for singular values above :math:`\sqrt{\text{eps}}\,\|X\|_F`;
+    * ``"newton-schulz"``: Muon's quintic iteration on :math:`X_0 = X / (\|X\|_F + \text{eps})`,
+      carried out on ``k x k`` matrices (:math:`M_{t+1} = M_t p(S_t)`,
+      :math:`S_{t+1} = S_t p(S_t)^2`): the same approximate polar factor (singular values roughly
+      in ``[0.7, 1.2]``) as ``torch.optim.Muon`` computes from ``X``, in float32 or better.
+
+    Both are spectral functions of :math:`S`: :math:`M(O^\top S O) = O^\top M(S) O` for orthogonal
+    :math:`O`, which is what makes the quotient step equivariant. A zero ``X`` gives a finite
+    :math:`M` (and :math:`X M = 0`).
+    """
+    k = s.shape[-1]
+    trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    if method == "eigh":
+        c = trace + eps
+        lam, vec = torch.linalg.eigh(s / c)
+        f = (lam.clamp_min(0) + eps).rsqrt()
+        return (vec * f[..., None, :]) @ vec.mT * c.rsqrt()
+    a, b, c2 = ns_coefficients
+    norm = trace.clamp_min(0).sqrt() + eps
+    s_t = s / norm.square()
+    eye = torch.eye(k, dtype=s.dtype, device=s.device)
+    m = eye / norm
+    for _ in range(ns_steps):
+        poly = a * eye + b * s_t + c2 * (s_t @ s_t)
+        m = m @ poly
+        s_t = sym(s_t @ poly @ poly)
+    return m
+
+
+def _lsolve(chol: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:math:`L^{-1} X` for lower triangular ``chol``."""
+    return torch.linalg.solve_triangular(chol, x, upper=False)
+
+
+def _rsolve(x: torch.Tensor, chol: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """:math:`X L^{-1}` (or :math:`X L^{-\\top}` with ``transpose``) for lower triangular ``chol``."""
+    if transpose:
+        return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
+    return torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+
+
+def _block_matrices(geometry, update: torch.Tensor, grams, polar: dict) -> torch.Tensor:
+    r"""The block step's :math:`(K_A, K_B)` (``(..., 2, k, k)``) with
+    :math:`\Delta A = -G_A K_A`, :math:`K_A = L_P^{-\top} M(S_A) L_P^{-1}`,
+    :math:`S_A = L_P^{-1} G_A^\top G_A L_P^{-\top}` (and :math:`B` with :math:`L_Q`)."""
+    chol = torch.stack((grams.chol_p, grams.chol_q), dim=-3)  # A is whitened by P, B by Q
+    c = torch.stack(geometry.cross(update, update), dim=-3)  # (G_A^T G_A, G_B^T G_B)
+    s = sym(_lsolve(chol, _rsolve(c, chol, transpose=True)))
+    m = polar_right_factor(s, **polar)
+    return _rsolve(torch.linalg.solve_triangular(chol.mT, m, upper=True), chol)
+
+
+def _root_and_pinv(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`S^{1/2}` and the regularized :math:`S^{+1/2}` (:math:`\sqrt\lambda/(\lambda +
+    \text{eps}\,\operatorname{tr} S)`) of symmetric PSD ``s``, through ``eigh`` (spectral
+    functions: they commute with rotations)."""
+    c = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(0) + 1e-30
+    lam, vec = torch.linalg.eigh(s / c)
+    root = lam.clamp_min(0).sqrt()
+    pinv = root / (lam.clamp_min(0) + eps)
+    build = lambda f: (vec * f[..., None, :]) @ vec.mT  # noqa: E731
+    return build(root) * c.sqrt(), build(pinv) / c.sqrt()
+
+
+def _tangent_matrices(geometry, z, update, grams, polar: dict):
+    r"""The joint (tangent-space) step: :math:`\Delta W = -\operatorname{polar}(P_T E)`
+    restricted to the tangent space of the rank-k matrices, lifted horizontally; returned as
+    ``(K on the update, K on the point)``, each ``(..., 2, k, k)``, with
+    :math:`\Delta A = -(G_A K_1 + A K_2)`, :math:`\Delta B = -(G_B K_3 + B K_4)`
+    (derivation: ``docs/quotient_muon.md``)."""
+    lp, lq = grams.chol_p, grams.chol_q
+    ga_ga, gb_gb = geometry.cross(update, update)
+    a_ga, b_gb = geometry.cross(z, update)
+    c1 = _lsolve(lq, _rsolve(a_ga, lp, transpose=True))  # U^T X_A
+    c2 = _lsolve(lp, _rsolve(b_gb, lq, transpose=True))  # V^T X_B
+    s_a = sym(_lsolve(lp, _rsolve(ga_ga, lp, transpose=True)) - c1.mT @ c1)  # Y_A^T Y_A
+    s_b = sym(_lsolve(lq, _rsolve(gb_gb, lq, transpose=True)) - c2.mT @ c2)
+    eps = polar["eps"]
+    root_a, pinv_a = _root_and_pinv(s_a, eps)
+    root_b, pinv_b = _root_and_pinv(s_b, eps)
+    core = torch.cat(
+        (
+            torch.cat((0.5 * (c1 + c2.mT), root_b), dim=-1),
+            torch.cat((root_a, torch.zeros_like(root_a)), dim=-1),
+        ),
+        dim=-2,
+    )  # rows [U, Q_1], columns [V, Q_2]
+    pol = core @ polar_right_factor(core.mT @ core, **polar)
+    k = lp.shape[-1]
+    a, b, c = pol[..., :k, :k], pol[..., :k, k:], pol[..., k:, :k]
+    pc, pb = pinv_a @ c, pinv_b @ b.mT
+    k1 = _rsolve(_rsolve(pc.mT, lp).mT, lp)  # L_P^{-T} R_A^+ c L_P^{-1}
+    k2 = _rsolve(
+        _rsolve((0.5 * a - c1 @ pc).mT, lq).mT, lp
+    )  # L_Q^{-T} (a/2 - C_1 R_A^+ c) L_P^{-1}
+    k3 = _rsolve(_rsolve(pb.mT, lq).mT, lq)
+    k4 = _rsolve(_rsolve((0.5 * a.mT - c2 @ pb).mT, lp).mT, lq)
+    return torch.stack((k1, k3), dim=-3), torch.stack((k2, k4), dim=-3)
+
+
+class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+    r"""Muon on the head quotients (see the module docs), ``torch.optim.Muon`` on plain matrices.
+
+    Args:
+        params: parameters or groups: head parameters (``geoopt.ManifoldParameter`` on a head
+            geometry, :class:`~quotientopt.manifolds.FactorQuotient` or
+            :class:`~quotientopt.manifolds.SubgroupFactorQuotient`, shape ``(..., n + m, k)``)
+            and plain 2-D matrices. Embeddings, gains and biases belong to another optimizer
+            (AdamW): :func:`muon_and_adamw` builds the usual split for a model.
+        lr: learning rate :math:`\eta` (a torch Muon lr: ``0.02`` with
+            ``adjust_lr_fn="match_rms_adamw"`` is AdamW-scale).
+        momentum: :math:`\beta` in ``[0, 1)``, on the Euclidean gradients (torch Muon's
+            ``buf.lerp_(grad, 1 - beta)``).
+        nesterov: use ``grad.lerp(buf, beta)`` as the direction (torch Muon's Nesterov).
+        weight_decay: decoupled decay :math:`\lambda`: matrices and head products are scaled by
+            :math:`1 - \eta\lambda` per step.
+        adjust_lr_fn: torch Muon's lr scaling of plain matrices (``None``/``"original"``:
+            :math:`\sqrt{\max(1, A/B)}`; ``"match_rms_adamw"``: :math:`0.2\sqrt{\max(A, B)}`).
+        head_scale: ``"rms"`` (default: the product change has AdamW's RMS 0.2 per unit lr) or
+            ``"balanced"`` (module docs). Measured on the benchmark GPT, heads want about 0.2x
+            the lr of the MLP matrices with ``"rms"`` (:func:`muon_and_adamw`'s default).
+        polar: ``"newton-schulz"`` (default, no host synchronisation) or ``"eigh"`` (exact).
+        step: ``"block"`` (default: each factor's own polar, both from the same point) or
+            ``"tangent"`` (the polar of the product gradient's projection onto the tangent space
+            of the rank-k matrices, lifted horizontally; uses ``eigh``, which synchronises on
+            CUDA). See ``docs/quotient_muon.md`` for the comparison.
+        ns_coefficients: the quintic Newton-Schulz coefficients :math:`(a, b, c)` (torch Muon's).
+        ns_steps: Newton-Schulz iterations (torch Muon's 5).
+        eps: regularization of the polar factor (torch Muon's 1e-7; module docs).
+        on_nonfinite: ``"skip"`` (default, no host synchronisation), ``"warn"`` or ``"raise"``:
+            a NaN/Inf gradient skips the whole step (every parameter and momentum kept); a head
+            update that would lose rank skips that head.
+
+    State per parameter: ``momentum_buffer`` (the parameter's shape and dtype, as torch Muon's).
+    Head updates are batched over every head of a tensor; nothing loops over heads in Python.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        *,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+        head_scale: str = "rms",
+        polar: str = "newton-schulz",
+        step: str = "block",
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_steps: int = 5,
+        eps: float = torch_muon_module.EPS,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        check_number("lr", lr, 0.0, float("inf"))
+        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_number("weight_decay", weight_decay, 0.0, float("inf"))
+        check_number("eps", eps, 0.0, float("inf"), low_open=True)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"invalid nesterov: {nesterov!r}; expected True or False")
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(
+                f"invalid adjust_lr_fn: {adjust_lr_fn!r}; expected None, 'original' or "
+                "'match_rms_adamw' (torch.optim.Muon's choices)"
+            )
+        check_choice("head_scale", head_scale, HEAD_SCALES)
+        check_choice("polar", polar, POLAR_METHODS)
+        check_choice("step", step, STEP_KINDS)
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
+            raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
+        if len(tuple(ns_coefficients)) != 3:
+            raise ValueError(
+                f"invalid ns_coefficients: {ns_coefficients!r}; expected three numbers (a, b, c)"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            adjust_lr_fn=adjust_lr_fn,
+            head_scale=head_scale,
+            polar=polar,
+            step=step,
+            ns_coefficients=tuple(ns_coefficients),
+            ns_steps=ns_steps,
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_parameter(p)
+        self.on_nonfinite = on_nonfinite
+        self._init_health()
+
+    @staticmethod
+    def _check_parameter(p: torch.Tensor) -> None:
+        if geometry_of(p) is not None:
+            return
+        if manifold_of(p) is not None:
+            raise ValueError(
+                f"QuotientMuon: a parameter lies on {type(p.manifold).__name__}, which is not a "
+                "head geometry (FactorQuotient, SubgroupFactorQuotient); step it with geoopt's "
+                "RiemannianAdam or QuotientAdam"
+            )
+        if p.dim() != 2:
+            raise ValueError(
+                f"QuotientMuon steps head parameters and 2-D matrices, got a plain tensor of shape "
+                f"{tuple(p.shape)}; give embeddings, gains and biases to AdamW "
+                "(quotientopt.optim.muon_and_adamw(model, lr) does this split)"
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "on_nonfinite"):  # after __init__: check the new parameters
+            for p in self.param_groups[-1]["params"]:
+                self._check_parameter(p)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_nonfinite_steps"):
+            self._init_health()
+
+    def momentum(self, p: torch.Tensor) -> Momentum | None:
+        """The momentum buffer at ``p``: the running average of Euclidean gradients, a covector
+        (for heads as for plain matrices); None before the first step."""
+        buf = self.state[p].get("momentum_buffer") if p in self.state else None
+        return None if buf is None else Momentum(buf, "covector")
+
+    # ------------------------------------------------------------------------ the head step
+    def _head_update(
+        self, p: torch.Tensor, group: dict[str, Any], keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidate point, momentum buffer and per-head health flag of one head tensor
+        (nothing written)."""
+        geometry = geometry_of(p)
+        if geometry.is_row_sharded:
+            raise ValueError(
+                "QuotientMuon scales a head step by the sector's global row counts, but this "
+                "manifold's rows are sharded (row_reduce is set); step row-sharded sectors with "
+                "QuotientSGD, or gather the rows first"
+            )
+        z, grad = p.detach(), p.grad
+        beta, lr = group["momentum"], group["lr"]
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = torch.zeros_like(z, memory_format=torch.preserve_format)
+        buf = buf.lerp(grad, 1 - beta)
+        update = grad.lerp(buf, beta) if group["nesterov"] else buf
+
+        grams = geometry.grams(z, check=False)
+        polar = dict(
+            method=group["polar"],
+            eps=group["eps"],
+            ns_coefficients=group["ns_coefficients"],
+            ns_steps=group["ns_steps"],
+        )
+        if group["step"] == "tangent":
+            on_update, on_point = _tangent_matrices(geometry, z, update, grams, polar)
+        else:
+            on_update, on_point = _block_matrices(geometry, update, grams, polar), None
+
+        n, m_rows, k = geometry.n, geometry.m, z.shape[-1]
+        if group["head_scale"] == "rms":
+            scale = torch.full(
+                (*z.shape[:-2], 2),
+                0.2 * math.sqrt(n * m_rows / k),
+                dtype=grams.p.dtype,
+                device=z.device,
+            )
+        else:
+            w_sq = (grams.p * grams.q).sum((-1, -2))  # ||A B^T||_F^2 = tr(PQ)
+            root = (w_sq.clamp_min(0) / k).pow(0.25)
+            sides = torch.tensor(
+                [0.2 * math.sqrt(max(n, k)), 0.2 * math.sqrt(max(m_rows, k))],
+                dtype=grams.p.dtype,
+                device=z.device,
+            )
+            scale = root[..., None] * sides
+        factor = (-lr * scale)[..., None, None]
+        on_update = on_update * factor
+        step = geometry.right_multiply(update, on_update[..., 0, :, :], on_update[..., 1, :, :])
+        if on_point is not None:
+            on_point = on_point * factor
+            step = step + geometry.right_multiply(z, on_point[..., 0, :, :], on_point[..., 1, :, :])
+        decay = 1.0 - lr * group["weight_decay"]
+        if decay < 0:
+            raise ValueError(
+                f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
+                "the sign of the products; lower the learning rate or the weight decay"
+            )
+        new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
+        new_grams = geometry.grams(new, check=False, reference=grams)
+        finite = torch.isfinite(new).flatten(-2).all(-1)
+        ok = grams.ok & new_grams.ok & finite & keep
+        return new, buf, ok
+
+    # ---------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss, grads = self._closure_and_grads(closure)
+        if not grads:
+            return loss
+        nonfinite = found_nonfinite(grads)
+
+        pending = []  # phase 1: every head update computed and checked, nothing written
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and geometry_of(p) is not None:
+                    keep = nonfinite[p.device] == 0
+                    pending.append((p, *self._head_update(p, group, keep)))
+        self._enforce_policy(nonfinite, [ok for *_, ok in pending])
+
+        for p, new, buf, ok in pending:  # phase 2: write
+            state = self.state[p]
+            old_buf = state.get("momentum_buffer")
+            state["momentum_buffer"] = where_heads(
+                ok, buf, torch.zeros_like(buf) if old_buf is None else old_buf
+            )
+            where_heads(ok, new, p.detach(), out=p.detach())
+            self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
+
+        for group in self.param_groups:
+            plain = [p for p in group["params"] if p.grad is not None and geometry_of(p) is None]
+            if plain:
+                self._plain_step(plain, group, nonfinite)
+        for device, flag in nonfinite.items():
+            self._count(self._nonfinite_steps, device, flag)
+        return loss
+
+    def _plain_step(
+        self, params: list[torch.Tensor], group: dict[str, Any], nonfinite: dict
+    ) -> None:
+        """torch.optim.Muon's step (its functional ``muon``) on plain matrices; where a gradient
+        is non-finite, parameters and buffers are restored afterwards, device-side."""
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p.grad, memory_format=torch.preserve_format
+                )
+            bufs.append(state["momentum_buffer"])
+        saved = [(p.detach().clone(), b.clone()) for p, b in zip(params, bufs, strict=True)]
+        torch_muon_module.muon(
+            params,
+            [p.grad for p in params],
+            bufs,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_coefficients=group["ns_coefficients"],
+            ns_steps=group["ns_steps"],
+            eps=group["eps"],
+            adjust_lr_fn=group["adjust_lr_fn"],
+            has_complex=False,
+        )
+        for p, b, (p_old, b_old) in zip(params, bufs, saved, strict=True):
+            bad = nonfinite[p.device] > 0
+            torch.where(bad, p_old, p.detach(), out=p.detach())
+            torch.where(bad, b_old, b, out=b)
+
+
+def _default_hidden(name: str, p: torch.Tensor) -> bool:
+    """The default Muon matrices: 2-D weights of ``torch.nn.Linear`` layers except an output
+    layer named ``lm_head``/``head``/``classifier``/``output`` (decided in :func:`muon_and_adamw`)."""
+    last = name.rsplit(".", 2)
+    return p.dim() == 2 and not any(
+        part in ("lm_head", "head", "classifier", "output") for part in last[:-1]
+    )
+
+
+def muon_and_adamw(
+    model: torch.nn.Module,
+    lr: float = 0.02,
+    *,
+    head_lr: float | None = None,
+    adamw_lr: float | None = None,
+    weight_decay: float = 0.1,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_weight_decay: float = 0.1,
+    hidden: Callable[[str, torch.Tensor], bool] | None = None,
+    **muon_options: Any,
+) -> HybridOptimizer:
+    r"""The drop-in for a "Muon + AdamW" setup, in one line:
+    ``optimizer = muon_and_adamw(model, lr=0.02)``.
+
+    * head parameters (on a head geometry) -> :class:`QuotientMuon` at ``head_lr`` (default
+      ``0.2 * lr``, the measured best ratio for the default ``head_scale="rms"``);
+    * the hidden 2-D matrices -> :class:`QuotientMuon` at ``lr``, i.e. torch Muon's own step
+      (``adjust_lr_fn="match_rms_adamw"`` unless given);
+    * everything else (embeddings, the output layer, gains, biases) -> ``torch.optim.AdamW`` at
+      ``adamw_lr`` (default ``lr``: the AdamW-matched scaling makes one lr serve all three).
+
+    ``hidden(name, p)`` decides which plain 2-D parameters are hidden matrices; the default takes
+    those of ``torch.nn.Linear`` layers, not of ``torch.nn.Embedding`` (nor tied to one), and not
+    of a layer named ``lm_head``, ``head``, ``classifier`` or ``output``. ``muon_options`` go to
+    :class:`QuotientMuon`. Returns a :class:`~quotientopt.optim.HybridOptimizer` (``heads``: the
+    QuotientMuon, ``rest``: the AdamW).
+    """
+    embedded = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Embedding)}
+    linear = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Linear)}
+    rule = hidden or (
+        lambda name, p: id(p) in linear and id(p) not in embedded and _default_hidden(name, p)
+    )
+    heads, matrices, rest, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if geometry_of(p) is not None:
+            heads.append(p)
+        elif manifold_of(p) is None and p.dim() == 2 and rule(name, p):
+            matrices.append(p)
+        else:
+            rest.append(p)
+    if manifold_of_any := [p for p in rest if manifold_of(p) is not None]:
+        raise ValueError(
+            f"muon_and_adamw: {len(manifold_of_any)} parameter(s) lie on a manifold that is not a "
+            "head geometry; AdamW would leave the manifold. Step them with geoopt's RiemannianAdam"
+        )
+    if not heads and not matrices:
+        raise ValueError(
+            "muon_and_adamw: no head parameters and no hidden 2-D matrices found; declare the "
+            "heads as quotient parameters (quotientopt.nn) or pass hidden=... to choose matrices"
+        )
+    if not rest:
+        raise ValueError(
+            "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"
+        )
+    groups = [
+        {"params": g, "lr": rate}
+        for g, rate in ((heads, HEAD_LR_RATIO * lr if head_lr is None else head_lr), (matrices, lr))
+        if g
+    ]
+    muon_options.setdefault("adjust_lr_fn", "match_rms_adamw")
+    muon = QuotientMuon(groups, lr=lr, weight_decay=weight_decay, **muon_options)
+    adamw = torch.optim.AdamW(
+        rest,
+        lr=lr if adamw_lr is None else adamw_lr,
+        betas=adamw_betas,
+        weight_decay=adamw_weight_decay,
+    )
+    return HybridOptimizer(muon, adamw)

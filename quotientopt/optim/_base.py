@@ -266,6 +266,25 @@ class HealthMixin:
         )
         self._apply_policy(self.on_nonfinite, any_nonfinite, lost, "the quotient parameters")
 
+    @torch.compiler.disable
+    def _warn_if_rank_deficient(self, deficient: torch.Tensor) -> None:
+        """Warn once per optimizer that ``deficient.sum()`` heads start rank-deficient and take
+        the regularized step (``grams(..., regularize=True)``). Reads one number on the host:
+        callers call it on a tensor's first step only."""
+        if getattr(self, "_warned_rank_deficient", False):
+            return
+        count = int(deficient.sum())
+        if count:
+            self._warned_rank_deficient = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or "
+                "low-rank factor, e.g. a zero-initialized output projection). The quotient "
+                "metric is singular there, so they take a regularized step (P + delta I) until "
+                "they reach full rank; the exact invariance holds on full-rank heads only.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _count(self, store: dict, device: torch.device, amount: torch.Tensor) -> None:
         if device not in store:
             store[device] = torch.zeros((), dtype=torch.int64, device=device)

@@ -67,7 +67,6 @@ one batched call per group of tensors with equal ``k``, dtype and device, over a
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -422,23 +421,6 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             torch.where(mask, r_inv, basis.r_inv),
             basis.ok | regularized,
         )
-
-    @torch.compiler.disable
-    def _warn_if_rank_deficient(self, regularized: torch.Tensor) -> None:
-        """One warning (reading one flag on the host, only on fresh starts)."""
-        if getattr(self, "_warned_rank_deficient", False):
-            return
-        count = int(regularized.sum())
-        if count:
-            self._warned_rank_deficient = True
-            warnings.warn(
-                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or low-rank "
-                "factor, e.g. a zero-initialized output projection). The quotient metric is "
-                "singular there, so they take a regularized step (frames of X^T X + delta I) until "
-                "they reach full rank; the exact invariance holds on full-rank heads only.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
 
     def _quotient_moments(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> dict:
         """Phase 1 for one head tensor: unmagnified gradients, the new moments and the

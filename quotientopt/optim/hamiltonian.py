@@ -476,24 +476,6 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             out[w] = (g, torch.where(mask, chol, reg_chol), torch.where(mask, inv, x.mT @ x), flag)
         return out, usable
 
-    @torch.compiler.disable
-    def _warn_if_rank_deficient(self, state: dict, regularized: torch.Tensor) -> None:
-        """Warn once (reading one flag on the host, at a tensor's first step only) that some
-        heads start rank-deficient and move with the regularized metric."""
-        if state.get("step", 0) != 0 or getattr(self, "_warned_rank_deficient", False):
-            return
-        count = int(regularized.sum())
-        if count:
-            self._warned_rank_deficient = True
-            warnings.warn(
-                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or low-rank "
-                "factor, e.g. a zero-initialized output projection). The quotient metric is "
-                "singular there, so they move with a regularized metric (G + delta I) until they "
-                "reach full rank; the exact invariance holds on full-rank heads only.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
     def _splitting_step(self, p, grad, h, damping, diagnostics):
         r"""One step of the splitting integrator (module docstring), batched over the heads:
         the kick, then the exact flows of :math:`T_A` and :math:`T_B` for ``h`` each, in the order
@@ -549,7 +531,8 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             cache[x] = self._gram(geometry, new, x, reference=cache[x][0])
             # a head that started rank-deficient only has to stay finite on its way to full rank
             healthy = healthy & (cache[x][3] | regularized) & torch.isfinite(s).flatten(-2).all(-1)
-        self._warn_if_rank_deficient(state, regularized)
+        if state.get("step", 0) == 0:
+            self._warn_if_rank_deficient(regularized)
         state["step"] = state.get("step", 0) + 1
 
         def commit(keep):

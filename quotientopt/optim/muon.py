@@ -78,6 +78,7 @@ from typing import Any
 import torch
 from torch.optim import _muon as torch_muon_module
 
+from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import sym
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -86,6 +87,7 @@ from quotientopt.optim._base import (
     Momentum,
     check_choice,
     check_number,
+    eager_step,
     found_nonfinite,
     geometry_of,
     manifold_of,
@@ -373,7 +375,9 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = buf.lerp(grad, 1 - beta)
         update = grad.lerp(buf, beta) if group["nesterov"] else buf
 
-        grams = geometry.grams(z, check=False)
+        grams = geometry.grams(z, check=False, regularize=True)
+        if "momentum_buffer" not in state:
+            self._warn_if_rank_deficient(grams.regularized)
         polar = dict(
             method=group["polar"],
             eps=group["eps"],
@@ -417,10 +421,14 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
         new_grams = geometry.grams(new, check=False, reference=grams)
         finite = torch.isfinite(new).flatten(-2).all(-1)
-        ok = grams.ok & new_grams.ok & finite & keep
+        # a healthy head must stay healthy; one that starts rank-deficient (the regularized
+        # metric, P + delta I) only has to stay finite on its way to full rank
+        ok = torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
         return new, buf, ok
 
     # ---------------------------------------------------------------------------- the step
+    @eager_step
+    @steps_local_shards
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""

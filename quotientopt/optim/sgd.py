@@ -48,7 +48,6 @@ it does not, or when the step was withheld (a non-finite gradient)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -248,7 +247,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         if stored is None or self._log.modified_elsewhere(p):
             grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
             if "step" not in state:
-                self._warn_if_rank_deficient(grams)
+                self._warn_if_rank_deficient(~grams.ok)
             buf = state.get("momentum_buffer")
             if buf is not None:  # edited elsewhere: a head that lost rank does not coast
                 where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
@@ -362,24 +361,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         if buf is not None:
             buf = manifold.proju_(new, buf, grams=new_grams)
         return new, buf, new_grams, ok
-
-    @torch.compiler.disable
-    def _warn_if_rank_deficient(self, grams: Grams) -> None:
-        """Warn once (reading one flag on the host, at a tensor's first step only) that some
-        heads start rank-deficient and take the regularized step until they have full rank."""
-        if getattr(self, "_warned_rank_deficient", False):
-            return
-        deficient = int((~grams.ok).sum())
-        if deficient:
-            self._warned_rank_deficient = True
-            warnings.warn(
-                f"{type(self).__name__}: {deficient} head(s) start rank-deficient (a zero or "
-                "low-rank factor, e.g. a zero-initialized output projection). The quotient "
-                "metric is singular there, so they take a regularized step (P + delta I) until "
-                "they reach full rank; the exact invariance holds on full-rank heads only.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
     @staticmethod
     def _frozen_where_unhealthy(grams: Grams) -> Grams:

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 import geoopt
 import torch
 
-from quotientopt.distributed import local_geometry, nonfinite_on_any_rank
+from quotientopt.distributed import local_geometry, nonfinite_on_any_rank, steps_local_shards
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
 
@@ -127,6 +127,23 @@ def eager_step(step):
     uncompiled one; compiling therefore gains nothing for these optimizers today
     (``benchmarks/compile_step.py`` measures it)."""
     return torch.compiler.disable(step)
+
+
+def optimizer_step(step):
+    """The decorators that every quotient optimizer's ``step`` carries: no autograd,
+    FSDP2's local shards (:func:`~quotientopt.distributed.steps_local_shards`) and an eager step
+    inside ``torch.compile`` (:func:`eager_step`)."""
+    return eager_step(steps_local_shards(torch.no_grad()(step)))
+
+
+class ChecksParameters:
+    """``add_param_group`` (which ``torch.optim.Optimizer.__init__`` calls for every group)
+    checks each new parameter with the optimizer's ``_check_parameter``."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        for p in self.param_groups[-1]["params"]:  # type: ignore[attr-defined]
+            self._check_parameter(p)  # type: ignore[attr-defined]
 
 
 class WriteLog:

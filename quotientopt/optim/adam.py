@@ -73,7 +73,6 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim.adam import adam as torch_adam
 
-from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import compute_dtype, sym_funm
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
@@ -84,11 +83,11 @@ from quotientopt.optim._base import (
     WriteLog,
     check_choice,
     check_number,
-    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
     manifold_of,
+    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.sgd import WEIGHT_DECAY_MODES
@@ -559,9 +558,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 job["new_basis"] = Basis(r_j, r_inv_j, ok_j)
                 job["ok"] = job["basis"].ok & ok_j & keep[job["p"].device]
 
-    @eager_step
-    @steps_local_shards
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)

@@ -43,15 +43,16 @@ import torch
 
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
+    ChecksParameters,
     HealthMixin,
     KeepStateDtypes,
     Momentum,
     check_choice,
     check_number,
-    eager_step,
     found_nonfinite,
     geometry_of,
     manifold_of,
+    optimizer_step,
 )
 
 __all__ = ["QuotientECD", "ecd_group"]
@@ -142,7 +143,7 @@ def write_ecd(state: dict, updates: list) -> None:
         entry["velocity"] = torch.where(keep, v, torch.zeros_like(v) if old is None else old)
 
 
-class QuotientECD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Energy-conserving descent (unit speed) on the head quotients; see the module docs for the
     equations.
 
@@ -176,16 +177,8 @@ class QuotientECD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         check_number("loss_floor", loss_floor, -float("inf"), float("inf"))
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         super().__init__(params, dict(lr=lr, eta=eta, loss_floor=loss_floor))
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._check_parameter(p)
         self.on_nonfinite = on_nonfinite
         self._init_health()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._check_parameter(p)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
@@ -203,8 +196,7 @@ class QuotientECD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             return None
         return Momentum(velocity, "vector" if geometry_of(p) is not None else "covector")
 
-    @eager_step
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One ECD step; ``closure`` re-evaluates the model and returns the loss (required)."""
         if closure is None:

@@ -87,22 +87,22 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import compute_dtype, spd_cholesky_flagged
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
+    ChecksParameters,
     HealthMixin,
     KeepStateDtypes,
     Momentum,
     check_choice,
     check_number,
-    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
     manifold_of,
+    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.ecd import ecd_group, write_ecd
@@ -242,7 +242,7 @@ def _add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, al
     )
 
 
-class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
     r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations
     and for which integrator to use when).
 
@@ -334,16 +334,8 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 diagnostics=diagnostics,
             ),
         )
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._check_parameter(p)
         self.on_nonfinite = on_nonfinite
         self._init_health()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._check_parameter(p)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
@@ -389,9 +381,7 @@ class QuotientHamiltonian(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
-    @eager_step
-    @steps_local_shards
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)

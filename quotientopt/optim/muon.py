@@ -78,7 +78,6 @@ from typing import Any
 import torch
 from torch.optim import _muon as torch_muon_module
 
-from quotientopt.distributed import steps_local_shards
 from quotientopt.linalg import sym
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -87,10 +86,10 @@ from quotientopt.optim._base import (
     Momentum,
     check_choice,
     check_number,
-    eager_step,
     found_nonfinite,
     geometry_of,
     manifold_of,
+    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.hybrid import HybridOptimizer
@@ -427,9 +426,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf, ok
 
     # ---------------------------------------------------------------------------- the step
-    @eager_step
-    @steps_local_shards
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.distributed import max_over_head_shards, steps_local_shards
+from quotientopt.distributed import max_over_head_shards
 from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -64,11 +64,11 @@ from quotientopt.optim._base import (
     WriteLog,
     check_choice,
     check_number,
-    eager_step,
     found_nonfinite,
     geometry_of,
     is_quotient_parameter,
     manifold_of,
+    optimizer_step,
     where_heads,
 )
 
@@ -399,9 +399,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf
 
     # -------------------------------------------------------------------------------- step
-    @eager_step
-    @steps_local_shards
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss, grads = self._closure_and_grads(closure)

@@ -48,9 +48,10 @@ mean validation loss against step with a +-1 std band, one line per optimizer.
 width 128, context 64, batch 12, 2000 iterations, dropout 0, no biases, AdamW lr 1e-3 with 100
 warmup iterations and cosine decay to 1e-4 at iteration 2000, betas (0.9, 0.99), weight decay 0.1
 on tensors of >= 2 dims only, gradient clipping 1.0, the file's character vocabulary (65), 90/10
-split by position, validation on 200 batches as the config's ``eval_iters``), AdamW only, one seed,
-no tuning. nanoGPT's README reports "a loss of only 1.88" for it; the report puts ours next to it.
-About 4-5 minutes on one core.
+split by position, validation on 200 batches as the config's ``eval_iters``), no tuning: AdamW at
+nanoGPT's lr 1e-3, muon, quotient-muon, quotient-adam and quotient-sgd at their default lrs (the
+``lr`` column of :data:`METHODS`), 3 seeds each. nanoGPT's README reports "a loss of only 1.88" for
+AdamW; the report puts ours next to it. About 3-5 minutes per run on one core (15 runs).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from typing import Any
 
 import torch
 
-from quotientopt.compare import CONTENDERS, Settings, batches, evaluate, split_corpus
+from quotientopt.compare import CONTENDERS, Settings, adamw, batches, evaluate, split_corpus
 from quotientopt.data import read_text_file, stdlib_text
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import HybridOptimizer, QuotientSGD
@@ -122,12 +123,12 @@ class Setup:
 
 def _adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """``quotientopt compare``'s AdamW: betas (0.9, 0.99), weight decay 0.1 on every tensor."""
-    return CONTENDERS["adamw"].build(params, lr)
+    return adamw(params, lr)
 
 
 def _plain(name: str) -> Callable[[GPT, float, Setup], torch.optim.Optimizer]:
     """A contender of ``quotientopt compare``, built exactly as there."""
-    return lambda model, lr, setup: CONTENDERS[name].build(list(model.parameters()), lr)
+    return lambda model, lr, setup: CONTENDERS[name].build(model, lr)
 
 
 def _build_adamw(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
@@ -730,8 +731,8 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], preset: str | Non
 
 PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-char-cpu": {
-        "optimizers": ["adamw"],
-        "seeds": 1,
+        "optimizers": ["adamw", "muon", "quotient-muon", "quotient-adam", "quotient-sgd"],
+        "seeds": 3,
         "steps": 2000,
         "grid_steps": 0,
         "n_layer": 4,

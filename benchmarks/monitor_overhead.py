@@ -50,7 +50,7 @@ def main() -> None:
         model = GPT(config)
         runs[name] = {
             "model": model,
-            "optimizer": contender.build(list(model.parameters()), contender.default_lr),
+            "optimizer": contender.build(model, contender.default_lr),
             "seconds": 0.0,
         }
     logdir = tempfile.mkdtemp(prefix="monitor-overhead-")

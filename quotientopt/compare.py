@@ -14,22 +14,53 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from quotientopt.models import GPT, GPTConfig
-from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD, split_parameters
+from quotientopt.optim import (
+    HybridOptimizer,
+    QuotientAdam,
+    QuotientHamiltonian,
+    QuotientSGD,
+    muon_and_adamw,
+    split_parameters,
+)
 from quotientopt.tensorboard import SymmetryMonitor
 
 
-def _groups(params: list[torch.Tensor], heads_lr: float, rest_lr: float) -> list[dict]:
+def _groups(model: torch.nn.Module, heads_lr: float, rest_lr: float) -> list[dict]:
     """Two parameter groups: the quotient sectors (their step is scale-free: it moves the
     products, not the factors) and everything else."""
-    heads, rest = split_parameters(params)
+    heads, rest = split_parameters(model.parameters())
     return [{"params": heads, "lr": heads_lr}, {"params": rest, "lr": rest_lr}]
+
+
+def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
+    """The comparison's AdamW: betas (0.9, 0.99), weight decay 0.1 on every tensor."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
+
+
+#: torch Muon's settings in the comparison (its update RMS matched to AdamW's, so one lr serves
+#: the matrices and the AdamW part).
+MUON_OPTIONS = dict(weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+
+
+MUON_DEFAULT_LR = 0.02  # 200-step grid on the default corpus, seed 0: see docs/symmetry.md
+QUOTIENT_MUON_DEFAULT_LR = 0.01  # the same grid
+
+
+def muon_and_torch_adamw(model: torch.nn.Module, lr: float) -> HybridOptimizer:
+    """``torch.optim.Muon`` on the 2-D matrices inside the transformer blocks (attention and MLP),
+    the comparison's AdamW on the rest (embeddings, LayerNorms, biases), both at ``lr``."""
+    matrices, rest = [], []
+    for name, p in model.named_parameters():
+        inside = name.startswith("h.") and p.dim() == 2
+        (matrices if inside else rest).append(p)
+    return HybridOptimizer(torch.optim.Muon(matrices, lr=lr, **MUON_OPTIONS), adamw(rest, lr))
 
 
 @dataclass(frozen=True)
@@ -41,7 +72,7 @@ class Contender:
     quotient: bool  # heads on the quotient (True) or the standard layout
     symmetry_breaking: bool
     default_lr: float
-    build: Callable[[list[torch.Tensor], float], torch.optim.Optimizer] = field(repr=False)
+    build: Callable[[torch.nn.Module, float], torch.optim.Optimizer] = field(repr=False)
 
 
 CONTENDERS = {
@@ -53,7 +84,9 @@ CONTENDERS = {
             False,
             False,
             0.3,
-            lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True),
+            lambda model, lr: torch.optim.SGD(
+                model.parameters(), lr=lr, momentum=0.9, nesterov=True
+            ),
         ),
         Contender(
             "adamw",
@@ -61,7 +94,25 @@ CONTENDERS = {
             False,
             False,
             3e-3,
-            lambda ps, lr: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), weight_decay=0.1),
+            lambda model, lr: adamw(model.parameters(), lr),
+        ),
+        Contender(
+            "muon",
+            "torch Muon (Nesterov 0.95, weight decay 0.1, AdamW-matched RMS) on the blocks' "
+            "matrices, AdamW on the rest, both at lr",
+            False,
+            False,
+            MUON_DEFAULT_LR,
+            muon_and_torch_adamw,
+        ),
+        Contender(
+            "quotient-muon",
+            "QuotientMuon on the heads at 0.2 lr, torch Muon's step on the MLP matrices and AdamW "
+            "(betas (0.9, 0.99), weight decay 0.1) on the rest at lr (optim.muon_and_adamw)",
+            True,
+            False,
+            QUOTIENT_MUON_DEFAULT_LR,
+            lambda model, lr: muon_and_adamw(model, lr, adamw_betas=(0.9, 0.99)),
         ),
         Contender(
             "quotient-sgd",
@@ -69,8 +120,8 @@ CONTENDERS = {
             True,
             False,
             0.01,
-            lambda ps, lr: QuotientSGD(
-                _groups(ps, lr, 30 * lr), lr=lr, momentum=0.9, nesterov=True
+            lambda model, lr: QuotientSGD(
+                _groups(model, lr, 30 * lr), lr=lr, momentum=0.9, nesterov=True
             ),
         ),
         Contender(
@@ -80,10 +131,10 @@ CONTENDERS = {
             True,
             False,
             3e-3,
-            lambda ps, lr: QuotientAdam(
+            lambda model, lr: QuotientAdam(
                 [
                     {"params": group["params"], "weight_decay": decay}
-                    for group, decay in zip(_groups(ps, lr, lr), (0.0, 0.1), strict=True)
+                    for group, decay in zip(_groups(model, lr, lr), (0.0, 0.1), strict=True)
                 ],
                 lr=lr,
                 betas=(0.9, 0.99),
@@ -95,7 +146,7 @@ CONTENDERS = {
             True,
             False,
             0.03,
-            lambda ps, lr: QuotientHamiltonian(_groups(ps, lr, 10 * lr), lr=lr, friction=3.0),
+            lambda model, lr: QuotientHamiltonian(_groups(model, lr, 10 * lr), lr=lr, friction=3.0),
         ),
         Contender(
             "breaking-sgd",
@@ -103,7 +154,9 @@ CONTENDERS = {
             False,
             True,
             0.3,
-            lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True),
+            lambda model, lr: torch.optim.SGD(
+                model.parameters(), lr=lr, momentum=0.9, nesterov=True
+            ),
         ),
     )
 }
@@ -290,7 +343,7 @@ def tune_lr(name: str, train: torch.Tensor, settings: Settings, device) -> tuple
     for factor in TUNE_FACTORS:
         lr = base * factor
         model = _model(contender, settings, device)
-        optimizer = contender.build(list(model.parameters()), lr)
+        optimizer = contender.build(model, lr)
         out = _train(model, optimizer, train, settings, steps, device)
         ok = out["diverged_at"] is None and out["error"] is None
         tail = out["losses"][-10:]
@@ -327,7 +380,7 @@ def train_one(
         lr = settings.learning_rates.get(name, contender.default_lr)
         lr_source = "--lr" if name in settings.learning_rates else "default"
     model = _model(contender, settings, device)
-    optimizer = contender.build(list(model.parameters()), lr)
+    optimizer = contender.build(model, lr)
     probe_gen = torch.Generator().manual_seed(12345)  # attention patterns on one fixed batch
     probe = batches(val, settings.block_size, 2, probe_gen, device)[0]
     monitor = SymmetryMonitor(

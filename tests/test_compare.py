@@ -218,7 +218,7 @@ def test_a_step_that_raises_marks_only_its_run(tmp_path, capsys, monkeypatch):
                 False,
                 False,
                 0.1,
-                lambda ps, lr, poison=poison: RaisingSGD(ps, lr, poison),
+                lambda model, lr, poison=poison: RaisingSGD(model.parameters(), lr, poison),
             ),
         )
     logdir = tmp_path / "runs"

@@ -4,6 +4,7 @@ non-finite-gradient rule and the per-head health counters."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -129,11 +130,77 @@ def eager_step(step):
     return torch.compiler.disable(step)
 
 
+ZERO_SECTOR_SEED = 20261126
+
+
+@torch.compiler.disable
+def leave_zero_sectors(p: torch.Tensor, geometry: HeadGeometry, seed: int) -> torch.Tensor:
+    r"""Move every all-zero sector of the head parameter ``p`` (``(..., n + m, k)``) to
+    :math:`(A, B) = (U, 0)`, with :math:`U` (``n x k``) orthonormal columns drawn from a private
+    generator seeded with ``seed``; returns the per-sector mask of the sectors moved.
+
+    At :math:`A = B = 0` the product :math:`W = A B^\top` has zero gradients in both factors
+    (:math:`\nabla_A f = E B`, :math:`\nabla_B f = E^\top A`), so no gradient method ever moves
+    it. :math:`(U, 0)` lies in the same fibre of the product map (:math:`U 0^\top = 0`), so the
+    model computes exactly the same function, and there :math:`\nabla_B f = E^\top U \ne 0`: the
+    regularized step (``grams(..., regularize=True)``) gives :math:`B` full rank at once. The
+    move is not a group action (the orbit of :math:`0` is a point); it is the one place where an
+    optimizer leaves the orbit, once, at a point where the quotient is not a manifold.
+    Under a geometry whose product does not determine the output (a key bias rotated by RoPE
+    with a zero key projection), the function changes; see ``docs/optimizers.md``.
+
+    Reads one flag on the host; callers call it on a parameter's first step only."""
+    a, _ = geometry.factors(p)
+    zero = p.abs().amax(dim=(-2, -1)) == 0
+    if not bool(zero.any()):
+        return zero
+    generator = torch.Generator(device=p.device).manual_seed(seed)
+    gaussian = torch.randn(
+        a.shape, generator=generator, device=p.device, dtype=compute_dtype(p.dtype)
+    )
+    frame = torch.linalg.qr(gaussian).Q  # (..., n, k), orthonormal columns
+    a[zero] = frame[zero].to(a.dtype)
+    return zero
+
+
+def leaves_zero_sectors(step):
+    """Decorator for a quotient optimizer's ``step``: before a head parameter's first step
+    (empty state), :func:`leave_zero_sectors` moves its all-zero sectors off the zero point and
+    the optimizer warns. Row-sharded sectors are left alone (their rows live on several
+    ranks; gather them, or start them non-zero)."""
+
+    @functools.wraps(step)
+    def wrapper(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.state.get(p) or not p.requires_grad:
+                    continue
+                geometry = geometry_of(p)
+                if geometry is None or geometry.is_row_sharded:
+                    continue
+                lifted = self.__dict__.setdefault("_zero_sectors_lifted", 0)
+                moved = leave_zero_sectors(p.detach(), geometry, ZERO_SECTOR_SEED + lifted)
+                count = int(moved.sum())
+                if count:
+                    self._zero_sectors_lifted = lifted + 1
+                    warnings.warn(
+                        f"{type(self).__name__}: {count} head sector(s) are all zero, where no "
+                        "gradient moves them; each was moved to (A, B) = (U, 0) with orthonormal "
+                        "random U, which leaves the model's function unchanged, so that it trains",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        return step(self, closure)
+
+    return wrapper
+
+
 def optimizer_step(step):
     """The decorators that every quotient optimizer's ``step`` carries: no autograd,
-    FSDP2's local shards (:func:`~quotientopt.distributed.steps_local_shards`) and an eager step
-    inside ``torch.compile`` (:func:`eager_step`)."""
-    return eager_step(steps_local_shards(torch.no_grad()(step)))
+    FSDP2's local shards (:func:`~quotientopt.distributed.steps_local_shards`), all-zero sectors
+    moved off the zero point before their first step (:func:`leaves_zero_sectors`) and an eager
+    step inside ``torch.compile`` (:func:`eager_step`)."""
+    return eager_step(steps_local_shards(torch.no_grad()(leaves_zero_sectors(step))))
 
 
 class ChecksParameters:

@@ -189,10 +189,7 @@ def _match_worker(
     optimizer = make_optimizer(optimizer_name, model)
     train(model, optimizer, batches(5), _my_rows(rank))
     state_types = {
-        type(v)
-        for s in optimizer.state.values()
-        for v in s.values()
-        if isinstance(v, torch.Tensor)
+        type(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
     }
     assert DTensor in state_types, "the optimizer state is not kept as DTensors"
     params = full_params(model)

@@ -6,7 +6,7 @@
 Runs on CPUs with gloo (on GPUs with NCCL, one per process). ``--placement heads`` shards every
 head sector on its head axis (FSDP2's default ``Shard(0)``: the quotient step is local),
 ``--placement rows`` shards the sectors whose rows split evenly along the rows (their ``k x k``
-Grams are all-reduced in the step; QuotientAdam refuses these). With ``--checkpoint DIR`` the run
+Grams are all-reduced in the step, for either optimizer). With ``--checkpoint DIR`` the run
 resumes from ``DIR`` when it holds a checkpoint (on any number of processes) and saves there at
 the end. Each rank trains on its own byte-level batches of the Python standard library's
 ``os.py``, drawn from a generator seeded by the step and the rank, so a resumed run sees the

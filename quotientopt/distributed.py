@@ -92,6 +92,7 @@ def _row_sharded(manifold: HeadGeometry, n: int, m: int, reduce: Callable) -> He
     """A copy of ``manifold`` for a shard holding ``n`` rows of ``A`` and ``m`` of ``B`` (either may
     be 0) whose row contractions are summed by ``reduce``."""
     local = copy.copy(manifold)
+    local.sector_rows = (manifold.n, manifold.m)
     local.n, local.m = n, m
     local.row_reduce = reduce
     return local

@@ -283,6 +283,23 @@ def test_bad_constructor_arguments():
         FactorQuotient(3, 3, damping=-1.0)
 
 
+def test_row_sum_and_sector_rows():
+    whole = FactorQuotient(6, 4)
+    t = torch.ones(2, 3, 3)
+    assert whole.row_sum(t) is t and whole.sector_rows == (6, 4) and not whole.is_row_sharded
+    doubling = FactorQuotient(3, 2, row_reduce=lambda x: x.mul_(2))  # two equal shards
+    assert torch.equal(doubling.row_sum(t), 2 * torch.ones(2, 3, 3))
+    assert torch.equal(t, torch.ones(2, 3, 3)), "row_sum modified its argument"
+    with pytest.raises(ValueError, match=r"sector_rows=\(n, m\)"):
+        _ = doubling.sector_rows
+    given = FactorQuotient(3, 2, row_reduce=lambda x: x, sector_rows=(6, 4))
+    assert given.sector_rows == (6, 4) and (given.n, given.m) == (3, 2)
+    with pytest.raises(ValueError, match="sector_rows must be a pair"):
+        FactorQuotient(3, 2, sector_rows=(6, 4, 1))
+    with pytest.raises(ValueError, match="positive int"):
+        FactorQuotient(3, 2, sector_rows=(0, 4))
+
+
 def test_wrong_shapes_are_named():
     manifold = FactorQuotient(5, 4)
     with pytest.raises(ValueError, match=r"n \+ m = 9 rows"):

@@ -24,8 +24,10 @@ from quotientopt.distributed import fully_shard
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import (
+    HybridOptimizer,
     QuotientAdam,
     QuotientHamiltonian,
+    QuotientMuon,
     QuotientSGD,
     geometry_of,
     split_parameters,
@@ -84,6 +86,12 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == "hamiltonian":
         return QuotientHamiltonian(
             [{"params": heads, "lr": 0.05}, {"params": rest, "lr": 0.05}], friction=0.1
+        )
+    if name == "muon":  # QuotientMuon on the heads, AdamW on the rest (muon_and_adamw's split,
+        # without its torch-Muon hidden matrices: Newton-Schulz needs whole matrices)
+        return HybridOptimizer(
+            QuotientMuon(heads, lr=0.01, weight_decay=0.1),
+            torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
         )
     return QuotientAdam(
         [{"params": heads, "lr": 3e-3}, {"params": rest, "lr": 3e-3}], weight_decay=1e-2
@@ -179,10 +187,6 @@ def _match_worker(
     else:
         assert not any(geometry_of(p).is_row_sharded for p in heads)
     optimizer = make_optimizer(optimizer_name, model)
-    if placement == "rows" and optimizer_name == "adam":
-        with pytest.raises(ValueError, match="needs whole factors"):
-            train(model, optimizer, batches(1), _my_rows(rank))
-        _finish()
     train(model, optimizer, batches(5), _my_rows(rank))
     state_types = {
         type(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
@@ -206,6 +210,11 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
         ("gpt", "adam", "heads"),
         ("gpt", "sgd", "rows"),
         ("tiny", "sgd", "rows"),
+        ("gpt", "adam", "rows"),
+        ("tiny", "adam", "rows"),
+        ("gpt", "muon", "heads"),
+        ("gpt", "muon", "rows"),
+        ("tiny", "muon", "rows"),
         ("gpt", "sgd-lazy", "heads"),
         ("gpt", "sgd-lazy", "hsdp"),
         ("gpt", "adam", "hsdp"),
@@ -228,18 +237,16 @@ def test_fsdp_matches_one_process(tmp_path, kind, optimizer_name, placement):
     assert moved > 1e-3, "nothing was trained"
 
 
-def test_quotient_adam_refuses_row_placements(tmp_path):
-    """QuotientAdam's QR frames need whole factors: a row-sharded sector raises a ValueError that
-    says so, on every rank (asserted in the worker), instead of stepping wrongly."""
-    _spawn(_match_worker, tmp_path, str(tmp_path / "unused.pt"), "gpt", "adam", "rows")
-    assert not (tmp_path / "unused.pt").exists()
-
-
 # ------------------------------------------------------------------------------- checkpoints
+def _optimizers(optimizer: torch.optim.Optimizer) -> object:
+    """What ``get_state_dict`` takes: a HybridOptimizer's two optimizers, or ``optimizer``."""
+    return optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else optimizer
+
+
 def flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
     """``get_state_dict(model, optimizer)`` flattened to ``{path: value}``, DTensors gathered
     whole (a collective: every rank calls it)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
     flat: dict[str, object] = {}
 
     def walk(prefix: str, value: object) -> None:
@@ -269,11 +276,14 @@ def assert_bitwise(got: dict, want: dict) -> None:
 
 
 def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        _optimizers(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
     )
 
 
@@ -286,12 +296,13 @@ def _checkpoint_worker(
     model = _sharded_model("gpt", placement)
     optimizer = make_optimizer(optimizer_name, model)
     train(model, optimizer, data[:5], rows)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
     saved = flat_state(model, optimizer)
-    per_head = [v for k, v in saved.items() if k.endswith(("grams/p", "/exp_avg_sq"))]
+    ends = ("/momentum_buffer",) if optimizer_name == "muon" else ("grams/p", "/exp_avg_sq")
+    per_head = [v for k, v in saved.items() if k.endswith(ends)]
     per_head = [v for v in per_head if v.dim() > 2]  # the heads' entries, not AdamW's
-    assert per_head and all(v.shape[0] == CONFIG["n_head"] for v in per_head), "k x k state"
+    assert per_head and all(v.shape[0] == CONFIG["n_head"] for v in per_head), "per-head state"
     train(model, optimizer, data[5:], rows)
     uninterrupted = flat_state(model, optimizer)
 
@@ -309,7 +320,15 @@ def _checkpoint_worker(
 # loading in the test process, which has no process group, is meant
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize(
-    ("optimizer_name", "placement"), [("sgd-lazy", "heads"), ("adam", "heads"), ("sgd", "rows")]
+    ("optimizer_name", "placement"),
+    [
+        ("sgd-lazy", "heads"),
+        ("adam", "heads"),
+        ("sgd", "rows"),
+        ("adam", "rows"),
+        ("muon", "heads"),
+        ("muon", "rows"),
+    ],
 )
 def test_checkpoint_round_trip_resume_and_reshard(tmp_path, optimizer_name, placement):
     """On 2 ranks: a DCP checkpoint of the sharded model and optimizer reloads bitwise into fresh
@@ -340,6 +359,8 @@ def _nonfinite_worker(rank: int, init_file: str, out: str) -> None:
         fully_shard(make_model("tiny"), mesh=mesh, shard_placement_fn=_columns)
 
     model = _sharded_model("gpt", "heads")
+    with pytest.raises(ValueError, match="Newton-Schulz needs the whole matrix"):
+        QuotientMuon([model.h[0].mlp.c_fc.weight])  # a plain matrix, sharded
     optimizer = make_optimizer("sgd", model)
     data = batches(2)
     train(model, optimizer, data[:1], _my_rows(rank))
@@ -364,7 +385,8 @@ def _nonfinite_worker(rank: int, init_file: str, out: str) -> None:
 def test_a_nan_in_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
     """A non-finite gradient in one rank's shard skips the step on every rank (the flag is
     all-reduced), as it would for the whole tensor; and a sector sharded along its k columns is
-    refused by fully_shard with a ValueError that says why (both asserted in the workers)."""
+    refused by fully_shard with a ValueError that says why, and so is a sharded plain matrix by
+    QuotientMuon (torch Muon's Newton-Schulz needs whole matrices; asserted in the workers)."""
     out = tmp_path / "ok"
     _spawn(_nonfinite_worker, tmp_path, str(out))
     assert out.read_text() == "ok"

@@ -342,12 +342,25 @@ def test_rank_loss_is_caught_per_head():
         strict.step()
 
 
-def test_row_sharded_sectors_are_refused_clearly():
-    manifold = FactorQuotient(6, 5, row_reduce=lambda t: t)
-    point = geoopt.ManifoldParameter(torch.randn(11, 2, generator=rng(3)), manifold=manifold)
-    point.grad = torch.randn_like(point)
-    with pytest.raises(ValueError, match="row_reduce"):
-        QuotientAdam([point], lr=0.1).step()
+def test_a_sector_of_one_row_shard_steps_like_the_whole_sector():
+    """A row-sharded geometry (here one shard: ``row_reduce`` the identity) takes its frames from
+    Cholesky QR of the reduced Grams instead of Householder QR: a rotation of the frames, which
+    the step does not see (the 2-process comparison is in tests/test_fsdp.py)."""
+    z = torch.randn(3, 11, 2, generator=rng(3), dtype=torch.float64)
+    grads = [torch.randn(3, 11, 2, generator=rng(10 + i), dtype=torch.float64) for i in range(4)]
+    points = []
+    for manifold in (FactorQuotient(6, 5), FactorQuotient(6, 5, row_reduce=lambda t: t)):
+        point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+        optimizer = QuotientAdam([point], lr=0.05, weight_decay=0.1)
+        for grad in grads:
+            point.grad = grad.clone()
+            optimizer.step()
+        points.append(point.detach())
+    assert float((points[0] - z).abs().max()) > 0.05
+    assert torch.allclose(points[1], points[0], rtol=0, atol=1e-12)
+    nuclear = QuotientAdam([point], lr=0.1, weight_decay=0.1, weight_decay_mode="nuclear")
+    with pytest.raises(ValueError, match="nuclear-norm weight decay needs whole factors"):
+        nuclear.step()
 
 
 @pytest.mark.parametrize(

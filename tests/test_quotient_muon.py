@@ -439,17 +439,42 @@ def test_unsupported_parameters_and_options_name_the_fix():
     ):
         with pytest.raises(ValueError, match=message):
             QuotientMuon(w, **options)
-    sharded = geoopt.ManifoldParameter(
+    sharded = geoopt.ManifoldParameter(  # rows sharded by hand, whole sector's rows not given
         torch.randn(1, N + M, K), manifold=FactorQuotient(N, M, row_reduce=lambda t: t)
     )
     sharded.grad = torch.randn_like(sharded)
-    with pytest.raises(ValueError, match="rows are sharded"):
+    with pytest.raises(ValueError, match=r"sector_rows=\(n, m\)"):
         QuotientMuon([sharded]).step()
     opt = QuotientMuon(w)
     with pytest.raises(ValueError, match="2-D matrices"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})
     with pytest.raises(ValueError, match="no head parameters and no hidden"):
         muon_and_adamw(torch.nn.Embedding(3, 2))
+
+
+@pytest.mark.parametrize("step", ["block", "tangent"])
+@pytest.mark.parametrize("head_scale", ["rms", "balanced"])
+def test_a_sector_of_one_row_shard_steps_like_the_whole_sector(step, head_scale):
+    """A row-sharded geometry (one shard: ``row_reduce`` the identity, the sector's rows given as
+    ``sector_rows``) takes the whole sector's step; 2 processes: tests/test_fsdp.py."""
+    z = torch.randn(HEADS, N + M, K, generator=rng(3), dtype=torch.float64)
+    grads = [
+        torch.randn(HEADS, N + M, K, generator=rng(10 + i), dtype=torch.float64) for i in range(3)
+    ]
+    manifolds = (
+        FactorQuotient(N, M),
+        FactorQuotient(N, M, row_reduce=lambda t: t, sector_rows=(N, M)),
+    )
+    points = []
+    for manifold in manifolds:
+        point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+        optimizer = QuotientMuon([point], lr=0.05, step=step, head_scale=head_scale)
+        for grad in grads:
+            point.grad = grad.clone()
+            optimizer.step()
+        points.append(point.detach())
+    assert float((points[0] - z).abs().max()) > 0.01
+    assert torch.equal(points[1], points[0])
 
 
 # ------------------------------------------------------------------------------ contract

@@ -185,6 +185,10 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         :func:`quotientopt.distributed.all_reduce_sum`. Then ``n``, ``m`` are this shard's row
         counts, and every ``k x k`` contraction over rows (Grams, cross products, metric values)
         is reduced; everything else is row-local. :meth:`balance` needs whole factors.
+    sector_rows : (int, int), optional
+        With ``row_reduce``: the row counts :math:`(n, m)` of the whole sector, which
+        :attr:`sector_rows` reports (QuotientMuon scales its step by them). FSDP2 row placements
+        set it by themselves (:func:`quotientopt.distributed.local_geometry`).
     check : bool
         Validate the Grams (positive definite, finite) and raise a clear ``ValueError`` otherwise.
         Costs one host synchronisation per call; optimizers that check asynchronously turn it off.
@@ -211,6 +215,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         damping: float = 0.0,
         check: bool = True,
         row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sector_rows: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         check_row_counts("FactorQuotient", n, m)
@@ -229,6 +234,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         self.damping = float(damping)
         self.check = check
         self.row_reduce = row_reduce
+        self.sector_rows = sector_rows
 
     def extra_repr(self) -> str:
         return f"n={self.n}, m={self.m}, metric={self.metric!r}, damping={self.damping}"
@@ -581,6 +587,45 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     def is_row_sharded(self) -> bool:
         """Whether the rows are sharded across processes (``row_reduce`` is set)."""
         return self.row_reduce is not None
+
+    def row_sum(self, t: torch.Tensor) -> torch.Tensor:
+        r"""The sum over the row shards of a per-shard partial sum over rows.
+
+        ``t`` (any shape, typically ``(..., k, k)`` such as :math:`\sum_{i \in \text{shard}}
+        x_i^\top y_i` over this shard's rows :math:`i`, or a per-head count ``(...)``) is this
+        process's part of a sum over all rows of the sector; the result (same shape and dtype) is
+        :math:`\sum_{\text{shards } s} t_s`, identical on every shard. Without ``row_reduce``
+        it is ``t`` itself (no copy, no communication); with it, one all-reduce of a contiguous
+        copy (``t`` is not modified). :meth:`cross` and :meth:`grams` already reduce their
+        results; this is for the other contractions an optimizer forms from local rows."""
+        if self.row_reduce is None:
+            return t
+        return self.row_reduce(t.clone(memory_format=torch.contiguous_format))
+
+    @property
+    def sector_rows(self) -> tuple[int, int]:
+        """The row counts :math:`(n, m)` of the whole sector: ``(self.n, self.m)`` unless the
+        rows are sharded, then the counts given as ``sector_rows=`` (or set by an FSDP2 row
+        placement); raises a ``ValueError`` for a sector sharded by hand without them."""
+        rows = self.__dict__.get("_sector_rows")  # absent on manifolds pickled before it
+        if rows is not None:
+            return rows
+        if self.row_reduce is not None:
+            raise ValueError(
+                f"{self.name}: this sector's rows are sharded by hand (row_reduce is set), so "
+                f"n={self.n}, m={self.m} are this shard's rows and the whole sector's are unknown; "
+                "build it with FactorQuotient(n_local, m_local, row_reduce=..., sector_rows=(n, m))"
+            )
+        return (self.n, self.m)
+
+    @sector_rows.setter
+    def sector_rows(self, rows: tuple[int, int] | None) -> None:
+        if rows is not None:
+            rows = tuple(rows)
+            if len(rows) != 2:
+                raise ValueError(f"{self.name}: sector_rows must be a pair (n, m), got {rows!r}")
+            check_row_counts(self.name, *rows)
+        self._sector_rows = rows
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Identity: full-rank pairs form an open set (see the class notes; use :meth:`balance`)."""

@@ -34,6 +34,11 @@ method                         meaning (shapes: ``z``, ``u``, ``v`` ``(..., n + 
                                (needed by the Hamiltonian optimizer only; ``supports_kinetic_energy``
                                says whether the geometry has it)
 ``is_row_sharded``             whether contractions over rows are summed across processes
+``row_sum(t)``                 a per-shard partial sum over rows (e.g. ``k x k``
+                               :math:`\sum_{i \in \text{shard}} x_i^\top y_i`) summed over the row
+                               shards; ``t`` itself when not row-sharded
+``sector_rows``                the row counts ``(n, m)`` of the whole sector (``n``, ``m`` are the
+                               local shard's under row sharding)
 =============================  ========================================================================
 
 :class:`~quotientopt.manifolds.FactorQuotient` implements the protocol for :math:`GL(k)` and
@@ -85,6 +90,9 @@ class HeadGeometry(Protocol):
     def supports_kinetic_energy(self) -> bool: ...
     @property
     def is_row_sharded(self) -> bool: ...
+    def row_sum(self, t: T) -> T: ...
+    @property
+    def sector_rows(self) -> tuple[int, int]: ...
 
 
 _METHODS = (
@@ -104,6 +112,8 @@ _METHODS = (
     "kinetic_force",
     "supports_kinetic_energy",
     "is_row_sharded",
+    "row_sum",
+    "sector_rows",
 )
 
 

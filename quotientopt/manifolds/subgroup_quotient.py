@@ -147,7 +147,7 @@ class SubgroupFactorQuotient(FactorQuotient):
         of the projection depends on the point, not on how the basis was scaled.
     metric : ``"preconditioned"``
         The only supported metric (``"inv"`` raises ``ValueError``).
-    damping, check, row_reduce
+    damping, check, row_reduce, sector_rows
         As for :class:`FactorQuotient`. ``check`` additionally tests (at construction, with
         random elements) that the span is closed under the commutator, i.e. is a Lie algebra.
         With ``damping > 0`` only the elements of :math:`H` that are conformal-orthogonal
@@ -186,6 +186,7 @@ class SubgroupFactorQuotient(FactorQuotient):
         name: str | None = None,
         fast_paths: bool = True,
         row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sector_rows: tuple[int, int] | None = None,
     ) -> None:
         if metric != "preconditioned":
             raise ValueError(
@@ -194,7 +195,13 @@ class SubgroupFactorQuotient(FactorQuotient):
                 "for the 'inv' metric with the full GL(k))."
             )
         super().__init__(
-            n, m, metric="preconditioned", damping=damping, check=check, row_reduce=row_reduce
+            n,
+            m,
+            metric="preconditioned",
+            damping=damping,
+            check=check,
+            row_reduce=row_reduce,
+            sector_rows=sector_rows,
         )
         if name is not None and not isinstance(name, str):
             raise ValueError(f"SubgroupFactorQuotient: name must be a str or None, got {name!r}.")

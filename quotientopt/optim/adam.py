@@ -74,6 +74,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from quotientopt.linalg import compute_dtype, sym_funm
+from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -177,6 +178,31 @@ class Basis(NamedTuple):
         return cls(r, torch.linalg.solve_triangular(r, eye, upper=True), frames.ok)
 
     @classmethod
+    def of_row_shards(cls, manifold: HeadGeometry, z: torch.Tensor, grams: Grams) -> Basis:
+        r"""For a row-sharded sector (each process holds some rows of :math:`A` and :math:`B`),
+        where Householder QR would need whole factors: Cholesky QR twice (CholeskyQR2), from
+        ``k x k`` data summed over the row shards.
+
+        :math:`R_0 = [L_Q^\top, L_P^\top]` from the Cholesky factors of the reduced Grams
+        ``grams`` (:math:`Q = A^\top A`, :math:`P = B^\top B`, ``(..., k, k)``), then
+        :math:`W = X R_0^{-1}` per factor (row-local, orthonormal up to
+        :math:`\varepsilon\,\kappa(X)^2`) and its Gram :math:`H = W^\top W` summed over the
+        shards (``row_sum``), :math:`H = L L^\top` and :math:`R = L^\top R_0`
+        (:func:`advance_bases`): the frames keep Householder QR's accuracy while
+        :math:`\kappa(X)^2 \varepsilon \ll 1`, and :math:`R^\top R = X^\top X` exactly (the damping
+        of ``grams`` drops out). :math:`R` is identical on every shard; it may differ from
+        Householder's by the signs of its rows, a rotation of the frame, which the step does not
+        see. ``ok``: ``grams.ok``, the second Cholesky factorization succeeded and the pivots pass
+        :meth:`restore`'s test."""
+        r0 = torch.stack((grams.chol_q.mT, grams.chol_p.mT), dim=-3)
+        eye = torch.eye(r0.shape[-1], dtype=r0.dtype, device=r0.device)
+        r0_inv = torch.linalg.solve_triangular(r0, eye, upper=True)
+        w = _right_multiply(z.to(r0.dtype), r0_inv, manifold.n)
+        h = manifold.row_sum(_side_products(w, w, manifold.n))
+        r, r_inv, _, ok = advance_bases(r0, r0_inv, h, h)
+        return cls(r, r_inv, grams.ok & ok.all(-1) & cls.restore(r, r_inv).ok)
+
+    @classmethod
     def restore(cls, r: torch.Tensor, r_inv: torch.Tensor) -> Basis:
         """From stored factors; ``ok`` as in :meth:`Frames.of`: finite, and every pivot
         :math:`R_{ii}^2` above :math:`4 k \varepsilon` times the largest squared column norm."""
@@ -252,10 +278,11 @@ def _add_right_product(
     k = m.shape[-1]
 
     def fused(x_, m_, c_, rows):
+        batch = m_.shape[:-2].numel()  # explicit: a row shard may hold no row of a factor
         out = torch.baddbmm(
-            x_.reshape(-1, rows, k),
-            m_.reshape(-1, rows, k),
-            c_.reshape(-1, k, k),
+            x_.reshape(batch, rows, k),
+            m_.reshape(batch, rows, k),
+            c_.reshape(batch, k, k),
             beta=beta,
             alpha=alpha,
         )
@@ -400,15 +427,21 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         stored = _stored_frame(self.state, p)
         if stored is not None and not self._log.modified_elsewhere(p):
             return Basis.restore(*stored)
-        return self._regularized(Basis.of(*manifold.factors(p.detach())), manifold, p)
+        z = p.detach()
+        grams = manifold.grams(z, check=False, regularize=True)
+        if manifold.is_row_sharded:  # no Householder QR of a factor split over processes
+            basis = Basis.of_row_shards(manifold, z, grams)
+        else:
+            basis = Basis.of(*manifold.factors(z))
+        return self._regularized(basis, grams)
 
-    def _regularized(self, basis: Basis, manifold: HeadGeometry, p: torch.Tensor) -> Basis:
+    def _regularized(self, basis: Basis, grams: Grams) -> Basis:
         r"""For heads that are rank-deficient at a fresh start (a zero-initialized factor):
         triangular factors of the regularized Grams, :math:`R^\top R = X^\top X + \delta I`
         (``grams(..., regularize=True)``), flagged ok, so that the head takes a regularized step
         onto the full-rank set instead of being skipped; the frames of the new point are then
-        exact (:func:`advance_bases` gives :math:`R_+^\top R_+ = X_+^\top X_+`). Warns once."""
-        grams = manifold.grams(p.detach(), check=False, regularize=True)
+        exact (:func:`advance_bases` gives :math:`R_+^\top R_+ = X_+^\top X_+`). Warns once.
+        ``grams``: the point's, from ``grams(..., check=False, regularize=True)``."""
         regularized = grams.regularized & ~basis.ok
         self._warn_if_rank_deficient(regularized)
         r = torch.stack((grams.chol_q.mT, grams.chol_p.mT), dim=-3).to(basis.r.dtype)
@@ -425,11 +458,6 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         """Phase 1 for one head tensor: unmagnified gradients, the new moments and the
         bias-corrected second moment (nothing written)."""
         manifold = geometry_of(p)
-        if manifold.is_row_sharded:
-            raise ValueError(
-                "QuotientAdam needs whole factors for its orthonormal frames, but this manifold's "
-                "rows are sharded (row_reduce is set); use QuotientSGD for row-sharded sectors"
-            )
         z = p.detach()
         dtype = compute_dtype(z.dtype)
         beta1, beta2 = group["betas"]
@@ -449,7 +477,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             grad = -grad
         g = _right_multiply(grad, basis.r_inv.flip(-3), n)
         m = torch.lerp(exp_avg, g, 1 - beta1)
-        v = torch.lerp(exp_avg_sq, _side_products(g, g, n), 1 - beta2)
+        v = torch.lerp(exp_avg_sq, manifold.row_sum(_side_products(g, g, n)), 1 - beta2)
         new_step = step + 1
         # a head with a non-finite moment (NaN/Inf gradient, or a rank-deficient frame) is
         # discarded later; give eigh a harmless matrix there, or it fails to converge
@@ -497,9 +525,11 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         n = manifold.n
         new = _add_right_product(base.to(dtype), job["m"], step_maps, n, scale, -lr).to(z.dtype)
         w = _right_multiply(new.to(dtype), r_inv, n)
+        h, cross = _side_products(w, w, n), _side_products(w, z.to(dtype), n)
+        if manifold.is_row_sharded:  # sums over the rows: one all-reduce for both
+            h, cross = manifold.row_sum(torch.stack((h, cross))).unbind(0)
         job["new"] = new
-        job["h"] = _side_products(w, w, n)
-        job["cross"] = _side_products(w, z.to(dtype), n)
+        job["h"], job["cross"] = h, cross
         return new
 
     def _manifold_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):

@@ -67,6 +67,16 @@ spectral function and so keeps the invariance.
 
 Plain 2-D tensors take ``torch.optim.Muon``'s step (its functional implementation, called
 unchanged); a non-finite gradient skips them too, device-side.
+
+**Distributed (FSDP2).** The step runs on each rank's local shard
+(:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on its head axis
+(``Shard(0)``) steps whole heads with no communication. One sharded along its rows gets every
+sum over rows from the geometry, summed over the row shards: the Grams (``grams``), the
+gradient and cross products (``cross``) and the per-head finiteness flag (``row_sum``); the
+``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
+local, and the ``"rms"`` and ``"balanced"`` scales use the whole sector's row counts
+(``sector_rows``). Plain matrices sharded by FSDP2 are refused (Newton-Schulz needs the whole
+matrix): give them to AdamW.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ from typing import Any
 import torch
 from torch.optim import _muon as torch_muon_module
 
+from quotientopt.distributed import is_dtensor
 from quotientopt.linalg import sym
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
@@ -334,6 +345,13 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 f"{tuple(p.shape)}; give embeddings, gains and biases to AdamW "
                 "(quotientopt.optim.muon_and_adamw(model, lr) does this split)"
             )
+        if is_dtensor(p) and any(not pl.is_replicate() for pl in p.placements):
+            raise ValueError(
+                f"QuotientMuon: a plain {tuple(p.shape)} matrix is sharded ({p.placements}); "
+                "torch Muon's Newton-Schulz needs the whole matrix, and the step runs on local "
+                "shards, so it would orthogonalize each shard alone. Give sharded plain matrices "
+                "to AdamW (head sectors are fine: their k x k algebra is reduced over the shards)"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -359,12 +377,6 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         """Candidate point, momentum buffer and per-head health flag of one head tensor
         (nothing written)."""
         geometry = geometry_of(p)
-        if geometry.is_row_sharded:
-            raise ValueError(
-                "QuotientMuon scales a head step by the sector's global row counts, but this "
-                "manifold's rows are sharded (row_reduce is set); step row-sharded sectors with "
-                "QuotientSGD, or gather the rows first"
-            )
         z, grad = p.detach(), p.grad
         beta, lr = group["momentum"], group["lr"]
         state = self.state[p]
@@ -388,7 +400,8 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         else:
             on_update, on_point = _block_matrices(geometry, update, grams, polar), None
 
-        n, m_rows, k = geometry.n, geometry.m, z.shape[-1]
+        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
+        (n, m_rows), k = geometry.sector_rows, z.shape[-1]
         if group["head_scale"] == "rms":
             scale = torch.full(
                 (*z.shape[:-2], 2),
@@ -420,6 +433,8 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
         new_grams = geometry.grams(new, check=False, reference=grams)
         finite = torch.isfinite(new).flatten(-2).all(-1)
+        if geometry.is_row_sharded:  # a head is finite when all of its row shards are
+            finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
         # a healthy head must stay healthy; one that starts rank-deficient (the regularized
         # metric, P + delta I) only has to stay finite on its way to full rank
         ok = torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep

@@ -641,3 +641,44 @@ def test_benchmark_muon_contenders_train(name, monkeypatch):
     assert math.isfinite(result["val_loss"])
     assert result["curve"][-1][1] < result["curve"][0][1] - 0.3
     assert result["optimizer_state_bytes"] > 0
+
+
+def test_a_healthy_head_that_would_lose_rank_is_left_where_it_is():
+    """Head 1 is built so that one step would collapse a column of A: with P = B^T B = R R^T,
+    A = U S R^{-1} (U orthonormal columns, S = diag(2, ..., 2, 1)) and the factor gradient
+    G_A = U R^T (G_B = 0), the exact polar gives dA = -c polar(U) R^{-1} = -c U R^{-1}, so at
+    c = lr * 0.2 sqrt(nm/k) = 1 the new A R = U (S - I) has rank k - 1. That head keeps its point
+    and momentum-free state (counted in rank_skips), the healthy heads step, and
+    on_nonfinite="raise" refuses the whole step with a message that says why."""
+    z, _ = head_and_matrix(torch.float64)
+    a, b = z.manifold.factors(z.detach())
+    gen = rng(11)
+    root = torch.linalg.cholesky(b[1].mT @ b[1])
+    frame = torch.linalg.qr(torch.randn(N, K, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.full((K,), 2.0, dtype=torch.float64)
+    spectrum[-1] = 1.0
+    with torch.no_grad():  # A = U S R^{-1}
+        a[1] = torch.linalg.solve_triangular(root, frame * spectrum, upper=False, left=False)
+    grad = 0.1 * torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    grad[1] = 0.0
+    grad[1, :N] = frame @ root.mT  # G_A = U R^T, G_B = 0
+    before = z.detach().clone()
+    options = dict(lr=1.0 / (0.2 * math.sqrt(N * M / K)), polar="eigh", eps=1e-30, weight_decay=0)
+    opt = QuotientMuon([z], **options)
+    z.grad = grad.clone()
+    opt.step()
+    assert torch.equal(z.detach()[1], before[1])
+    assert not torch.equal(z.detach()[0], before[0])
+    assert not torch.equal(z.detach()[2], before[2])
+    assert opt.rank_skips() == 1
+    # the step that was refused really loses rank: taken by hand, A R = U (S - I)
+    step = -torch.linalg.solve_triangular(root, frame, upper=False, left=False)
+    collapsed = torch.linalg.svdvals(before[1, :N] + step)
+    assert float(collapsed[-1] / collapsed[0]) < 1e-12
+    with torch.no_grad():
+        z.copy_(before)
+    strict = QuotientMuon([z], **options, on_nonfinite="raise")
+    z.grad = grad.clone()
+    with pytest.raises(ValueError, match="lose rank"):
+        strict.step()
+    assert torch.equal(z.detach(), before)

@@ -8,7 +8,7 @@ import functools
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Literal, NamedTuple
 
@@ -405,3 +405,52 @@ class HealthMixin:
         if policy == "raise":
             raise ValueError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+    """What every quotient optimizer is: a ``torch.optim.Optimizer`` (param_groups, state_dict,
+    hooks, schedulers) with state kept in its dtypes, the non-finite policy ``on_nonfinite`` and
+    the health counters, and one ``step``:
+
+    1. evaluate the closure (if any) with gradients enabled;
+    2. ``nonfinite``: per device, a 0-dim flag that a gradient holds NaN/Inf (no host sync);
+    3. ``self._step(nonfinite, loss)``: the optimizer's own update.
+
+    A subclass gives ``_step`` and, where it refuses some parameters, ``_check_parameter(p)``
+    (called for every parameter as it is added); ``needs_closure = True`` where the update needs
+    the loss value."""
+
+    needs_closure = False
+
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], *, on_nonfinite: str = "skip"
+    ) -> None:
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        self.on_nonfinite = on_nonfinite
+        self._init_health()
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_nonfinite_steps"):
+            self._init_health()
+
+    @staticmethod
+    def _check_parameter(p: torch.Tensor) -> None:
+        """Raise a ``ValueError`` for a parameter this optimizer cannot step (default: none)."""
+
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    @optimizer_step
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        if closure is None and self.needs_closure:
+            raise ValueError(
+                f"{type(self).__name__} needs the loss value: call optimizer.step(closure) with a "
+                "closure that returns the loss"
+            )
+        loss, grads = self._closure_and_grads(closure)
+        if grads:
+            self._step(found_nonfinite(grads), loss)
+        return loss

@@ -67,7 +67,7 @@ one batched call per group of tensors with equal ``k``, dtype and device, over a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -77,18 +77,14 @@ from quotientopt.linalg import compute_dtype, sym_funm
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
-    NONFINITE_POLICIES,
-    HealthMixin,
-    KeepStateDtypes,
     Momentum,
+    QuotientOptimizer,
     WriteLog,
     check_choice,
     check_number,
-    found_nonfinite,
     geometry_of,
     is_quotient_parameter,
     manifold_of,
-    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.sgd import WEIGHT_DECAY_MODES
@@ -327,7 +323,7 @@ def _stored_frame(state: dict, p: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return entry["frame"], entry["frame_inv"]
 
 
-class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientAdam(QuotientOptimizer):
     r"""Adam on the head quotients, exactly invariant under re-factorization (see the module docs).
 
     Args:
@@ -380,7 +376,6 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         check_number("eps", eps, 0.0, float("inf"), low_open=True)
         check_number("weight_decay", weight_decay, 0.0, float("inf"))
         check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -389,16 +384,12 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             weight_decay_mode=weight_decay_mode,
             maximize=maximize,
         )
-        super().__init__(params, defaults)
-        self.on_nonfinite = on_nonfinite
         self._log = WriteLog()
-        self._init_health()
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._log = WriteLog()
-        if not hasattr(self, "_nonfinite_steps"):
-            self._init_health()
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         r"""The first moment at ``p`` as the tangent vector it moves the point along: for head
@@ -588,13 +579,7 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 job["new_basis"] = Basis(r_j, r_inv_j, ok_j)
                 job["ok"] = job["basis"].ok & ok_j & keep[job["p"].device]
 
-    @optimizer_step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss, grads = self._closure_and_grads(closure)
-        if not grads:
-            return loss
-        nonfinite = found_nonfinite(grads)
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
         keep = {device: flag == 0 for device, flag in nonfinite.items()}
 
         # every quotient and manifold update, computed and checked, nothing written
@@ -667,4 +652,3 @@ class QuotientAdam(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 )
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
-        return loss

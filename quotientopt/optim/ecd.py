@@ -36,23 +36,17 @@ for head parameters, shape of ``p``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from quotientopt.optim._base import (
-    NONFINITE_POLICIES,
-    ChecksParameters,
-    HealthMixin,
-    KeepStateDtypes,
     Momentum,
-    check_choice,
+    QuotientOptimizer,
     check_number,
-    found_nonfinite,
     geometry_of,
     manifold_of,
-    optimizer_step,
 )
 
 __all__ = ["QuotientECD", "ecd_group"]
@@ -143,7 +137,7 @@ def write_ecd(state: dict, updates: list) -> None:
         entry["velocity"] = torch.where(keep, v, torch.zeros_like(v) if old is None else old)
 
 
-class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientECD(QuotientOptimizer):
     r"""Energy-conserving descent (unit speed) on the head quotients; see the module docs for the
     equations.
 
@@ -163,6 +157,8 @@ class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Op
     ``step(closure)`` needs a closure that returns the loss (a ``ValueError`` says so otherwise).
     """
 
+    needs_closure = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -175,10 +171,8 @@ class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Op
         check_number("lr", lr, 0.0, float("inf"))
         check_number("eta", eta, 0.0, float("inf"), low_open=True)
         check_number("loss_floor", loss_floor, -float("inf"), float("inf"))
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        super().__init__(params, dict(lr=lr, eta=eta, loss_floor=loss_floor))
-        self.on_nonfinite = on_nonfinite
-        self._init_health()
+        defaults = dict(lr=lr, eta=eta, loss_floor=loss_floor)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
@@ -196,18 +190,7 @@ class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Op
             return None
         return Momentum(velocity, "vector" if geometry_of(p) is not None else "covector")
 
-    @optimizer_step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One ECD step; ``closure`` re-evaluates the model and returns the loss (required)."""
-        if closure is None:
-            raise ValueError(
-                "QuotientECD needs the loss value: call optimizer.step(closure) with a closure "
-                "that returns the loss"
-            )
-        loss, grads = self._closure_and_grads(closure)
-        if not grads:
-            return loss
-        nonfinite = found_nonfinite(grads)
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
         updates = []
         for group in self.param_groups:
             updates += ecd_group(group, loss.detach(), nonfinite, self.state)
@@ -216,4 +199,3 @@ class QuotientECD(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Op
         write_ecd(self.state, updates)
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
-        return loss

@@ -81,7 +81,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -91,18 +91,13 @@ from quotientopt.linalg import compute_dtype, spd_cholesky_flagged
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
-    NONFINITE_POLICIES,
-    ChecksParameters,
-    HealthMixin,
-    KeepStateDtypes,
     Momentum,
+    QuotientOptimizer,
     check_choice,
     check_number,
-    found_nonfinite,
     geometry_of,
     is_quotient_parameter,
     manifold_of,
-    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.ecd import ecd_group, write_ecd
@@ -242,7 +237,7 @@ def _add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, al
     )
 
 
-class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientHamiltonian(QuotientOptimizer):
     r"""Symplectic Hamiltonian dynamics for the heads (see the module docstring for the equations
     and for which integrator to use when).
 
@@ -320,7 +315,6 @@ class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.
             raise ValueError(
                 f"invalid diagnostics: {diagnostics!r}; expected True, False or 'auto'"
             )
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         super().__init__(
             params,
             dict(
@@ -333,9 +327,8 @@ class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.
                 implicit_iterations=implicit_iterations,
                 diagnostics=diagnostics,
             ),
+            on_nonfinite=on_nonfinite,
         )
-        self.on_nonfinite = on_nonfinite
-        self._init_health()
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
@@ -381,13 +374,7 @@ class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
-    @optimizer_step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One leapfrog step (``closure`` re-evaluates the model and returns the loss)."""
-        loss, grads = self._closure_and_grads(closure)
-        if not grads:
-            return loss
-        nonfinite = found_nonfinite(grads)
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
         pending, ecd = [], []
         for group in self.param_groups:
             if group["mode"] == "ecd":
@@ -422,7 +409,6 @@ class QuotientHamiltonian(ChecksParameters, KeepStateDtypes, HealthMixin, torch.
         write_ecd(self.state, ecd)
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
-        return loss
 
     # ------------------------------------------------------------------ the splitting integrator
     def _gram(self, geometry: HeadGeometry, z: torch.Tensor, which: int, reference=None):

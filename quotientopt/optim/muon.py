@@ -91,16 +91,12 @@ from torch.optim import _muon as torch_muon_module
 from quotientopt.distributed import is_dtensor
 from quotientopt.linalg import sym
 from quotientopt.optim._base import (
-    NONFINITE_POLICIES,
-    HealthMixin,
-    KeepStateDtypes,
     Momentum,
+    QuotientOptimizer,
     check_choice,
     check_number,
-    found_nonfinite,
     geometry_of,
     manifold_of,
-    optimizer_step,
     where_heads,
 )
 from quotientopt.optim.hybrid import HybridOptimizer
@@ -234,7 +230,7 @@ def _tangent_matrices(geometry, z, update, grams, polar: dict):
     return torch.stack((k1, k3), dim=-3), torch.stack((k2, k4), dim=-3)
 
 
-class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientMuon(QuotientOptimizer):
     r"""Muon on the head quotients (see the module docs), ``torch.optim.Muon`` on plain matrices.
 
     Args:
@@ -302,7 +298,6 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         check_choice("head_scale", head_scale, HEAD_SCALES)
         check_choice("polar", polar, POLAR_METHODS)
         check_choice("step", step, STEP_KINDS)
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
             raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
         if len(tuple(ns_coefficients)) != 3:
@@ -322,12 +317,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             ns_steps=ns_steps,
             eps=eps,
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._check_parameter(p)
-        self.on_nonfinite = on_nonfinite
-        self._init_health()
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
@@ -352,17 +342,6 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 "shards, so it would orthogonalize each shard alone. Give sharded plain matrices "
                 "to AdamW (head sectors are fine: their k x k algebra is reduced over the shards)"
             )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "on_nonfinite"):  # after __init__: check the new parameters
-            for p in self.param_groups[-1]["params"]:
-                self._check_parameter(p)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if not hasattr(self, "_nonfinite_steps"):
-            self._init_health()
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         """The momentum buffer at ``p``: the running average of Euclidean gradients, a covector
@@ -441,13 +420,7 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return new, buf, ok
 
     # ---------------------------------------------------------------------------- the step
-    @optimizer_step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss, grads = self._closure_and_grads(closure)
-        if not grads:
-            return loss
-        nonfinite = found_nonfinite(grads)
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
 
         pending = []  # phase 1: every head update computed and checked, nothing written
         for group in self.param_groups:
@@ -472,7 +445,6 @@ class QuotientMuon(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 self._plain_step(plain, group, nonfinite)
         for device, flag in nonfinite.items():
             self._count(self._nonfinite_steps, device, flag)
-        return loss
 
     def _plain_step(
         self, params: list[torch.Tensor], group: dict[str, Any], nonfinite: dict

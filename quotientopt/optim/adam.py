@@ -83,7 +83,6 @@ from quotientopt.optim._base import (
     check_choice,
     check_number,
     geometry_of,
-    is_quotient_parameter,
     manifold_of,
     where_heads,
 )
@@ -588,7 +587,7 @@ class QuotientAdam(QuotientOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if is_quotient_parameter(p):
+                if geometry_of(p) is not None:
                     jobs.append(self._quotient_moments(p, p.grad, group))
                 elif manifold_of(p) is not None:
                     new, moments = self._manifold_update(p, p.grad, group)

@@ -96,7 +96,6 @@ from quotientopt.optim._base import (
     check_choice,
     check_number,
     geometry_of,
-    is_quotient_parameter,
     manifold_of,
     where_heads,
 )
@@ -353,7 +352,9 @@ class QuotientHamiltonian(QuotientOptimizer):
         first step."""
         state = self.state[p] if p in self.state else {}
         if "velocity" in state:  # ECD and the implicit integrator keep a velocity
-            return Momentum(state["velocity"], "vector" if is_quotient_parameter(p) else "covector")
+            return Momentum(
+                state["velocity"], "vector" if geometry_of(p) is not None else "covector"
+            )
         if "momentum" in state:
             geometry = geometry_of(p)
             z = p.detach()
@@ -393,7 +394,7 @@ class QuotientHamiltonian(QuotientOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not is_quotient_parameter(p):
+                if geometry_of(p) is None:
                     plain.append(p)
                 elif group["integrator"] == "implicit":
                     pending.append(self._implicit_step(p, p.grad, h, damping, group, nonfinite))

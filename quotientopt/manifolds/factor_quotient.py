@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-import geoopt
 import torch
 
 from quotientopt.linalg import (
@@ -37,7 +36,13 @@ from quotientopt.linalg import (
     spd_cholesky_flagged,
     sym_funm,
 )
-from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
+from quotientopt.manifolds._common import (
+    CheckResult,
+    MatrixManifold,
+    check_row_counts,
+    check_stacked_rows,
+    stack_factor_pair,
+)
 
 __all__ = [
     "FactorQuotient",
@@ -161,7 +166,7 @@ def product_decay_egrad(manifold: FactorQuotient, z: torch.Tensor, mode: str) ->
     return torch.cat((grad_a, grad_b), dim=-2)
 
 
-class FactorQuotient(geoopt.manifolds.Manifold):
+class FactorQuotient(MatrixManifold):
     r"""Rank-k matrices :math:`A B^\top` as factor pairs modulo :math:`GL(k)`.
 
     Parameters
@@ -200,10 +205,11 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     ``projx(x) == x`` on the manifold). ``expmap`` falls back to the retraction
     :math:`Z + \xi`: the quotient geodesics have no closed form; the retraction is a first-order
     approximation of the exponential map, and every optimizer here only needs a retraction.
+    ``component_inner`` (what geoopt's RiemannianAdam uses as its second moment) and ``norm`` are
+    the inherited per-point ones: one GL(k)-invariant metric value per head.
     """
 
     name = "FactorQuotient"
-    ndim = 2
     reversible = False
 
     def __init__(
@@ -659,17 +665,6 @@ class FactorQuotient(geoopt.manifolds.Manifold):
         value = value.to(torch.promote_types(u.dtype, v.dtype))
         return value[..., None, None] if keepdim else value
 
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One metric value per point (per head), shape ``(..., 1, 1)``: what geoopt's
-        RiemannianAdam uses as its second moment, which is then GL(k)-invariant."""
-        return self.inner(x, u, v, keepdim=True)
-
-    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        r""":math:`\sqrt{g_Z(\xi, \xi)}`."""
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Retraction :math:`R_Z(\xi) = Z + \xi`, valid while the factors keep full rank.
 
@@ -689,16 +684,13 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     # retr_transp and expmap_transp: geoopt's defaults (retr or expmap, then transp)
 
     # --------------------------------------------------------------------- checks, samples
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
+        if ok:
+            ok, reason = check_stacked_rows("FactorQuotient", self.n, self.m, shape, name)
         if not ok:
             return ok, reason
-        rows, k = shape[-2], shape[-1]
-        if rows != self.n + self.m:
-            return False, (
-                f"`{name}` has {rows} rows but FactorQuotient(n={self.n}, m={self.m}) stacks "
-                f"[A; B] into n + m = {self.n + self.m} rows; reshape to (..., {self.n + self.m}, k)."
-            )
+        k = shape[-1]
         if k > min(self.n, self.m) and self.row_reduce is None:
             return False, (
                 f"`{name}` has k = {k} columns, more than min(n, m) = {min(self.n, self.m)}: the "
@@ -706,35 +698,17 @@ class FactorQuotient(geoopt.manifolds.Manifold):
             )
         return True, None
 
-    def _check_point_on_manifold(
-        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(x).all()):
-            return False, "the point holds NaN or Inf"
+    def _check_finite_point(self, x: torch.Tensor, *, atol: float, rtol: float) -> CheckResult:
         for label, factor in zip(("A", "B"), self.factors(x), strict=True):
             rank = torch.linalg.matrix_rank(factor.to(compute_dtype(x.dtype)))
             if bool((rank < x.shape[-1]).any()):
                 return False, f"factor {label} is rank-deficient (rank < k = {x.shape[-1]})"
         return True, None
 
-    def _check_vector_on_tangent(
-        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(u).all()):
-            return False, "the vector holds NaN or Inf"
-        if not torch.allclose(self.proju(x, u), u, atol=atol, rtol=rtol):
-            return False, "the vector is not horizontal (proju(x, u) != u)"
-        return True, None
-
-    def _sample_shape(self, size: tuple, what: str) -> tuple[int, ...]:
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
-        self._assert_check_shape(torch.Size(shape), what)
-        return tuple(shape)
-
     def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
         r"""Gaussian factors with entries :math:`\mathcal{N}(0, 1/k)`; full rank with probability 1.
         ``size`` is the full point shape ``(..., n + m, k)``."""
-        shape = self._sample_shape(size, "size")
+        shape = self._sample_shape(size, "random")
         return torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5
 
     random_normal = random
@@ -742,7 +716,7 @@ class FactorQuotient(geoopt.manifolds.Manifold):
     def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> torch.Tensor:
         r"""The balanced point :math:`A = [I_k; 0]`, :math:`B = [I_k; 0]` (product: the rank-k
         identity block, charge 0), broadcast over the leading dims."""
-        shape = self._sample_shape(size, "size")
+        shape = self._sample_shape(size, "origin")
         k = shape[-1]
         eye = torch.eye(k, dtype=dtype, device=device)
         a = torch.zeros(self.n, k, dtype=dtype, device=device)

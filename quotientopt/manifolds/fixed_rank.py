@@ -37,10 +37,9 @@ from typing import Any, NamedTuple
 import geoopt
 import numpy as np
 import torch
-from geoopt.utils import size2shape
 
 from quotientopt.linalg import compute_dtype, gram, skew, spd_cholesky_flagged, sym, sym_funm
-from quotientopt.manifolds._common import check_row_counts
+from quotientopt.manifolds._common import CheckResult, MatrixManifold, check_row_counts
 
 __all__ = [
     "FixedRank",
@@ -140,7 +139,7 @@ def factor_pair_from_pymanopt(
     return a, b
 
 
-class FixedRank(geoopt.manifolds.Manifold):
+class FixedRank(MatrixManifold):
     r"""Rank-k ``n x m`` matrices :math:`U S V^\top` as :math:`(\mathrm{St}(n,k) \times
     \mathrm{S}_{++}(k) \times \mathrm{St}(m,k)) / O(k)`.
 
@@ -156,11 +155,12 @@ class FixedRank(geoopt.manifolds.Manifold):
     tangent projection and point check are reused). ``expmap`` falls back to :meth:`retr`: the
     quotient geodesics have no closed form and every optimizer only needs a retraction. Only
     :math:`S` SPD is supported; a general invertible :math:`S` has the larger symmetry
-    :math:`O(k) \times O(k)` and needs a different horizontal space.
+    :math:`O(k) \times O(k)` and needs a different horizontal space. ``component_inner``
+    (RiemannianAdam's second moment) and ``norm`` are the inherited per-point ones: one
+    :math:`O(k)`-invariant value :math:`g(\xi, \eta)` per point.
     """
 
     name = "FixedRank"
-    ndim = 2
     reversible = False
 
     def __init__(self, n: int, m: int) -> None:
@@ -173,7 +173,7 @@ class FixedRank(geoopt.manifolds.Manifold):
         return f"n={self.n}, m={self.m}"
 
     # ----------------------------------------------------------------------------- factors
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
         if not ok:
             return ok, reason
@@ -362,18 +362,6 @@ class FixedRank(geoopt.manifolds.Manifold):
         out = (frames + spd).to(torch.promote_types(x.dtype, u.dtype))
         return out[..., None, None] if keepdim else out
 
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        r"""One value per point, :math:`g(\xi, \eta)`, shape ``(..., 1, 1)`` (RiemannianAdam's
-        second moment). A scalar per point keeps Adam's step horizontal and
-        :math:`O(k)`-equivariant; an elementwise square would do neither."""
-        return self.inner(x, u, v, keepdim=True)
-
-    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        r""":math:`\sqrt{g(\xi, \xi)}`, shape ``(...)`` or ``(..., 1, 1)``."""
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
-
     # -------------------------------------------------------------------------- retraction
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Retraction, factor by factor, shape of ``x``:
@@ -464,11 +452,7 @@ class FixedRank(geoopt.manifolds.Manifold):
         return self.from_factors(polar_svd(xu), new_s, polar_svd(xv))
 
     # ------------------------------------------------------------------------------ checks
-    def _check_point_on_manifold(
-        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(x).all()):
-            return False, "the point holds NaN or Inf"
+    def _check_finite_point(self, x: torch.Tensor, *, atol: float, rtol: float) -> CheckResult:
         xu, xs, xv = self.factors(x)
         for label, frame in (("U", xu), ("V", xv)):
             ok, reason = self.stiefel._check_point_on_manifold(frame, atol=atol, rtol=rtol)
@@ -486,11 +470,9 @@ class FixedRank(geoopt.manifolds.Manifold):
             )
         return True, None
 
-    def _check_vector_on_tangent(
-        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(u).all()):
-            return False, "the tangent vector holds NaN or Inf"
+    def _check_finite_vector(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float, rtol: float
+    ) -> CheckResult:
         xu, xs, xv = self.factors(x)
         gu, gs, gv = self.factors(u)
         for label, frame, vec in (("U", xu, gu), ("V", xv, gv)):
@@ -518,8 +500,7 @@ class FixedRank(geoopt.manifolds.Manifold):
         r"""Random point of shape ``size`` = ``(..., n + k + m, k)``: :math:`U`, :math:`V` the
         sign-fixed QR factors of Gaussian matrices, :math:`S = O \operatorname{diag}(e^{g/2})
         O^\top` with Gaussian :math:`g` and a random orthogonal :math:`O`."""
-        shape = size2shape(*size)
-        self._assert_check_shape(shape, "x")
+        shape = self._sample_shape(size, "random")
         *batch, _, k = shape
         dtype = dtype or torch.get_default_dtype()
         cdt = compute_dtype(dtype)
@@ -544,8 +525,7 @@ class FixedRank(geoopt.manifolds.Manifold):
     ) -> geoopt.ManifoldTensor:
         r"""The point :math:`U = I_{n,k}`, :math:`S = I_k`, :math:`V = I_{m,k}` (first k columns
         of the identity), shape ``size``. ``seed`` is ignored (geoopt's signature)."""
-        shape = size2shape(*size)
-        self._assert_check_shape(shape, "x")
+        shape = self._sample_shape(size, "origin")
         k = shape[-1]
         u = torch.eye(self.n, k, dtype=dtype, device=device)
         s = torch.eye(k, dtype=dtype, device=device)

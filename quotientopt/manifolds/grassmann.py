@@ -16,11 +16,10 @@ better) and the results are cast back to the input dtype.
 
 from __future__ import annotations
 
-import geoopt
 import torch
-from geoopt.utils import size2shape
 
 from quotientopt.linalg import compute_dtype, gram, sym_funm
+from quotientopt.manifolds._common import CheckResult, EuclideanMetric
 
 __all__ = ["Grassmann"]
 
@@ -36,18 +35,19 @@ def _orthonormalize(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (y @ _inv_sqrt(y.transpose(-1, -2) @ y)).to(dtype)
 
 
-class Grassmann(geoopt.manifolds.Manifold):
+class Grassmann(EuclideanMetric):
     r"""Grassmann manifold :math:`\mathrm{St}(n, k) / O(k)` with orthonormal-frame representatives.
 
     A point has shape ``(..., n, k)`` with ``k <= n`` and :math:`X^\top X = I`; tangent vectors are
     horizontal, :math:`X^\top \xi = 0`; the metric is :math:`\langle \xi, \eta \rangle =
-    \mathrm{tr}(\xi^\top \eta)`. Sizes ``n`` and ``k`` are read from the tensors, so one instance
-    serves every shape.
+    \mathrm{tr}(\xi^\top \eta)` (the inherited Euclidean ``inner``: one :math:`O(k)`-invariant
+    value per frame). Sizes ``n`` and ``k`` are read from the tensors, so one instance serves every
+    shape.
     """
 
     name = "Grassmann"
-    ndim = 2
     reversible = False
+    _nonfinite_point_hint = "re-initialize it (e.g. with projx or random)"
 
     # ---------------------------------------------------------------------- the geometry
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -71,31 +71,6 @@ class Grassmann(geoopt.manifolds.Manifold):
         :math:`X = U \Sigma V^\top`. Same column space; equivariant; identity on the manifold."""
         u, _, vh = torch.linalg.svd(x.to(compute_dtype(x.dtype)), full_matrices=False)
         return (u @ vh).to(x.dtype)
-
-    def inner(
-        self,
-        x: torch.Tensor,
-        u: torch.Tensor,
-        v: torch.Tensor | None = None,
-        *,
-        keepdim: bool = False,
-    ) -> torch.Tensor:
-        r""":math:`\langle \xi, \eta \rangle = \mathrm{tr}(\xi^\top \eta)`, shape ``(...)`` or
-        ``(..., 1, 1)`` with ``keepdim``."""
-        if v is None:
-            v = u
-        return (u * v).sum((-1, -2), keepdim=keepdim)
-
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        r"""One value per frame, shape ``(..., 1, 1)`` (RiemannianAdam's second moment). A single
-        scalar per point is :math:`O(k)`-invariant; an elementwise square would not be."""
-        return self.inner(x, u, v, keepdim=True)
-
-    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        r""":math:`\|\xi\|_F`, shape ``(...)`` or ``(..., 1, 1)``."""
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r"""Polar retraction :math:`R_X(\xi) = (X + \xi)\, G^{-1/2}`,
@@ -192,7 +167,7 @@ class Grassmann(geoopt.manifolds.Manifold):
         return self.proju(y, v)
 
     # --------------------------------------------------------------------- checks, samples
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
         if not ok:
             return False, f"{reason}; a Grassmann point has shape (..., n, k)"
@@ -206,11 +181,7 @@ class Grassmann(geoopt.manifolds.Manifold):
             )
         return True, None
 
-    def _check_point_on_manifold(
-        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(x).all()):
-            return False, "the point holds NaN or Inf; re-initialize it (e.g. with projx or random)"
+    def _check_finite_point(self, x: torch.Tensor, *, atol: float, rtol: float) -> CheckResult:
         xtx = gram(x)
         eye = torch.eye(x.shape[-1], dtype=xtx.dtype, device=x.device)
         if not torch.allclose(xtx, eye.expand_as(xtx), atol=atol, rtol=rtol):
@@ -221,11 +192,9 @@ class Grassmann(geoopt.manifolds.Manifold):
             )
         return True, None
 
-    def _check_vector_on_tangent(
-        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(u).all()):
-            return False, "the vector holds NaN or Inf"
+    def _check_finite_vector(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float, rtol: float
+    ) -> CheckResult:
         xtu = x.transpose(-1, -2) @ u
         if not torch.allclose(xtu, torch.zeros_like(xtu), atol=atol, rtol=rtol):
             err = float(xtu.abs().max())
@@ -234,19 +203,6 @@ class Grassmann(geoopt.manifolds.Manifold):
                 "project with Grassmann.proju"
             )
         return True, None
-
-    def _sample_shape(self, size: tuple, what: str) -> tuple[int, ...]:
-        try:
-            shape = tuple(size2shape(*size))
-        except TypeError as err:  # pragma: no cover - defensive
-            raise ValueError(f"Grassmann.{what}: size must be ints, got {size!r}") from err
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(
-                f"Grassmann.{what}: size must be non-negative ints (the full shape (..., n, k)), "
-                f"got {size!r}"
-            )
-        self._assert_check_shape(torch.Size(shape), "size")
-        return shape
 
     def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
         r"""Random frame: the Q factor of a Gaussian ``(..., n, k)`` matrix, sign-fixed so that

@@ -21,17 +21,21 @@ geodesic of the quotient, so ``expmap`` is exact, not a fallback.
 
 from __future__ import annotations
 
-import geoopt
 import torch
-from geoopt.utils import size2shape
 
 from quotientopt.linalg import compute_dtype, gram, skew, solve_sylvester_sym
-from quotientopt.manifolds._common import check_row_counts, stack_factor_pair
+from quotientopt.manifolds._common import (
+    CheckResult,
+    EuclideanMetric,
+    check_row_counts,
+    check_stacked_rows,
+    stack_factor_pair,
+)
 
 __all__ = ["OrthogonalFactorQuotient"]
 
 
-class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
+class OrthogonalFactorQuotient(EuclideanMetric):
     r"""Factor pairs :math:`Z = [A; B]` modulo :math:`(A, B) \mapsto (A O, B O)`, :math:`O \in O(k)`.
 
     Parameters
@@ -46,12 +50,14 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
     it is already horizontal (:math:`Z^\top \nabla f` is symmetric), and equivariant,
     :math:`\nabla f(ZO) = \nabla f(Z)\, O`. For a loss that is not invariant it is the total-space
     gradient; ``proju`` of it is the gradient on the quotient. ``projx`` is the identity: the total
-    space is an open set (full column rank).
+    space is an open set (full column rank). The metric is the inherited Euclidean ``inner``,
+    :math:`\mathrm{tr}(\xi^\top \eta)`: one :math:`O(k)`-invariant value per point.
     """
 
     name = "OrthogonalFactorQuotient"
-    ndim = 2
     reversible = False
+    _nonfinite_point_hint = "re-initialize it (e.g. with random())"
+    _tangent_space = "horizontal (Z^T u symmetric)"
 
     def __init__(self, n: int, m: int) -> None:
         super().__init__()
@@ -126,32 +132,6 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
         """Identity: full-column-rank points form an open set of the total space."""
         return x
 
-    def inner(
-        self,
-        x: torch.Tensor,
-        u: torch.Tensor,
-        v: torch.Tensor | None = None,
-        *,
-        keepdim: bool = False,
-    ) -> torch.Tensor:
-        r""":math:`\mathrm{tr}(\xi^\top \eta)` summed over the last two dims, shape ``(...)`` or
-        ``(..., 1, 1)`` with ``keepdim``; invariant under :math:`(\xi, \eta) \mapsto (\xi O,
-        \eta O)`."""
-        if v is None:
-            v = u
-        return (u * v).sum((-1, -2), keepdim=keepdim)
-
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One value per point (per head), shape ``(..., 1, 1)``: RiemannianAdam's second moment,
-        then O(k)-invariant (an elementwise square would not be)."""
-        return self.inner(x, u, v, keepdim=True)
-
-    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        r""":math:`\|\xi\|_F`."""
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
-
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r""":math:`R_Z(\xi) = Z + \xi`; equivariant (:math:`R_{ZO}(\xi O) = R_Z(\xi) O`). Valid
         while :math:`Z + \xi` keeps full column rank."""
@@ -176,20 +156,17 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
     # retr_transp and expmap_transp: geoopt's defaults (retr or expmap, then transp)
 
     # --------------------------------------------------------------------- checks, samples
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
         if not ok:
             return (
                 False,
                 f"{reason}; a point has shape (..., n + m, k) = (..., {self.n + self.m}, k)",
             )
+        ok, reason = check_stacked_rows("OrthogonalFactorQuotient", self.n, self.m, shape, name)
+        if not ok:
+            return ok, reason
         rows, k = shape[-2], shape[-1]
-        if rows != self.n + self.m:
-            return False, (
-                f"`{name}` has {rows} rows but OrthogonalFactorQuotient(n={self.n}, m={self.m}) "
-                f"stacks [A; B] into n + m = {self.n + self.m} rows; reshape to "
-                f"(..., {self.n + self.m}, k)."
-            )
         if k < 1 or k > rows:
             return False, (
                 f"`{name}` has k = {k} columns; need 1 <= k <= n + m = {rows} so that Z = [A; B] "
@@ -197,11 +174,7 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
             )
         return True, None
 
-    def _check_point_on_manifold(
-        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(x).all()):
-            return False, "the point holds NaN or Inf; re-initialize it (e.g. with random())"
+    def _check_finite_point(self, x: torch.Tensor, *, atol: float, rtol: float) -> CheckResult:
         rank = torch.linalg.matrix_rank(x.to(compute_dtype(x.dtype)))
         k = x.shape[-1]
         if bool((rank < k).any()):
@@ -212,28 +185,6 @@ class OrthogonalFactorQuotient(geoopt.manifolds.Manifold):
                 "Perturb or re-initialize those heads."
             )
         return True, None
-
-    def _check_vector_on_tangent(
-        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(u).all()):
-            return False, "the vector holds NaN or Inf"
-        if not torch.allclose(self.proju(x, u), u, atol=atol, rtol=rtol):
-            return False, (
-                "the vector is not horizontal (Z^T u not symmetric, proju(x, u) != u); "
-                "project it with proju"
-            )
-        return True, None
-
-    def _sample_shape(self, size: tuple, what: str) -> tuple[int, ...]:
-        shape = tuple(size2shape(*size))
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(
-                f"OrthogonalFactorQuotient.{what}: size must be non-negative ints (the full "
-                f"shape (..., n + m, k)), got {size!r}"
-            )
-        self._assert_check_shape(torch.Size(shape), "size")
-        return shape
 
     def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
         r"""Gaussian :math:`Z` with entries :math:`\mathcal{N}(0, 1/k)`; full column rank with

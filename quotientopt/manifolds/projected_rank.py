@@ -16,10 +16,10 @@ Every step costs a batched SVD of the ``n x m`` composites, far more than the fa
 
 from __future__ import annotations
 
-import geoopt
 import torch
 
 from quotientopt.linalg import compute_dtype
+from quotientopt.manifolds._common import CheckResult, EuclideanMetric
 
 __all__ = ["ProjectedRank"]
 
@@ -29,12 +29,13 @@ def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return u[..., :rank], s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
 
 
-class ProjectedRank(geoopt.manifolds.Manifold):
-    """Dense matrices of rank at most ``rank`` with the embedded geometry (see the module)."""
+class ProjectedRank(EuclideanMetric):
+    """Dense matrices of rank at most ``rank`` with the embedded geometry (see the module): the
+    inherited Euclidean (Frobenius) ``inner``, one value per matrix."""
 
     name = "ProjectedRank"
-    ndim = 2
     reversible = False
+    _tangent_space = "tangent to the rank manifold at x"
 
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -45,7 +46,7 @@ class ProjectedRank(geoopt.manifolds.Manifold):
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
 
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
         if ok and self.rank > min(shape[-2], shape[-1]):
             return (
@@ -54,24 +55,13 @@ class ProjectedRank(geoopt.manifolds.Manifold):
             )
         return ok, reason
 
-    def _check_point_on_manifold(
-        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not bool(torch.isfinite(x).all()):
-            return False, "the point holds NaN or Inf"
+    def _check_finite_point(self, x: torch.Tensor, *, atol: float, rtol: float) -> CheckResult:
         s = torch.linalg.svdvals(x.to(compute_dtype(x.dtype)))
         tail = (
             s[..., self.rank :].amax(-1) if s.shape[-1] > self.rank else torch.zeros(s.shape[:-1])
         )
         if bool((tail > atol + rtol * s[..., 0]).any()):
             return False, f"rank exceeds {self.rank}"
-        return True, None
-
-    def _check_vector_on_tangent(
-        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> tuple[bool, str | None]:
-        if not torch.allclose(self.proju(x, u), u, atol=atol, rtol=rtol):
-            return False, "the vector is not tangent to the rank manifold at x"
         return True, None
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -100,30 +90,9 @@ class ProjectedRank(geoopt.manifolds.Manifold):
         """Transport by projection onto the tangent space at ``y``."""
         return self.proju(y, v)
 
-    def inner(
-        self,
-        x: torch.Tensor,
-        u: torch.Tensor,
-        v: torch.Tensor | None = None,
-        *,
-        keepdim: bool = False,
-    ) -> torch.Tensor:
-        """Euclidean (Frobenius) inner product, one value per matrix."""
-        v = u if v is None else v
-        return (u * v).sum((-1, -2), keepdim=keepdim)
-
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.inner(x, u, v, keepdim=True)
-
-    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        return self.inner(x, u, keepdim=keepdim).sqrt()
-
     def random(self, *size, dtype=None, device=None, **kwargs) -> torch.Tensor:
         """A product of two Gaussian factors, rank ``rank`` with probability 1."""
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
-        self._assert_check_shape(torch.Size(shape), "size")
+        shape = self._sample_shape(size, "random")
         *batch, n, m = shape
         a = torch.randn(*batch, n, self.rank, dtype=dtype, device=device)
         b = torch.randn(*batch, m, self.rank, dtype=dtype, device=device)

@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 
 from quotientopt.linalg import compute_dtype
+from quotientopt.manifolds._common import CheckResult
 from quotientopt.manifolds.factor_quotient import FactorQuotient, Grams
 
 __all__ = [
@@ -237,7 +238,7 @@ class SubgroupFactorQuotient(FactorQuotient):
             f"structure={self.structure!r}{label}"
         )
 
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> CheckResult:
         ok, reason = super()._check_shape(shape, name)
         if ok and shape[-1] != self.k:
             return False, (

@@ -183,6 +183,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument(
+        "--only",
+        default="",
+        metavar="TEXT",
+        help="time only the optimizers whose name contains TEXT (case-insensitive), besides the "
+        "torch SGD-momentum and AdamW references; the targets of the others are left out",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -237,6 +244,14 @@ def main() -> None:
             lambda ps: QuotientHamiltonian(ps, lr=1e-3, diagnostics=False),
         ),
     }
+    if args.only:
+        references_kept = ("torch SGD-momentum (foreach)", "torch SGD-momentum (fused)")
+        references_kept += ("torch AdamW (foreach)", "torch AdamW (fused)")
+        makers = {
+            n: m
+            for n, m in makers.items()
+            if n in references_kept or args.only.lower() in n.lower()
+        }
     if args.profile:
         makers = {n: m for n, m in makers.items() if "ManifoldParameter" not in n}
         profile(makers, clone, args)
@@ -290,6 +305,8 @@ def main() -> None:
     ]
     checks = []
     for name, (reference, factor) in TARGETS.items():
+        if name not in median:
+            continue
         ratio = median[name] / median[references[reference]]
         checks.append(
             {

@@ -388,6 +388,13 @@ class LazyMetric(ExactMetric):
 
 
 # ----------------------------------------------------------------------------- plain tensors
+# Plain tensors (and head tensors between two refreshes) step through torch's functional SGD
+# (torch.optim.sgd.sgd, fused=True), not a copy of it. The one exception: torch 2.13's fused CPU
+# kernel writes wrong momentum buffers for bfloat16/float16 (its test:
+# tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd), so those
+# tensors take _single_tensor_sgd, torch's single-tensor step written out operation for operation
+# (the same roundings) with a device-side skip mask, which torch's own single-tensor kernel lacks
+# (it rejects found_inf, and skipping on the host would synchronise).
 def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
     """Whether torch's fused SGD kernel computes torch.optim.SGD's step for ``p``."""
     return p.device.type != "cpu" or p.dtype in (torch.float32, torch.float64)

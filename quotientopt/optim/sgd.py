@@ -44,18 +44,35 @@ computed as :math:`\|L^{-1} P_{\text{new}} L^{-\top} - I\|_F^2` with
 :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so a sum of squares without cancellation; invariant:
 the :math:`\mu_i` do not depend on the representative). The next interval doubles, up to
 :math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
-it does not, or when the step was withheld (a non-finite gradient)."""
+it does not, or when the step was withheld (a non-finite gradient).
+
+How the code is laid out: each kind of parameter has its update in one function, and ``step``
+only routes parameters to them and writes the checked results.
+
+* head parameters, a refresh step (every step with ``refresh_every=1``):
+  :func:`quotient_sgd_update`, the exact Riemannian heavy ball above, with the Grams of the
+  current point; it returns the candidate point, momentum and Grams of the point it reaches;
+* head parameters between two refreshes: :func:`riemannian_gradient` with the stale Grams, then
+  torch's SGD kernel (:meth:`QuotientSGD._torch_sgd_step`);
+* other geoopt manifolds: :func:`manifold_sgd_update` (geoopt's RiemannianSGD);
+* plain tensors: torch's own functional SGD kernels (:meth:`QuotientSGD._torch_sgd_step`).
+
+Where the Grams come from is a *metric provider* (:class:`MetricProvider`), chosen per parameter
+group from ``refresh_every``: :class:`ExactMetric` (the Grams of the current point on every step,
+which the previous step computed at the point it reached) or :class:`LazyMetric` (the cached
+Grams, refreshed on the adaptive schedule above)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.distributed import max_over_head_shards
 from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     NONFINITE_POLICIES,
     HealthMixin,
@@ -79,6 +96,305 @@ WEIGHT_DECAY_MODES = ("product", "nuclear")
 quotient_weight_decay = product_decay_egrad
 
 
+# ------------------------------------------------------------------------------- head kernels
+def riemannian_gradient(
+    point: torch.Tensor,
+    grad: torch.Tensor,
+    grams: Grams,
+    geometry: HeadGeometry,
+    *,
+    weight_decay: float,
+    weight_decay_mode: str,
+    maximize: bool,
+    frozen: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""The Riemannian gradient of the loss plus the quotient weight decay,
+
+    .. math::
+
+        \xi = \pm\operatorname{egrad2rgrad}_Z(\nabla f) + \lambda\, \operatorname{grad} R(Z)
+        \qquad (= \pm(\nabla_A f\, P^{-1},\; \nabla_B f\, Q^{-1}) + \lambda Z
+        \text{ for the product decay in the undamped preconditioned metric}),
+
+    with the metric given by ``grams`` (``-`` for ``maximize``). ``point``, ``grad`` and the result
+    have shape ``(..., n + m, k)`` and ``point``'s dtype; the result is written into ``out`` when
+    given. ``frozen``: the Grams are stale ones whose unhealthy heads carry a zero preconditioner
+    (:func:`frozen_where_unhealthy`, the steps between refreshes): those heads get no decay
+    either."""
+    rgrad = geometry.egrad2rgrad(point, grad, grams=grams, out=out)
+    if maximize:
+        rgrad.neg_()
+    if weight_decay:
+        decay = geometry.decay_rgrad(point, weight_decay_mode, grams)
+        if decay is point:  # exact: (A P) P^{-1} = A, no extra pass
+            decay = where_heads(grams.ok, point, 0) if frozen else point
+        rgrad.add_(decay, alpha=weight_decay)
+    return rgrad
+
+
+class QuotientSGDUpdate(NamedTuple):
+    """What :func:`quotient_sgd_update` proposes for one head tensor; nothing is written yet."""
+
+    point: torch.Tensor  # Z_{t+1}, (..., n + m, k)
+    momentum_buffer: torch.Tensor | None  # m_t transported to Z_{t+1} (horizontal there)
+    grams: Grams  # the Grams of Z_{t+1}, for the next step's metric
+    ok: torch.Tensor  # (...,) bool: the head's update may be written
+
+
+def quotient_sgd_update(
+    point: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    grams: Grams,
+    geometry: HeadGeometry,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    weight_decay_mode: str,
+    maximize: bool,
+    keep: torch.Tensor,
+    work: tuple[torch.Tensor, ...] | None = None,
+) -> QuotientSGDUpdate:
+    r"""One Riemannian heavy-ball step of a head tensor on its quotient (nothing is written).
+
+    .. math::
+
+        \xi_t &= \operatorname{egrad2rgrad}_{Z_t}(\nabla f) + \lambda \operatorname{grad} R
+                 \quad\text{(the metric of ``grams``, the Grams of } Z_t\text{)} \\
+        m_t &= \beta\, m_{t-1} + (1 - \tau)\, \xi_t \qquad (m_1 = \xi_1) \\
+        d_t &= \xi_t + \beta m_t \text{ (Nesterov)} \quad\text{or}\quad d_t = m_t \\
+        Z_{t+1} &= Z_t - \eta\, d_t \qquad \text{(the retraction } R_Z(u) = Z + u\text{)} \\
+        m_t &\leftarrow \operatorname{proj}^h_{Z_{t+1}}(m_t)
+               \quad\text{(transport, with the Grams of } Z_{t+1}\text{)}
+
+    (:math:`\eta` = ``lr``, :math:`\beta` = ``momentum``, :math:`\tau` = ``dampening``,
+    :math:`\lambda` = ``weight_decay``). The Grams of :math:`Z_{t+1}` are computed once, here:
+    they transport the momentum and are returned for the next step's gradient (with their
+    inverses, so that both are matmuls with ``k x k`` matrices).
+
+    Shapes: ``point``, ``grad``, ``momentum_buffer`` (horizontal at ``point``; None on the first
+    step) ``(..., n + m, k)`` in the parameter dtype; ``grams`` ``(..., k, k)`` in float32 or
+    better; ``keep`` a 0-dim bool, False when the whole step is withheld (a non-finite
+    gradient). ``ok`` in the result is False for a head whose update is withheld: a healthy head
+    that would lose rank or become non-finite, a rank-deficient head (regularized metric) whose
+    update would not be usable, or every head when ``keep`` is False. ``work``: two tensors
+    shaped like ``point`` (three with Nesterov momentum) that receive the gradient, the new point
+    and the Nesterov buffer instead of new allocations; the results may live in them."""
+    work = work if work is not None else (None, None, None)
+    rgrad = riemannian_gradient(
+        point,
+        grad,
+        grams,
+        geometry,
+        weight_decay=weight_decay,
+        weight_decay_mode=weight_decay_mode,
+        maximize=maximize,
+        out=work[0],
+    )
+    buf = None
+    if momentum:
+        if momentum_buffer is None:
+            buf = rgrad.clone()  # becomes the state; rgrad may live in a work buffer
+        elif nesterov:  # dampening is 0 with Nesterov
+            buf = torch.add(rgrad, momentum_buffer, alpha=momentum, out=work[2])
+        elif dampening:
+            buf = rgrad.mul_(1 - dampening).add_(momentum_buffer, alpha=momentum)
+        else:
+            buf = rgrad.add_(momentum_buffer, alpha=momentum)
+        direction = rgrad.add_(buf, alpha=momentum) if nesterov else buf
+    else:
+        direction = rgrad
+    new = torch.add(point, direction, alpha=-lr, out=work[1])
+    new_grams = geometry.grams(new, check=False, reference=grams, inverses=True, regularize=True)
+    # a healthy head must stay healthy; a rank-deficient one (regularized metric) must stay
+    # finite; non-finite points have non-finite Grams
+    usable = new_grams.ok | new_grams.regularized
+    started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
+    ok = torch.where(grams.ok, new_grams.ok, started_deficient & usable) & keep
+    if buf is not None:
+        buf = geometry.proju_(new, buf, grams=new_grams)
+    return QuotientSGDUpdate(new, buf, new_grams, ok)
+
+
+def frozen_where_unhealthy(grams: Grams) -> Grams:
+    """The Grams with a zero preconditioner for heads flagged unhealthy, so that the steps
+    between refreshes leave their gradient out as the refresh steps do."""
+    mask = grams.ok[..., None, None]
+    zero = torch.zeros((), dtype=grams.p.dtype, device=grams.p.device)
+    fields = grams._asdict()
+    for name in ("p", "q", "p_inv", "q_inv"):
+        if fields[name] is not None:
+            fields[name] = torch.where(mask, fields[name], zero)
+    return Grams(**fields)
+
+
+def manifold_sgd_update(
+    point: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    manifold: Any,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""geoopt RiemannianSGD's step for a parameter on another geoopt manifold (nothing written):
+    :math:`\xi = \operatorname{egrad2rgrad}(\pm\nabla f + \lambda x)`,
+    :math:`m = \beta m + (1 - \tau)\xi` (:math:`m_1 = \xi_1`), :math:`d = \xi + \beta m` (Nesterov)
+    or :math:`m`, then ``retr_transp(x, -lr * d, m)``. Returns the new point and momentum."""
+    if maximize:
+        grad = -grad
+    if weight_decay:
+        grad = grad.add(point, alpha=weight_decay)
+    rgrad = manifold.egrad2rgrad(point, grad)
+    if not momentum:
+        return manifold.retr(point, -lr * rgrad), None
+    buf = (
+        rgrad.clone()
+        if momentum_buffer is None
+        else momentum_buffer.mul(momentum).add_(rgrad, alpha=1 - dampening)
+    )
+    direction = rgrad.add(buf, alpha=momentum) if nesterov else buf
+    return manifold.retr_transp(point, -lr * direction, buf)
+
+
+# ----------------------------------------------------------------------------- metric providers
+def metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
+    r"""How far the metric moved between two refreshes, largest over the heads that moved
+    (0-dim; ``inf`` when the step was withheld, for a non-finite gradient or a healthy head's rank
+    loss): :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with
+    :math:`P_{\text{old}} = L L^\top`, the larger of the P and Q values. The matrix is symmetric
+    and similar to :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so
+    :math:`\delta^2 = \sum_i (\mu_i - 1)^2` over its eigenvalues, computed as a sum of squares (the
+    trace form cancels badly when the factors are ill-conditioned)."""
+    chol = torch.stack((old.chol_p, old.chol_q), dim=-3)
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
+    squared = (similar - eye).square().sum((-1, -2)).amax(-1)
+    squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
+    # a withheld step (non-finite gradient), or a healthy head whose update was withheld for
+    # rank loss, is not a calm interval (heads unhealthy since earlier do not count)
+    calm_to_judge = moved.any() & ~(old.ok & ~moved).any()
+    return torch.where(calm_to_judge, squared.amax().sqrt(), torch.inf)
+
+
+class MetricProvider(Protocol):
+    """Where a head tensor's Grams come from on each step (see the module docstring)."""
+
+    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
+        """The Grams this step uses at ``p``, and whether the step refreshes them: then they are
+        the Grams of the current point and the step is :func:`quotient_sgd_update`, which
+        computes those of the point it reaches; otherwise they are stale."""
+        ...
+
+    def record(self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor):
+        """After a refresh step was written: keep ``reached`` (the Grams of the new point; the
+        ``used`` ones for heads whose update was withheld, ``ok`` False) for the next steps."""
+        ...
+
+
+class ExactMetric:
+    """The Grams of the current point on every step: those the previous step computed at the
+    point it reached, kept in ``state["grams"]`` (so that a resumed run is bitwise identical);
+    computed afresh when missing, or when something other than the optimizer modified ``p``."""
+
+    refresh_every = 1
+
+    def __init__(self, log: WriteLog, warn_if_rank_deficient: Callable[[torch.Tensor], None]):
+        self.log = log
+        self.warn_if_rank_deficient = warn_if_rank_deficient
+
+    @torch.compiler.disable  # reads the write log; the stored Grams enter a graph as inputs
+    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
+        return self.current(p, state)[0], True
+
+    def current(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
+        """The stored Grams, or those of ``p`` computed now; and whether they were computed now."""
+        stored = state.get("grams")
+        if stored is not None and not self.log.modified_elsewhere(p):
+            return Grams(**stored), False
+        grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
+        if "step" not in state:
+            self.warn_if_rank_deficient(~grams.ok)
+        buf = state.get("momentum_buffer")
+        if buf is not None:  # edited elsewhere: a head that lost rank does not coast
+            where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
+        return grams, True
+
+    def record(
+        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        # heads whose update was withheld keep the Grams they stepped with
+        stored = state["grams"] = {
+            name: where_heads(ok, fresh, kept)
+            for name, fresh, kept in zip(Grams._fields, reached, used, strict=True)
+            if fresh is not None and kept is not None
+        }
+        return stored
+
+
+class LazyMetric(ExactMetric):
+    """The Grams of the last refresh step, refreshed at most every ``refresh_every`` steps: the
+    interval doubles (up to ``refresh_every``) while the metric moved less than
+    ``refresh_tolerance`` over the last one (:func:`metric_drift`), else it restarts at 1. Each
+    refresh reads the drift on the host. Keeps ``refresh_interval`` and ``next_refresh`` in the
+    state."""
+
+    def __init__(
+        self,
+        log: WriteLog,
+        warn_if_rank_deficient: Callable[[torch.Tensor], None],
+        refresh_every: int,
+        refresh_tolerance: float,
+    ):
+        super().__init__(log, warn_if_rank_deficient)
+        self.refresh_every = refresh_every
+        self.refresh_tolerance = refresh_tolerance
+
+    @torch.compiler.disable
+    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
+        grams, computed_now = self.current(p, state)
+        if computed_now:
+            return grams, True
+        step, due = state.get("step", 0), state.get("next_refresh", 0)
+        # a refresh_every lowered since the last refresh shortens the current interval
+        due = min(due, due - state.get("refresh_interval", 1) + self.refresh_every)
+        return grams, step >= due
+
+    def record(
+        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        drift = max_over_head_shards(p, metric_drift(used, reached, ok))
+        calm = float(drift) <= self.refresh_tolerance  # NaN counts as not calm
+        interval = min(2 * state.get("refresh_interval", 1), self.refresh_every) if calm else 1
+        state["refresh_interval"] = interval
+        state["next_refresh"] = state.get("step", 0) + interval
+        stored = super().record(p, state, used, reached, ok)
+        buf = state.get("momentum_buffer")
+        if buf is not None:
+            # a head left at a rank-deficient point must not coast on its momentum through the
+            # steps until the next refresh (with the exact metric it never moves anyway)
+            zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
+            where_heads(stored["ok"], buf, zero, out=buf)
+        return stored
+
+
+# ----------------------------------------------------------------------------- plain tensors
+# Plain tensors (and head tensors between two refreshes) step through torch's functional SGD
+# (torch.optim.sgd.sgd, fused=True), not a copy of it. The one exception: torch 2.13's fused CPU
+# kernel writes wrong momentum buffers for bfloat16/float16 (its test:
+# tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd), so those
+# tensors take _single_tensor_sgd, torch's single-tensor step written out operation for operation
+# (the same roundings) with a device-side skip mask, which torch's own single-tensor kernel lacks
+# (it rejects found_inf, and skipping on the host would synchronise).
 def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
     """Whether torch's fused SGD kernel computes torch.optim.SGD's step for ``p``."""
     return p.device.type != "cpu" or p.dtype in (torch.float32, torch.float64)
@@ -214,6 +530,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self._log = WriteLog()
         self._init_health()
+        self._providers: dict[tuple[int, float], MetricProvider] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -221,6 +538,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             group.setdefault("refresh_every", 1)
             group.setdefault("refresh_tolerance", 0.1)
         self._log = WriteLog()
+        self._providers = {}
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
 
@@ -234,169 +552,51 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         return Momentum(buf, "vector" if is_quotient_parameter(p) else "covector")
 
     # ----------------------------------------------------------------------------- helpers
-    @torch.compiler.disable  # reads the write log; the stored Grams enter a graph as inputs
+    def _metric_provider(self, group: dict) -> MetricProvider:
+        """The metric provider of a parameter group, chosen from its ``refresh_every``:
+        :class:`ExactMetric` for 1, :class:`LazyMetric` otherwise. Made once per value (a group
+        whose ``refresh_every`` or ``refresh_tolerance`` is changed between steps gets the
+        provider of its new values at the next step)."""
+        key = (group["refresh_every"], group["refresh_tolerance"])
+        provider = self._providers.get(key)
+        if provider is None:
+            warn = self._warn_if_rank_deficient
+            provider = self._providers[key] = (
+                ExactMetric(self._log, warn) if key[0] == 1 else LazyMetric(self._log, warn, *key)
+            )
+        return provider
+
     def _metric(self, p: torch.Tensor, group: dict) -> tuple[Grams, bool]:
-        """The Grams this step uses at ``p`` and whether the step refreshes them.
+        """The Grams this step uses at ``p`` and whether the step refreshes them (the group's
+        metric provider's answer, :meth:`MetricProvider.grams`)."""
+        return self._metric_provider(group).grams(p, self.state[p])
 
-        They live in ``state["grams"]`` (so that a resumed run is bitwise identical): the Grams of
-        the point the last refresh step reached. They are computed afresh at the current point
-        when missing, or when something other than this optimizer modified ``p`` since.
-        """
-        state = self.state[p]
-        stored = state.get("grams")
-        if stored is None or self._log.modified_elsewhere(p):
-            grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
-            if "step" not in state:
-                self._warn_if_rank_deficient(~grams.ok)
-            buf = state.get("momentum_buffer")
-            if buf is not None:  # edited elsewhere: a head that lost rank does not coast
-                where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
-            return grams, True
-        step, due = state.get("step", 0), state.get("next_refresh", 0)
-        # a refresh_every lowered since the last refresh shortens the current interval
-        due = min(due, due - state.get("refresh_interval", 1) + group["refresh_every"])
-        return Grams(**stored), step >= due
+    #: kept under its old name; see :func:`metric_drift`
+    _metric_drift = staticmethod(metric_drift)
 
-    @staticmethod
-    def _metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
-        r"""How far the metric moved between two refreshes, largest over the heads that moved
-        (0-dim; ``inf`` when the step was withheld, for a non-finite gradient or a healthy
-        head's rank loss):
-        :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with :math:`P_{\text{old}} = L
-        L^\top`, the larger of the P and Q values. The matrix is symmetric and similar to
-        :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so :math:`\delta^2 = \sum_i (\mu_i - 1)^2`
-        over its eigenvalues, computed as a sum of squares (the trace form cancels badly when
-        the factors are ill-conditioned)."""
-        chol = torch.stack((old.chol_p, old.chol_q), dim=-3)
-        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
-        squared = (similar - eye).square().sum((-1, -2)).amax(-1)
-        squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
-        # a withheld step (non-finite gradient), or a healthy head whose update was withheld for
-        # rank loss, is not a calm interval (heads unhealthy since earlier do not count)
-        calm_to_judge = moved.any() & ~(old.ok & ~moved).any()
-        return torch.where(calm_to_judge, squared.amax().sqrt(), torch.inf)
-
-    def _schedule_next_refresh(self, p: torch.Tensor, group: dict, drift: torch.Tensor) -> None:
-        """Set the step of the next refresh: the interval doubles (up to ``refresh_every``)
-        while the metric moved less than ``refresh_tolerance`` over the last one, else it is 1.
-        Reads ``drift`` on the host."""
-        state = self.state[p]
-        interval = state.get("refresh_interval", 1)
-        calm = float(drift) <= group["refresh_tolerance"]  # NaN counts as not calm
-        interval = min(2 * interval, group["refresh_every"]) if calm else 1
-        state["refresh_interval"] = interval
-        state["next_refresh"] = state.get("step", 0) + interval
-
-    def _work_buffers(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two tensors shaped like ``p``, reused every step for the Riemannian gradient and the
-        candidate point: allocating them afresh each step (page faults) cost about as much as the
-        arithmetic on a CPU. Not part of ``state_dict``."""
+    def _work_buffers(self, p: torch.Tensor, count: int = 2) -> tuple[torch.Tensor, ...]:
+        """``count`` tensors shaped like ``p``, reused every step for the Riemannian gradient, the
+        candidate point and the Nesterov buffer: allocating them afresh each step (page faults)
+        cost about as much as the arithmetic on a CPU. Not part of ``state_dict``."""
         buffers = self._log.get(p, "work")
         if (
             buffers is None
+            or len(buffers) < count
             or buffers[0].shape != p.shape
             or buffers[0].dtype != p.dtype
             or buffers[0].device != p.device
         ):
-            buffers = (torch.empty_like(p.detach()), torch.empty_like(p.detach()))
+            buffers = tuple(torch.empty_like(p.detach()) for _ in range(count))
             self._log.put(p, "work", buffers)
         return buffers
 
-    def _riemannian_gradient(
-        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams, *, between=False
-    ) -> torch.Tensor:
-        r"""The Riemannian gradient of the loss plus the quotient weight decay at ``p`` (sign
-        flipped for ``maximize``), in ``p``'s dtype, written into a reused work buffer. On steps
-        ``between`` refreshes, which nothing checks afterwards, heads flagged unhealthy in
-        ``grams`` get no decay either, and a non-finite decay (the nuclear norm at a head that
-        lost rank since the refresh) is left out."""
-        manifold = geometry_of(p)
-        z = p.detach()
-        rgrad = manifold.egrad2rgrad(z, grad, grams=grams, out=self._work_buffers(p)[0])
-        if group["maximize"]:
-            rgrad.neg_()
-        if group["weight_decay"]:
-            decay = manifold.decay_rgrad(z, group["weight_decay_mode"], grams)
-            if decay is z:  # exact: (A P) P^{-1} = A, no extra pass
-                decay = where_heads(grams.ok, z, 0) if between else z
-            rgrad.add_(decay, alpha=group["weight_decay"])
-        return rgrad
-
-    def _refresh_update(
-        self, p: torch.Tensor, grad: torch.Tensor, group: dict, grams: Grams, keep: torch.Tensor
-    ):
-        """Candidate new point, momentum and Grams for one FactorQuotient tensor on a refresh
-        step (nothing written to ``p`` or its state); the few full-size temporaries are reused."""
-        manifold = geometry_of(p)
-        z = p.detach()
-        lr, beta, dampening = group["lr"], group["momentum"], group["dampening"]
-        rgrad = self._riemannian_gradient(p, grad, group, grams)
-        buf = None
-        if beta:
-            old = self.state[p].get("momentum_buffer")
-            if old is None:
-                buf = rgrad.clone()  # becomes the state; rgrad lives in a reused work buffer
-            elif group["nesterov"]:
-                buf = torch.add(rgrad, old, alpha=beta)  # dampening is 0 with Nesterov
-            else:
-                buf = (
-                    rgrad.mul_(1 - dampening).add_(old, alpha=beta)
-                    if dampening
-                    else rgrad.add_(old, alpha=beta)
-                )
-            direction = rgrad.add_(buf, alpha=beta) if group["nesterov"] else buf
-        else:
-            direction = rgrad
-        new = torch.add(z, direction, alpha=-lr, out=self._work_buffers(p)[1])
-        new_grams = manifold.grams(
-            new, check=False, reference=grams, inverses=True, regularize=True
-        )
-        # a healthy head must stay healthy; a rank-deficient one (regularized metric) must stay
-        # finite; non-finite points have non-finite Grams
-        usable = new_grams.ok | new_grams.regularized
-        started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
-        ok = torch.where(grams.ok, new_grams.ok, started_deficient & usable) & keep
-        if buf is not None:
-            buf = manifold.proju_(new, buf, grams=new_grams)
-        return new, buf, new_grams, ok
-
     @staticmethod
-    def _frozen_where_unhealthy(grams: Grams) -> Grams:
-        """The Grams with a zero preconditioner for heads flagged unhealthy, so that the steps
-        between refreshes leave their gradient out as the refresh steps do."""
-        mask = grams.ok[..., None, None]
-        zero = torch.zeros((), dtype=grams.p.dtype, device=grams.p.device)
-        fields = grams._asdict()
-        for name in ("p", "q", "p_inv", "q_inv"):
-            if fields[name] is not None:
-                fields[name] = torch.where(mask, fields[name], zero)
-        return Grams(**fields)
-
-    def _manifold_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):
-        """geoopt RiemannianSGD's step for a parameter on another geoopt manifold (nothing written)."""
-        manifold = p.manifold
-        z = p.detach()
-        if group["maximize"]:
-            grad = -grad
-        if group["weight_decay"]:
-            grad = grad.add(z, alpha=group["weight_decay"])
-        rgrad = manifold.egrad2rgrad(z, grad)
-        beta = group["momentum"]
-        buf = None
-        if beta:
-            old = self.state[p].get("momentum_buffer")
-            buf = (
-                rgrad.clone()
-                if old is None
-                else old.mul(beta).add_(rgrad, alpha=1 - group["dampening"])
-            )
-            direction = rgrad.add(buf, alpha=beta) if group["nesterov"] else buf
-            new, buf = manifold.retr_transp(z, -group["lr"] * direction, buf)
-        else:
-            new = manifold.retr(z, -group["lr"] * rgrad)
-        return new, buf
+    def _options(group: dict) -> dict[str, Any]:
+        """The hyperparameters of the head kernels, from a parameter group."""
+        names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+        return {name: group[name] for name in names} | {
+            "weight_decay_mode": group["weight_decay_mode"]
+        }
 
     # -------------------------------------------------------------------------------- step
     @optimizer_step
@@ -411,44 +611,57 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         refreshed, manifold_updates = [], []
         between: dict[tuple[int, torch.device], list] = {}  # quotient steps between refreshes
         for index, group in enumerate(self.param_groups):
+            metric = self._metric_provider(group)
+            options = self._options(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                flag = nonfinite[p.device]
+                state = self.state[p]
                 if is_quotient_parameter(p):
-                    grams, refresh = self._metric(p, group)
-                    if refresh:
-                        update = self._refresh_update(p, p.grad, group, grams, flag == 0)
-                        refreshed.append((p, group, grams, *update))
-                    else:
-                        rgrad = self._riemannian_gradient(
-                            p, p.grad, group, self._frozen_where_unhealthy(grams), between=True
+                    grams, refresh = metric.grams(p, state)
+                    if refresh:  # the exact step, with the Grams of the current point
+                        work = self._work_buffers(p, 3 if group["nesterov"] else 2)
+                        update = quotient_sgd_update(
+                            p.detach(),
+                            p.grad,
+                            state.get("momentum_buffer"),
+                            grams,
+                            geometry_of(p),
+                            keep=nonfinite[p.device] == 0,
+                            work=work,
+                            **options,
+                        )
+                        refreshed.append((p, metric, grams, update))
+                    else:  # between two refreshes: torch's SGD kernel along the stale gradient
+                        rgrad = riemannian_gradient(
+                            p.detach(),
+                            p.grad,
+                            frozen_where_unhealthy(grams),
+                            geometry_of(p),
+                            weight_decay=group["weight_decay"],
+                            weight_decay_mode=group["weight_decay_mode"],
+                            maximize=group["maximize"],
+                            frozen=True,
+                            out=self._work_buffers(p)[0],
                         )
                         between.setdefault((index, p.device), []).append((p, rgrad))
                 elif manifold_of(p) is not None:
-                    manifold_updates.append((p, *self._manifold_update(p, p.grad, group)))
-        self._enforce_policy(nonfinite, [ok for *_, ok in refreshed])
+                    new, buf = manifold_sgd_update(
+                        p.detach(),
+                        p.grad,
+                        state.get("momentum_buffer"),
+                        p.manifold,
+                        **{k: v for k, v in options.items() if k != "weight_decay_mode"},
+                    )
+                    manifold_updates.append((p, new, buf))
+        self._enforce_policy(nonfinite, [update.ok for *_, update in refreshed])
 
         # phase 2: write
-        for p, group, grams, new, buf, new_grams, ok in refreshed:
-            self._write(p, new, buf, ok)
-            if group["refresh_every"] > 1:
-                drift = max_over_head_shards(p, self._metric_drift(grams, new_grams, ok))
-                self._schedule_next_refresh(p, group, drift)
-            # heads whose update was withheld keep the Grams they stepped with
-            stored = self.state[p]["grams"] = {
-                name: where_heads(ok, fresh, kept)
-                for name, fresh, kept in zip(Grams._fields, new_grams, grams, strict=True)
-                if fresh is not None and kept is not None
-            }
-            buf = self.state[p].get("momentum_buffer")
-            if group["refresh_every"] > 1 and buf is not None:
-                # a head left at a rank-deficient point must not coast on its momentum through
-                # the steps until the next refresh (with refresh_every=1 it never moves anyway)
-                where_heads(
-                    stored["ok"], buf, torch.zeros((), dtype=buf.dtype, device=buf.device), out=buf
-                )
-            self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
+        for p, metric, grams, update in refreshed:
+            self._write(p, update.point, update.momentum_buffer, update.ok)
+            metric.record(p, self.state[p], grams, update.grams, update.ok)
+            flag = nonfinite[p.device] == 0
+            self._count(self._rank_skips, p.device, (~update.ok & flag).sum())
         for p, new, buf in manifold_updates:
             self._write(p, new, buf, nonfinite[p.device] == 0)
         for (index, device), entries in between.items():

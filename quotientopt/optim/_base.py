@@ -414,7 +414,9 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
 
     1. evaluate the closure (if any) with gradients enabled;
     2. ``nonfinite``: per device, a 0-dim flag that a gradient holds NaN/Inf (no host sync);
-    3. ``self._step(nonfinite, loss)``: the optimizer's own update.
+    3. ``self._step(nonfinite, loss)``: the optimizer's own update (it applies the policy and
+       skips what a non-finite gradient touched);
+    4. count the skipped step in ``nonfinite_steps``.
 
     A subclass gives ``_step`` and, where it refuses some parameters, ``_check_parameter(p)``
     (called for every parameter as it is added); ``needs_closure = True`` where the update needs
@@ -452,5 +454,8 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
             )
         loss, grads = self._closure_and_grads(closure)
         if grads:
-            self._step(found_nonfinite(grads), loss)
+            nonfinite = found_nonfinite(grads)
+            self._step(nonfinite, loss)
+            for device, flag in nonfinite.items():
+                self._count(self._nonfinite_steps, device, flag)
         return loss

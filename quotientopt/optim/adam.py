@@ -649,5 +649,3 @@ class QuotientAdam(QuotientOptimizer):
                     eps=group["eps"],
                     maximize=group["maximize"],
                 )
-        for device, flag in nonfinite.items():
-            self._count(self._nonfinite_steps, device, flag)

@@ -197,5 +197,3 @@ class QuotientECD(QuotientOptimizer):
         head_flags = [keep for p, _, _, keep in updates if geometry_of(p) is not None]
         self._enforce_policy(nonfinite, head_flags)
         write_ecd(self.state, updates)
-        for device, flag in nonfinite.items():
-            self._count(self._nonfinite_steps, device, flag)

@@ -408,8 +408,6 @@ class QuotientHamiltonian(QuotientOptimizer):
             commit(keep)
             self._count(self._rank_skips, p.device, (~healthy & (nonfinite[p.device] == 0)).sum())
         write_ecd(self.state, ecd)
-        for device, flag in nonfinite.items():
-            self._count(self._nonfinite_steps, device, flag)
 
     # ------------------------------------------------------------------ the splitting integrator
     def _gram(self, geometry: HeadGeometry, z: torch.Tensor, which: int, reference=None):

@@ -443,8 +443,6 @@ class QuotientMuon(QuotientOptimizer):
             plain = [p for p in group["params"] if p.grad is not None and geometry_of(p) is None]
             if plain:
                 self._plain_step(plain, group, nonfinite)
-        for device, flag in nonfinite.items():
-            self._count(self._nonfinite_steps, device, flag)
 
     def _plain_step(
         self, params: list[torch.Tensor], group: dict[str, Any], nonfinite: dict

@@ -74,18 +74,13 @@ from quotientopt.distributed import max_over_head_shards
 from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
-    NONFINITE_POLICIES,
-    HealthMixin,
-    KeepStateDtypes,
     Momentum,
+    QuotientOptimizer,
     WriteLog,
     check_choice,
     check_number,
-    found_nonfinite,
     geometry_of,
-    is_quotient_parameter,
     manifold_of,
-    optimizer_step,
     where_heads,
 )
 
@@ -432,7 +427,7 @@ def _single_tensor_sgd(
     return buf
 
 
-class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
+class QuotientSGD(QuotientOptimizer):
     r"""Stochastic gradient descent (optionally with momentum) on the head quotients.
 
     Args:
@@ -497,7 +492,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         check_number("weight_decay", weight_decay, 0.0, float("inf"))
         check_number("refresh_tolerance", refresh_tolerance, 0.0, float("inf"), low_open=True)
         check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 "invalid nesterov=True: Nesterov momentum needs momentum > 0 and dampening = 0"
@@ -526,11 +520,9 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             refresh_every=refresh_every,
             refresh_tolerance=refresh_tolerance,
         )
-        super().__init__(params, defaults)
-        self.on_nonfinite = on_nonfinite
         self._log = WriteLog()
-        self._init_health()
         self._providers: dict[tuple[int, float], MetricProvider] = {}
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -539,8 +531,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             group.setdefault("refresh_tolerance", 0.1)
         self._log = WriteLog()
         self._providers = {}
-        if not hasattr(self, "_nonfinite_steps"):
-            self._init_health()
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         """The momentum buffer at ``p``: a tangent vector (Riemannian heavy ball) for head
@@ -549,7 +539,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         buf = self.state[p].get("momentum_buffer") if p in self.state else None
         if buf is None:
             return None
-        return Momentum(buf, "vector" if is_quotient_parameter(p) else "covector")
+        return Momentum(buf, "vector" if geometry_of(p) is not None else "covector")
 
     # ----------------------------------------------------------------------------- helpers
     def _metric_provider(self, group: dict) -> MetricProvider:
@@ -599,13 +589,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
         }
 
     # -------------------------------------------------------------------------------- step
-    @optimizer_step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss, grads = self._closure_and_grads(closure)
-        if not grads:
-            return loss
-        nonfinite = found_nonfinite(grads)
+    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
 
         # phase 1: every update computed and checked, nothing written
         refreshed, manifold_updates = [], []
@@ -617,7 +601,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if is_quotient_parameter(p):
+                if geometry_of(p) is not None:
                     grams, refresh = metric.grams(p, state)
                     if refresh:  # the exact step, with the Grams of the current point
                         work = self._work_buffers(p, 3 if group["nesterov"] else 2)
@@ -674,7 +658,7 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
             )
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or not is_quotient_parameter(p):
+                if p.grad is None or geometry_of(p) is None:
                     continue
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
@@ -696,9 +680,6 @@ class QuotientSGD(KeepStateDtypes, HealthMixin, torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
                 )
-        for device, flag in nonfinite.items():
-            self._count(self._nonfinite_steps, device, flag)
-        return loss
 
     def _write(
         self, p: torch.Tensor, new: torch.Tensor, buf: torch.Tensor | None, ok: torch.Tensor

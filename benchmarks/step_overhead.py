@@ -12,6 +12,17 @@ baseline about twice as slow (the row "torch SGD-momentum (foreach, ManifoldPara
 shows it). Each baseline is run as ``foreach`` and ``fused`` and the faster one on this device is
 the reference of the ratios (the other is listed).
 
+Muon (issue 13). torch's ``Muon`` steps only 2-D matrices, so its rows use a second layout of the
+same model: the attention as 4 * layers plain matrices W_Q, W_K, W_V (d x heads * k, the heads'
+blocks of the sectors side by side) and W_O (heads * k x d), with the sectors' values and
+gradients (as many numbers as the sectors; the MLP and rest tensors are the same). Four rows:
+torch Muon on the attention matrices; QuotientMuon on the two head sectors; torch Muon on the
+attention and MLP matrices with fused AdamW on the rest (embeddings, LayerNorms, biases); and
+QuotientMuon on the sectors and, with torch Muon's functional step, on the same MLP matrices, with
+the same fused AdamW (``muon_and_adamw``'s split). Options are ``compare.MUON_OPTIONS``. Targets:
+QuotientMuon / torch Muon on the attention <= 0.25, the whole QuotientMuon optimizer / torch
+Muon + AdamW <= 1. ``--only Muon`` times these four rows (and the SGD-momentum references).
+
 Timing. Every optimizer is timed alone (its warm-up and timed steps back to back) and interleaved
 (one step of each per round, which spreads the machine's load over all of them; these 2-core
 machines are shared). The table gives the median step time of each; the ratios use the
@@ -28,6 +39,7 @@ bytes of the optimizer's state tensors.
 
     python benchmarks/step_overhead.py                 # CPU, default sizes
     python benchmarks/step_overhead.py --device cuda   # on a GPU
+    python benchmarks/step_overhead.py --only Muon     # the Muon rows only
 
 Writes ``benchmarks/results/step_overhead-<device>.{json,md}``.
 """
@@ -45,11 +57,24 @@ from pathlib import Path
 import geoopt
 import torch
 
+from quotientopt.compare import MUON_OPTIONS
 from quotientopt.manifolds import FactorQuotient
-from quotientopt.optim import QuotientAdam, QuotientHamiltonian, QuotientSGD
+from quotientopt.optim import (
+    HybridOptimizer,
+    QuotientAdam,
+    QuotientHamiltonian,
+    QuotientMuon,
+    QuotientSGD,
+)
 
 
 def gpt2_small_parameters(layers, heads, width, head_dim, vocab, context, device, dtype):
+    """The model's tensors, with fixed random gradients, as a dict of lists: ``"sectors"``, the
+    attention heads as two ``FactorQuotient`` sectors (layers, heads, 2 * width, head_dim) (QK and
+    VO, rows ``[A; B]``); ``"matrices"``, the same attention weights as 4 * layers plain matrices
+    (W_Q, W_K, W_V: the heads' A or B blocks side by side, (width, heads * head_dim); W_O: the VO
+    sector's B blocks stacked, (heads * head_dim, width)), with the same values and gradients;
+    ``"mlp"``, the blocks' 2-D MLP matrices; ``"rest"``, embeddings, LayerNorm gains and biases."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape, scale=0.02):
@@ -60,22 +85,39 @@ def gpt2_small_parameters(layers, heads, width, head_dim, vocab, context, device
         geoopt.ManifoldParameter(randn(layers, heads, 2 * width, head_dim), manifold=manifold)
         for _ in ("qk", "vo")
     ]
-    plain = [torch.nn.Parameter(randn(vocab, width)), torch.nn.Parameter(randn(context, width))]
+    mlp = []
+    rest = [torch.nn.Parameter(randn(vocab, width)), torch.nn.Parameter(randn(context, width))]
     for _ in range(layers):
-        plain += [
-            torch.nn.Parameter(randn(width, 4 * width)),
-            torch.nn.Parameter(randn(4 * width)),
-            torch.nn.Parameter(randn(4 * width, width)),
-            torch.nn.Parameter(randn(width)),
-            torch.nn.Parameter(randn(width)),  # LayerNorm gains and biases, attention biases
-            torch.nn.Parameter(randn(width)),
-            torch.nn.Parameter(randn(width)),
-            torch.nn.Parameter(randn(width)),
-        ]
-    params = sectors + plain
-    for p in params:
+        mlp += [torch.nn.Parameter(randn(width, 4 * width))]
+        rest += [torch.nn.Parameter(randn(4 * width))]
+        mlp += [torch.nn.Parameter(randn(4 * width, width))]
+        rest += [torch.nn.Parameter(randn(width)) for _ in range(5)]  # LayerNorms, biases
+    for p in sectors + mlp + rest:
         p.grad = randn(*p.shape, scale=1e-3)
-    return params
+
+    def side_by_side(blocks: torch.Tensor) -> torch.Tensor:
+        """(layers, heads, width, head_dim) -> (layers, width, heads * head_dim)."""
+        return blocks.permute(0, 2, 1, 3).reshape(layers, width, heads * head_dim)
+
+    def attention_matrices(value: torch.Tensor) -> list[torch.Tensor]:
+        qk, vo = value
+        q, k, v, o = (
+            side_by_side(x)
+            for x in (
+                qk[..., :width, :],
+                qk[..., width:, :],
+                vo[..., :width, :],
+                vo[..., width:, :],
+            )
+        )
+        per_layer = zip(q, k, v, o.transpose(-1, -2), strict=True)
+        return [w.contiguous() for layer in per_layer for w in layer]
+
+    matrices = [torch.nn.Parameter(w) for w in attention_matrices([s.detach() for s in sectors])]
+    for w, g in zip(matrices, attention_matrices([s.grad for s in sectors]), strict=True):
+        w.grad = g
+    assert sum(p.numel() for p in matrices) == sum(p.numel() for p in sectors)
+    return {"sectors": sectors, "matrices": matrices, "mlp": mlp, "rest": rest}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -89,6 +131,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             return sum(size(item) for item in value.values())
         return 0
 
+    if isinstance(optimizer, HybridOptimizer):  # its ``state`` view hides the rest's state
+        return sum(optimizer_state_bytes(part) for part in optimizer.optimizers)
     return sum(size(state) for state in optimizer.state.values())
 
 
@@ -136,8 +180,8 @@ def profile(makers, clone, args) -> None:
         "self time.",
         "",
     ]
-    for name, (plain, make) in makers.items():
-        optimizer = make(clone(plain))
+    for name, (layout, make) in makers.items():
+        optimizer = make(clone(layout))
         optimizer.step()
         synchronize(args.device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -162,11 +206,24 @@ def profile(makers, clone, args) -> None:
     (out / f"step_overhead-profile-{tag}.md").write_text(report)
 
 
-TARGETS = {  # name: (reference, factor), from issue 14
+MUON_ATTENTION = "torch Muon, attention (d x d)"
+QUOTIENT_MUON_ATTENTION = "QuotientMuon, attention sectors"
+MUON_WHOLE = "torch Muon + AdamW (whole model)"
+QUOTIENT_MUON_WHOLE = "QuotientMuon + Muon MLP + AdamW (whole model)"
+
+TARGETS = {  # name: (reference, factor), from issue 14; the Muon rows from issue 13
     "QuotientSGD momentum": ("SGD-momentum", 1.6),
     "QuotientAdam (rest: fused AdamW)": ("AdamW", 1.3),
     "QuotientHamiltonian": ("SGD-momentum", 2.0),
     "QuotientHamiltonian, diagnostics=False": ("SGD-momentum", 2.0),
+    QUOTIENT_MUON_ATTENTION: ("Muon, attention", 0.25),
+    QUOTIENT_MUON_WHOLE: ("Muon + AdamW", 1.0),
+}
+REFERENCES = {  # reference: its rows; the faster one on this device is the reference
+    "SGD-momentum": ("torch SGD-momentum (foreach)", "torch SGD-momentum (fused)"),
+    "AdamW": ("torch AdamW (foreach)", "torch AdamW (fused)"),
+    "Muon, attention": (MUON_ATTENTION,),
+    "Muon + AdamW": (MUON_WHOLE,),
 }
 
 
@@ -187,8 +244,8 @@ def main() -> None:
         default="",
         metavar="TEXT",
         help="time only the optimizers whose name contains TEXT (case-insensitive), besides the "
-        "torch SGD-momentum references (AdamW's too when TEXT matches their names, e.g. Adam); "
-        "the targets and ratios of what is not timed are left out",
+        "torch SGD-momentum references and the references of their targets (e.g. Muon: the four "
+        "Muon rows); the targets and ratios of what is not timed are left out",
     )
     parser.add_argument(
         "--profile",
@@ -203,19 +260,22 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
 
-    params = gpt2_small_parameters(
+    model = gpt2_small_parameters(
         args.layers, args.heads, args.width, args.head_dim, args.vocab, 1024, args.device, dtype
     )
-    n_params = sum(p.numel() for p in params)
-    n_heads = sum(p.numel() for p in params[:2])
+    n_params = sum(p.numel() for name in ("sectors", "mlp", "rest") for p in model[name])
+    n_heads = sum(p.numel() for p in model["sectors"])
 
-    def clone(plain: bool = False):
-        """A copy of the parameters (same values, same gradients); ``plain``: every tensor an
-        ``nn.Parameter``, for torch's own optimizers."""
+    def clone(layout: str) -> list[torch.nn.Parameter]:
+        """A copy of the parameters (same values, same gradients), attention first, then the MLP
+        matrices, then the rest. ``layout``: ``"sectors"``, the heads as ``ManifoldParameter``
+        sectors; ``"plain"``, the same sectors as ``nn.Parameter``; ``"matrices"``, the attention
+        as plain matrices (W_Q, W_K, W_V, W_O of each layer), for torch's Muon."""
+        attention = model["matrices" if layout == "matrices" else "sectors"]
         out = []
-        for p in params:
+        for p in attention + model["mlp"] + model["rest"]:
             q = p.detach().clone()
-            if hasattr(p, "manifold") and not plain:
+            if hasattr(p, "manifold") and layout == "sectors":
                 q = geoopt.ManifoldParameter(q, manifold=p.manifold)
             else:
                 q = torch.nn.Parameter(q)
@@ -223,40 +283,74 @@ def main() -> None:
             out.append(q)
         return out
 
+    def split(ps: list) -> tuple[list, list, list]:
+        """A ``clone``'s attention, MLP matrices and rest (the last two are the same tensors in
+        every layout)."""
+        n_mlp, n_rest = len(model["mlp"]), len(model["rest"])
+        attention_end = len(ps) - n_mlp - n_rest
+        return ps[:attention_end], ps[attention_end:-n_rest], ps[-n_rest:]
+
+    def muon_and_adamw(muon: torch.optim.Optimizer, ps: list) -> HybridOptimizer:
+        """``muon`` and fused AdamW on the rest (the same AdamW in both whole-model Muon rows)."""
+        return HybridOptimizer(muon, torch.optim.AdamW(split(ps)[2], lr=1e-3, fused=True))
+
+    def torch_muon(matrices: list) -> torch.optim.Muon:
+        return torch.optim.Muon(matrices, lr=0.02, **MUON_OPTIONS)
+
+    def quotient_muon(heads: list, matrices: list) -> QuotientMuon:
+        """QuotientMuon as ``quotientopt.optim.muon_and_adamw`` groups it (heads at 0.2x lr, the
+        MLP matrices on torch Muon's functional step)."""
+        groups = [{"params": heads, "lr": 0.2 * 0.02}] + (
+            [{"params": matrices}] if matrices else []
+        )
+        return QuotientMuon(groups, lr=0.02, **MUON_OPTIONS)
+
     sgd = dict(lr=1e-3, momentum=0.9)
     makers = {
-        "torch SGD-momentum (foreach)": (True, lambda ps: torch.optim.SGD(ps, **sgd, foreach=True)),
-        "torch SGD-momentum (fused)": (True, lambda ps: torch.optim.SGD(ps, **sgd, fused=True)),
-        "torch SGD-momentum (foreach, ManifoldParameter heads)": (
-            False,
+        "torch SGD-momentum (foreach)": (
+            "plain",
             lambda ps: torch.optim.SGD(ps, **sgd, foreach=True),
         ),
-        "torch AdamW (foreach)": (True, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-        "torch AdamW (fused)": (True, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        "QuotientSGD momentum": (False, lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9)),
+        "torch SGD-momentum (fused)": ("plain", lambda ps: torch.optim.SGD(ps, **sgd, fused=True)),
+        "torch SGD-momentum (foreach, ManifoldParameter heads)": (
+            "sectors",
+            lambda ps: torch.optim.SGD(ps, **sgd, foreach=True),
+        ),
+        "torch AdamW (foreach)": ("plain", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+        "torch AdamW (fused)": ("plain", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+        "QuotientSGD momentum": ("sectors", lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9)),
         "QuotientSGD momentum, refresh_every=8": (
-            False,
+            "sectors",
             lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9, refresh_every=8),
         ),
-        "QuotientAdam (rest: fused AdamW)": (False, lambda ps: QuotientAdam(ps, lr=1e-3)),
-        "QuotientHamiltonian": (False, lambda ps: QuotientHamiltonian(ps, lr=1e-3)),
+        "QuotientAdam (rest: fused AdamW)": ("sectors", lambda ps: QuotientAdam(ps, lr=1e-3)),
+        "QuotientHamiltonian": ("sectors", lambda ps: QuotientHamiltonian(ps, lr=1e-3)),
         "QuotientHamiltonian, diagnostics=False": (
-            False,
+            "sectors",
             lambda ps: QuotientHamiltonian(ps, lr=1e-3, diagnostics=False),
+        ),
+        MUON_ATTENTION: ("matrices", lambda ps: torch_muon(split(ps)[0])),
+        QUOTIENT_MUON_ATTENTION: ("sectors", lambda ps: quotient_muon(split(ps)[0], [])),
+        MUON_WHOLE: (
+            "matrices",
+            lambda ps: muon_and_adamw(torch_muon(split(ps)[0] + split(ps)[1]), ps),
+        ),
+        QUOTIENT_MUON_WHOLE: (
+            "sectors",
+            lambda ps: muon_and_adamw(quotient_muon(split(ps)[0], split(ps)[1]), ps),
         ),
     }
     if args.only:
-        references_kept = ("torch SGD-momentum (foreach)", "torch SGD-momentum (fused)")
-        makers = {
-            n: m
-            for n, m in makers.items()
-            if n in references_kept or args.only.lower() in n.lower()
-        }
+        selected = {n for n in makers if args.only.lower() in n.lower()}
+        kept = set(REFERENCES["SGD-momentum"]).union(
+            *(REFERENCES[TARGETS[n][0]] for n in selected if n in TARGETS)
+        )
+        makers = {n: m for n, m in makers.items() if n in selected | kept}
     if args.profile:
         makers = {n: m for n, m in makers.items() if "ManifoldParameter" not in n}
         profile(makers, clone, args)
         return
-    optimizers = {name: make(clone(plain)) for name, (plain, make) in makers.items()}
+    optimizers = {name: make(clone(layout)) for name, (layout, make) in makers.items()}
 
     def timed_step(name: str, optimizer, record: bool, times, refreshes) -> None:
         before = refresh_marks(optimizer)
@@ -281,17 +375,12 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     state_bytes = {name: optimizer_state_bytes(optimizer) for name, optimizer in optimizers.items()}
     references = {
-        "SGD-momentum": min(
-            ("torch SGD-momentum (foreach)", "torch SGD-momentum (fused)"), key=median.get
-        ),
+        reference: min(timed, key=median.get)
+        for reference, names in REFERENCES.items()
+        if (timed := [name for name in names if name in median])
     }
-    adamw_rows = [
-        name for name in ("torch AdamW (foreach)", "torch AdamW (fused)") if name in median
-    ]
-    if adamw_rows:
-        references["AdamW"] = min(adamw_rows, key=median.get)
     base = median[references["SGD-momentum"]]
-    adamw = median[references["AdamW"]] if adamw_rows else float("nan")
+    adamw = median[references["AdamW"]] if "AdamW" in references else float("nan")
     rows = [
         {
             "optimizer": name,

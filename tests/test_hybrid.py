@@ -149,3 +149,19 @@ def test_bad_construction():
     hybrid = make(params)
     with pytest.raises(ValueError, match="keys 'heads' and 'rest'"):
         hybrid.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_state_reads_each_parameter_from_its_own_optimizer():
+    """``hybrid.state[p]`` is the state of the optimizer that steps ``p`` (torch's states are
+    defaultdicts: a ChainMap answered a rest parameter with a new empty entry of the heads')."""
+    manifold, params = model()
+    hybrid = make(params)
+    run(hybrid, manifold, params, 2)
+    heads, weight, bias = params
+    for p, owner in ((heads, hybrid.heads), (weight, hybrid.rest), (bias, hybrid.rest)):
+        assert hybrid.state[p] is owner.state[p]
+        assert hybrid.state[p]  # not empty
+    assert weight not in hybrid.heads.state
+    assert len(hybrid.state) == 3 and set(map(id, hybrid.state)) == set(map(id, params))
+    with pytest.raises(KeyError):
+        hybrid.state[torch.nn.Parameter(torch.zeros(1))]

@@ -13,8 +13,7 @@ LR schedulers act on both), ``step(closure)`` evaluates the closure once and ste
 
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +29,40 @@ def split_parameters(
     for p in params:
         (heads if manifold_of(p) is not None else rest).append(p)
     return heads, rest
+
+
+class RoutedState(Mapping):
+    """A read view of two optimizers' states: ``state[p]`` is the state of the optimizer that
+    steps ``p``. (A ``ChainMap`` would not do: torch's ``state`` is a ``defaultdict``, so the
+    first map answers, with a new empty entry, for the second map's parameters.)"""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self._optimizers = optimizers
+
+    def _owner(self, p: torch.Tensor) -> torch.optim.Optimizer | None:
+        for optimizer in self._optimizers:
+            if any(q is p for g in optimizer.param_groups for q in g["params"]):
+                return optimizer
+        return None
+
+    def __getitem__(self, p: torch.Tensor) -> Any:
+        for optimizer in self._optimizers:
+            if p in optimizer.state:
+                return optimizer.state[p]
+        owner = self._owner(p)
+        if owner is None:
+            raise KeyError(p)
+        return owner.state[p]
+
+    def __contains__(self, p: object) -> bool:
+        return any(p in optimizer.state for optimizer in self._optimizers)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for optimizer in self._optimizers:
+            yield from optimizer.state
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self._optimizers)
 
 
 class HybridOptimizer(torch.optim.Optimizer):
@@ -50,7 +83,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         super().__init__(everything, defaults={})
         self.heads, self.rest = heads, rest
         self.__dict__.pop("_init_groups", None)
-        self.state = ChainMap(heads.state, rest.state)  # a read view of both
+        self.state = RoutedState(heads, rest)  # a read view of both
 
     @classmethod
     def for_parameters(

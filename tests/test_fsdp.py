@@ -218,6 +218,7 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
         ("gpt", "sgd-lazy", "heads"),
         ("gpt", "sgd-lazy", "hsdp"),
         ("gpt", "adam", "hsdp"),
+        ("gpt", "muon", "hsdp"),
         ("gpt", "hamiltonian", "heads"),
         ("gpt", "hamiltonian", "rows"),
     ],

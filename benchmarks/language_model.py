@@ -51,7 +51,9 @@ on tensors of >= 2 dims only, gradient clipping 1.0, the file's character vocabu
 split by position, validation on 200 batches as the config's ``eval_iters``), no tuning: AdamW at
 nanoGPT's lr 1e-3, muon, quotient-muon, quotient-adam and quotient-sgd at their default lrs (the
 ``lr`` column of :data:`METHODS`), 3 seeds each. nanoGPT's README reports "a loss of only 1.88" for
-AdamW; the report puts ours next to it. About 3-5 minutes per run on one core (15 runs).
+AdamW; the report puts ours next to it. On the 2-core development VM an AdamW run took 3-5
+minutes, a muon or quotient-muon run 35-40 (torch Muon's Newton-Schulz runs in bfloat16, slow on
+that CPU): plan hours for the 15 runs, or pass ``--optimizers``.
 """
 
 from __future__ import annotations

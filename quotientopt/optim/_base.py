@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -171,10 +172,14 @@ def leaves_zero_sectors(step):
 
     @functools.wraps(step)
     def wrapper(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        # parameters already looked at, by id (a weak reference guards against a reused id)
+        checked: dict[int, weakref.ref] = self.__dict__.setdefault("_zero_sectors_checked", {})
         for group in self.param_groups:
             for p in group["params"]:
-                if self.state.get(p) or not p.requires_grad:
+                seen = checked.get(id(p))
+                if (seen is not None and seen() is p) or self.state.get(p) or not p.requires_grad:
                     continue
+                checked[id(p)] = weakref.ref(p)  # once per parameter, even one never stepped
                 geometry = geometry_of(p)
                 if geometry is None or geometry.is_row_sharded:
                     continue

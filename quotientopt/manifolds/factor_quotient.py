@@ -35,6 +35,7 @@ from quotientopt.linalg import (
     solve_sylvester_sym,
     spd_cholesky_flagged,
     sym_funm,
+    tril_inverse,
 )
 from quotientopt.manifolds._common import (
     CheckResult,
@@ -426,49 +427,54 @@ class FactorQuotient(MatrixManifold):
         ``regularized`` (see :meth:`_regularize`): what the optimizers use to move such a head
         onto the full-rank set, where the exact geometry takes over.
         """
-        q, p = self.cross(z, z)
-        p, q = damp(p, self.damping), damp(q, self.damping)
-        chol_p, ok_p = spd_cholesky_flagged(p, None if reference is None else reference.p)
-        chol_q, ok_q = spd_cholesky_flagged(q, None if reference is None else reference.q)
+        # both Grams of every head as one stack [Q, P] (..., 2, k, k): one call per k x k step
+        grams = damp(torch.stack(self.cross(z, z), dim=-3), self.damping)
+        previous = None if reference is None else torch.stack((reference.q, reference.p), dim=-3)
+        chol, ok_both = spd_cholesky_flagged(grams, previous)
         if self.check if check is None else check:
-            raise_if_not_ok(ok_p, "FactorQuotient: the Gram P = B^T B of the point", _RANK_FIX)
-            raise_if_not_ok(ok_q, "FactorQuotient: the Gram Q = A^T A of the point", _RANK_FIX)
-        ok = ok_p & ok_q
-        mask = ok[..., None, None]
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+            raise_if_not_ok(
+                ok_both[..., 1], "FactorQuotient: the Gram P = B^T B of the point", _RANK_FIX
+            )
+            raise_if_not_ok(
+                ok_both[..., 0], "FactorQuotient: the Gram Q = A^T A of the point", _RANK_FIX
+            )
+        ok = ok_both.all(-1)
+        usable = ok
         regularized = None
         if regularize:
-            p, q, chol_p, chol_q, regularized = self._regularize(p, q, chol_p, chol_q, ok, eye)
-            mask = (ok | regularized)[..., None, None]
-        chol_p, chol_q = torch.where(mask, chol_p, eye), torch.where(mask, chol_q, eye)
+            grams, chol, regularized = self._regularize(grams, chol, ok)
+            usable = ok | regularized
+        eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
+        chol = torch.where(usable[..., None, None, None], chol, eye)
+        q, p = grams.unbind(-3)
+        chol_q, chol_p = chol.unbind(-3)
         p_inv = q_inv = None
-        if inverses:
-            p_inv, q_inv = torch.cholesky_inverse(chol_p), torch.cholesky_inverse(chol_q)
+        if inverses:  # G^{-1} = L^{-T} L^{-1}, the triangular inverse by batched matmuls
+            lower_inv = tril_inverse(chol)
+            q_inv, p_inv = (lower_inv.mT @ lower_inv).unbind(-3)
         return Grams(p, q, chol_p, chol_q, ok, p_inv, q_inv, regularized)
 
     #: relative size of the floor that :meth:`grams` adds for ``regularize=True``
     regularization = 0.1
 
-    def _regularize(self, p, q, chol_p, chol_q, ok, eye):
+    def _regularize(
+        self, grams: torch.Tensor, chol: torch.Tensor, ok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""Regularized Grams for the heads that are not ok: :math:`P + \delta I`,
         :math:`Q + \delta I` with :math:`\delta = 0.1\,(\mathrm{tr} P + \mathrm{tr} Q) / 2k`
         (1 where both vanish). The Euclidean gradient of a factor lies in the range of the
         other factor's Gram (:math:`\nabla_A f = E B`), so the regularized step is close to the
         pseudo-inverse step: it never divides by a vanishing direction, and it moves a
         zero-initialized factor off zero in one step. It is not GL(k)-equivariant."""
-        k = p.shape[-1]
-        scale = (p.diagonal(dim1=-2, dim2=-1).sum(-1) + q.diagonal(dim1=-2, dim2=-1).sum(-1)) / (
-            2 * k
-        )
+        k = grams.shape[-1]
+        scale = grams.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / (2 * k)
         delta = torch.where(scale > 0, self.regularization * scale, torch.ones_like(scale))
-        floor = ~ok[..., None, None] * delta[..., None, None] * eye
-        p, q = p + floor, q + floor
-        reg_p, info_p = torch.linalg.cholesky_ex(p)
-        reg_q, info_q = torch.linalg.cholesky_ex(q)
-        finite = torch.isfinite(p).flatten(-2).all(-1) & torch.isfinite(q).flatten(-2).all(-1)
-        regularized = ~ok & (info_p == 0) & (info_q == 0) & finite
-        mask = ok[..., None, None]
-        return p, q, torch.where(mask, chol_p, reg_p), torch.where(mask, chol_q, reg_q), regularized
+        eye = torch.eye(k, dtype=grams.dtype, device=grams.device)
+        grams = grams + (~ok * delta)[..., None, None, None] * eye  # (..., 2, k, k), [Q, P]
+        floored, info = torch.linalg.cholesky_ex(grams)
+        finite = torch.isfinite(grams).flatten(-3).all(-1)
+        regularized = ~ok & (info == 0).all(-1) & finite
+        return grams, torch.where(ok[..., None, None, None], chol, floored), regularized
 
     # ---------------------------------------------------------------------- the geometry
     def egrad2rgrad(

@@ -254,6 +254,27 @@ class WriteLog:
         self._derived[(p, key)] = value
 
 
+def work_buffers(
+    log: WriteLog, p: torch.Tensor, count: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``count`` tensors shaped like ``p`` (of ``dtype``, default ``p``'s), kept in ``log`` and
+    reused on every step for a step's full-size temporaries (candidate points, gradients, momenta):
+    on a CPU a fresh allocation of this size is paged in on first touch, which cost about as much
+    as the arithmetic on it. Not part of ``state_dict``."""
+    dtype = p.dtype if dtype is None else dtype
+    buffers = log.get(p, "work")
+    if (
+        buffers is None
+        or len(buffers) < count
+        or buffers[0].shape != p.shape
+        or buffers[0].dtype != dtype
+        or buffers[0].device != p.device
+    ):
+        buffers = tuple(torch.empty(p.shape, dtype=dtype, device=p.device) for _ in range(count))
+        log.put(p, "work", buffers)
+    return buffers
+
+
 def where_heads(
     ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -73,7 +73,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim.adam import adam as torch_adam
 
-from quotientopt.linalg import compute_dtype, sym_funm
+from quotientopt.linalg import compute_dtype, sym_funm, tril_inverse
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
@@ -85,6 +85,7 @@ from quotientopt.optim._base import (
     geometry_of,
     manifold_of,
     where_heads,
+    work_buffers,
 )
 from quotientopt.optim.sgd import WEIGHT_DECAY_MODES
 
@@ -236,8 +237,7 @@ def advance_bases(
     """
     k = h.shape[-1]
     chol, info = torch.linalg.cholesky_ex(h)
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    chol_inv = tril_inverse(chol)  # batched matmuls; LAPACK's solve is one call per matrix
     r_new = chol.mT @ r
     r_inv_new = r_inv @ chol_inv.mT
     t = chol_inv @ cross @ r_inv
@@ -248,11 +248,18 @@ def advance_bases(
     return r_new, r_inv_new, t, ok
 
 
-def _right_multiply(x: torch.Tensor, c: torch.Tensor, n: int) -> torch.Tensor:
+def _right_multiply(
+    x: torch.Tensor, c: torch.Tensor, n: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     r""":math:`[X_A C_0;\ X_B C_1]` for ``x`` of shape ``(..., n + m, k)`` (rows ``:n`` are
-    :math:`X_A`) and ``c`` ``(..., 2, k, k)``; one batched product when ``n == m``."""
+    :math:`X_A`) and ``c`` ``(..., 2, k, k)``; one batched product when ``n == m``, then written
+    into ``out`` (a contiguous tensor shaped like ``x``, of ``c``'s dtype) when given."""
     if x.shape[-2] == 2 * n:
-        return (x.unflatten(-2, (2, n)) @ c).flatten(-3, -2)
+        halves = x.unflatten(-2, (2, n))
+        if out is not None and out.is_contiguous() and out.dtype == c.dtype == x.dtype:
+            torch.matmul(halves, c, out=out.view(halves.shape))
+            return out
+        return (halves @ c).flatten(-3, -2)
     return torch.cat((x[..., :n, :] @ c[..., 0, :, :], x[..., n:, :] @ c[..., 1, :, :]), dim=-2)
 
 
@@ -266,11 +273,29 @@ def _side_products(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _add_right_product(
-    x: torch.Tensor, m: torch.Tensor, c: torch.Tensor, n: int, beta: float, alpha: float
+    x: torch.Tensor,
+    m: torch.Tensor,
+    c: torch.Tensor,
+    n: int,
+    beta: float,
+    alpha: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r""":math:`\beta X + \alpha\, [M_A C_0;\ M_B C_1]` (shapes as :func:`_right_multiply`), as
-    ``baddbmm`` calls over the flattened batch (one when ``n == m``)."""
+    ``baddbmm`` calls over the flattened batch (one when ``n == m``, written into ``out``, a
+    contiguous tensor shaped like ``m`` of its dtype, when given)."""
     k = m.shape[-1]
+    if out is not None and m.shape[-2] == 2 * n and out.is_contiguous() and out.dtype == m.dtype:
+        batch = m.shape[:-2].numel() * 2
+        torch.baddbmm(
+            x.reshape(batch, n, k),
+            m.reshape(batch, n, k),
+            c.reshape(batch, k, k),
+            beta=beta,
+            alpha=alpha,
+            out=out.view(batch, n, k),
+        )
+        return out
 
     def fused(x_, m_, c_, rows):
         batch = m_.shape[:-2].numel()  # explicit: a row shard may hold no row of a factor
@@ -465,8 +490,11 @@ class QuotientAdam(QuotientOptimizer):
         grad = grad.to(dtype)
         if group["maximize"]:
             grad = -grad
-        g = _right_multiply(grad, basis.r_inv.flip(-3), n)
-        m = torch.lerp(exp_avg, g, 1 - beta1)
+        # full-size temporaries in reused buffers: the gradient (later W and the transported
+        # first moment), the first moment, the new point
+        work = work_buffers(self._log, p, 3, dtype)
+        g = _right_multiply(grad, basis.r_inv.flip(-3), n, out=work[0])
+        m = torch.lerp(exp_avg, g, 1 - beta1, out=work[1])
         v = torch.lerp(exp_avg_sq, manifold.row_sum(_side_products(g, g, n)), 1 - beta2)
         new_step = step + 1
         # a head with a non-finite moment (NaN/Inf gradient, or a rank-deficient frame) is
@@ -486,6 +514,7 @@ class QuotientAdam(QuotientOptimizer):
             v_hat=v_hat,
             step=new_step,
             old=(exp_avg, exp_avg_sq, step),
+            work=work,
         )
 
     def _quotient_point(self, job: dict, root: torch.Tensor) -> torch.Tensor:
@@ -513,8 +542,11 @@ class QuotientAdam(QuotientOptimizer):
                 unchecked = manifold.grams(z, check=False)  # bad heads are caught later
                 base = z.to(dtype) - decay * manifold.decay_rgrad(z, "nuclear", unchecked).to(dtype)
         n = manifold.n
-        new = _add_right_product(base.to(dtype), job["m"], step_maps, n, scale, -lr).to(z.dtype)
-        w = _right_multiply(new.to(dtype), r_inv, n)
+        work = job["work"]
+        new = _add_right_product(
+            base.to(dtype), job["m"], step_maps, n, scale, -lr, out=work[2]
+        ).to(z.dtype)
+        w = _right_multiply(new.to(dtype), r_inv, n, out=work[0])
         h, cross = _side_products(w, w, n), _side_products(w, z.to(dtype), n)
         if manifold.is_row_sharded:  # sums over the rows: one all-reduce for both
             h, cross = manifold.row_sum(torch.stack((h, cross))).unbind(0)
@@ -573,7 +605,7 @@ class QuotientAdam(QuotientOptimizer):
             )
             for job, (r_j, r_inv_j, t_j, v_j, ok_j) in zip(members, parts, strict=True):
                 n = job["manifold"].n
-                m_new = _right_multiply(job["m"], t_j.flip(-3).mT, n)
+                m_new = _right_multiply(job["m"], t_j.flip(-3).mT, n, out=job["work"][0])
                 job["moments"] = (m_new, v_j, job["step"])
                 job["new_basis"] = Basis(r_j, r_inv_j, ok_j)
                 job["ok"] = job["basis"].ok & ok_j & keep[job["p"].device]
@@ -608,9 +640,11 @@ class QuotientAdam(QuotientOptimizer):
         for job in jobs:
             p, ok = job["p"], job["ok"]
             state = self.state[p]
-            for name, value, previous in zip(
-                ("exp_avg", "exp_avg_sq", "step"), job["moments"], job["old"], strict=True
-            ):
+            exp_avg, *rest = job["moments"]
+            old_exp_avg, *old_rest = job["old"]
+            # in place, as torch's Adam keeps its moment tensors (the new one is in a work buffer)
+            state["exp_avg"] = where_heads(ok, exp_avg, old_exp_avg, out=old_exp_avg)
+            for name, value, previous in zip(("exp_avg_sq", "step"), rest, old_rest, strict=True):
                 state[name] = where_heads(ok, value, previous)
             where_heads(ok, job["new"], p.detach(), out=p.detach())
             state["frame"] = where_heads(ok, job["new_basis"].r, job["basis"].r)

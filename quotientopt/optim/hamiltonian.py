@@ -87,17 +87,19 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.linalg import compute_dtype, spd_cholesky_flagged
+from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
 from quotientopt.manifolds.factor_quotient import Grams
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,
+    WriteLog,
     check_choice,
     check_number,
     geometry_of,
     manifold_of,
     where_heads,
+    work_buffers,
 )
 from quotientopt.optim.ecd import ecd_group, write_ecd
 
@@ -162,40 +164,6 @@ def momentum_map(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor) -> to
     a, b = manifold.factors(z)
     pa, pb = manifold.factors(p)
     return a.mT @ pa - pb.mT @ b
-
-
-def tril_inverse(chol: torch.Tensor) -> torch.Tensor:
-    r"""Inverse of a batch of nonsingular lower-triangular matrices ``(..., k, k)`` by matmuls only.
-
-    Blocked doubling: with the inverses :math:`X_{11}, X_{22}` of the diagonal blocks of size
-    :math:`b` known, the inverse of the block of size :math:`2b` has lower-left block
-    :math:`X_{21} = -X_{22} L_{21} X_{11}`; :math:`\lceil \log_2 k \rceil` levels, each two
-    batched matmuls over every head and block at once (the standard recursive triangular inverse,
-    forward error :math:`O(\kappa(L)\,\varepsilon)`). torch's batched LAPACK calls on CPU
-    (``solve_triangular``, ``cholesky_inverse``) dispatch one small call per matrix and cost tens
-    to hundreds of times more than this at ``k = 64`` and a few hundred heads.
-    """
-    k = chol.shape[-1]
-    size = 1 << max(k - 1, 0).bit_length()  # next power of two
-    batch = chol.shape[:-2]
-    lower = chol.reshape(-1, k, k)
-    if size != k:  # pad with an identity block
-        padded = torch.eye(size, dtype=chol.dtype, device=chol.device).repeat(lower.shape[0], 1, 1)
-        padded[:, :k, :k] = lower
-        lower = padded
-    lower = lower.contiguous()
-    count = lower.shape[0]
-    inverse = torch.diag_embed(1.0 / torch.diagonal(lower, dim1=-2, dim2=-1))
-    b = 1
-    while b < size:
-        s = 2 * b
-        shape, stride = (count, size // s, s, s), (size * size, s * (size + 1), size, 1)
-        l_blocks = lower.as_strided(shape, stride)
-        x_blocks = inverse.as_strided(shape, stride)
-        x21 = -(x_blocks[..., b:, b:] @ l_blocks[..., b:, :b] @ x_blocks[..., :b, :b])
-        x_blocks[..., b:, :b] = x21
-        b = s
-    return inverse[:, :k, :k].reshape(*batch, k, k)
 
 
 def spd_inverse(
@@ -451,6 +419,22 @@ class QuotientHamiltonian(QuotientOptimizer):
             out[w] = (g, torch.where(mask, chol, reg_chol), torch.where(mask, inv, x.mT @ x), flag)
         return out, usable
 
+    def _work_buffers(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Two reused tensors shaped like ``p`` in ``dtype`` (the new point and the spare
+        momentum; :func:`~quotientopt.optim._base.work_buffers`)."""
+        if "_work" not in self.__dict__:  # also after unpickling, which keeps only the state
+            self._work = WriteLog()
+        return work_buffers(self._work, p, 2, dtype)
+
+    def _velocity_buffer(self, p: torch.Tensor, which: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused contiguous tensor shaped like factor ``which``'s momentum ``like``."""
+        key = f"velocity{which}"
+        buffer = self._work.get(p, key)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self._work.put(p, key, buffer)
+        return buffer
+
     def _splitting_step(self, p, grad, h, damping, diagnostics):
         r"""One step of the splitting integrator (module docstring), batched over the heads:
         the kick, then the exact flows of :math:`T_A` and :math:`T_B` for ``h`` each, in the order
@@ -472,10 +456,14 @@ class QuotientHamiltonian(QuotientOptimizer):
         cache, regularized = self._regularize(cache)
         start = dict(cache)
         # kick: p_n = e^{-gamma h} (p~ - h/2 g) ends the last step, p_n - h/2 g starts this one
+        # the new point and momentum go to reused buffers (the momentum's alternates with the
+        # stored one; see commit); a fresh 100 MB allocation per step is paged in at a cost
+        # comparable to the arithmetic on a CPU
+        new, spare = self._work_buffers(p, dtype)
         if old is None:
-            m = g * (-0.5 * h)
+            m = torch.mul(g, -0.5 * h, out=spare)
         else:
-            m = old.to(dtype) * damping
+            m = torch.mul(old.to(dtype), damping, out=spare)
             m.add_(g, alpha=-0.5 * h * damping)
         if diagnostics:
             if old is None:  # p_n = 0
@@ -490,7 +478,6 @@ class QuotientHamiltonian(QuotientOptimizer):
             kinetic = charge = None
         if old is not None:
             m.add_(g, alpha=-0.5 * h)
-        new = torch.empty_like(zc)
         current = list(geometry.factors(zc))
         moved = geometry.factors(new)
         momenta = geometry.factors(m)
@@ -498,7 +485,8 @@ class QuotientHamiltonian(QuotientOptimizer):
         parity = state.get("step", 0) % 2
         for x in (0, 1) if parity == 0 else (1, 0):  # T_A then T_B, or T_B then T_A
             y = 1 - x
-            v = momenta[x] @ cache[y][2]  # V_X = p_X G_Y^{-1}, G_Y fixed during this flow
+            # V_X = p_X G_Y^{-1}, G_Y fixed during this flow (into a reused contiguous buffer)
+            v = torch.matmul(momenta[x], cache[y][2], out=self._velocity_buffer(p, x, momenta[x]))
             torch.add(current[x], v, alpha=h, out=moved[x])  # X += h V_X
             current[x] = moved[x]
             s = self._contract(geometry, m, v, x)  # V_X^T V_X
@@ -517,6 +505,9 @@ class QuotientHamiltonian(QuotientOptimizer):
             state["momentum"] = where_heads(
                 keep, stored, torch.zeros((), dtype=z.dtype) if old is None else old, out=stored
             )
+            if stored is m:  # the old momentum (a new tensor on the first step) is the next spare
+                reusable = old is not None and old.dtype == m.dtype and old.shape == m.shape
+                self._work.put(p, "work", (new, old if reusable else torch.empty_like(m)))
             state["grams"] = {
                 w: tuple(
                     torch.where(mask if t.dim() > keep.dim() else keep, t, t0)

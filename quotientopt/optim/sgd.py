@@ -82,6 +82,7 @@ from quotientopt.optim._base import (
     geometry_of,
     manifold_of,
     where_heads,
+    work_buffers,
 )
 
 WEIGHT_DECAY_MODES = ("product", "nuclear")
@@ -565,20 +566,9 @@ class QuotientSGD(QuotientOptimizer):
     _metric_drift = staticmethod(metric_drift)
 
     def _work_buffers(self, p: torch.Tensor, count: int = 2) -> tuple[torch.Tensor, ...]:
-        """``count`` tensors shaped like ``p``, reused every step for the Riemannian gradient, the
-        candidate point and the Nesterov buffer: allocating them afresh each step (page faults)
-        cost about as much as the arithmetic on a CPU. Not part of ``state_dict``."""
-        buffers = self._log.get(p, "work")
-        if (
-            buffers is None
-            or len(buffers) < count
-            or buffers[0].shape != p.shape
-            or buffers[0].dtype != p.dtype
-            or buffers[0].device != p.device
-        ):
-            buffers = tuple(torch.empty_like(p.detach()) for _ in range(count))
-            self._log.put(p, "work", buffers)
-        return buffers
+        """``count`` reused tensors shaped like ``p`` for the Riemannian gradient, the candidate
+        point and the Nesterov buffer (:func:`~quotientopt.optim._base.work_buffers`)."""
+        return work_buffers(self._log, p, count)
 
     @staticmethod
     def _options(group: dict) -> dict[str, Any]:

@@ -35,11 +35,23 @@ allocation before the step; on CPU the running sum, in time order, of the memory
 ``torch.profiler`` (``profile_memory=True``) attributes to each op of one step after warm-up (its
 own allocations net of its frees, and the frees between ops; a temporary that lives and dies
 inside one op is not counted). "state" is the
-bytes of the optimizer's state tensors.
+bytes of the optimizer's state tensors; "work buffers" the bytes of the full-size temporaries that
+QuotientSGD, QuotientAdam and QuotientHamiltonian allocate once and reuse on every step (outside
+the state; a fresh allocation of that size is paged in on every step on a CPU).
+
+Floor. The same run also times the pieces that any step of each quotient algorithm must pay
+beyond torch's fused kernel: the non-finite check of every gradient and the algorithm's number
+of full-size ``(rows x k) @ (k x k)`` passes over the heads (``PASSES``, counted from the
+optimizers' docstrings), each at the measured time of one batched pass. The floor table gives
+reference + check + passes x pass as a ratio to the reference, next to the measured ratio: a
+target below the floor cannot be met by removing overhead, only by a cheaper algorithm or other
+hardware.
 
     python benchmarks/step_overhead.py                 # CPU, default sizes
     python benchmarks/step_overhead.py --device cuda   # on a GPU
     python benchmarks/step_overhead.py --only Muon     # the Muon rows only
+    python benchmarks/step_overhead.py --skip Muon     # all but the Muon rows (CPUs without
+                                                       # fast bfloat16: seconds per matrix)
 
 Writes ``benchmarks/results/step_overhead-<device>.{json,md}``.
 """
@@ -144,6 +156,75 @@ def refresh_marks(optimizer: torch.optim.Optimizer) -> list:
     return [state.get("next_refresh", state.get("step")) for state in optimizer.state.values()]
 
 
+def target_text(target: float | None) -> str:
+    return "" if target is None else f"<= {target:g}x"
+
+
+def matches(name: str, texts: str) -> bool:
+    """Whether ``name`` contains one of the comma-separated ``texts`` (case-insensitive)."""
+    return any(t.strip().lower() in name.lower() for t in texts.split(",") if t.strip())
+
+
+def work_buffer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the reused work buffers an optimizer keeps outside its state (QuotientSGD,
+    QuotientAdam, QuotientHamiltonian: full-size temporaries that are allocated once)."""
+    if isinstance(optimizer, HybridOptimizer):
+        return sum(work_buffer_bytes(part) for part in optimizer.optimizers)
+    total = 0
+    for log in (getattr(optimizer, "_log", None), getattr(optimizer, "_work", None)):
+        for value in getattr(log, "_derived", {}).values():
+            values = value if isinstance(value, tuple) else (value,)
+            total += sum(
+                t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor)
+            )
+    return total
+
+
+#: full-size ``(rows x k) @ (k x k)`` or Gram passes over the heads that each exact step needs
+#: (the docstrings of the optimizers count them)
+PASSES = {
+    "QuotientSGD momentum": 4,  # rgrad, Gram of the new point, cross, vertical correction
+    "QuotientSGD momentum, refresh_every=8": 1,  # rgrad with the stale Grams
+    "QuotientAdam (rest: fused AdamW)": 7,  # see quotientopt/optim/adam.py, "Cost"
+    "QuotientHamiltonian": 4,  # per flow: raise, V^T V, Y S, Gram (one factor each)
+    "QuotientHamiltonian, diagnostics=False": 4,
+}
+
+
+def floor_parts(model: dict, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds of the pieces every quotient step must pay on top of torch's fused kernel:
+    the non-finite check of every gradient (``found_nonfinite``), one batched
+    ``(rows x k) @ (k x k)`` product over every head into a reused buffer, and one batched Gram
+    ``X^T X`` pass."""
+    from quotientopt.optim._base import found_nonfinite
+
+    grads = [p.grad for name in ("sectors", "mlp", "rest") for p in model[name]]
+    sectors = [p.detach() for p in model["sectors"]]
+    k = sectors[0].shape[-1]
+    mats = [torch.eye(k, device=device).expand(*s.shape[:-2], k, k) for s in sectors]
+    outs = [torch.empty_like(s) for s in sectors]
+
+    def product():
+        for s, m, o in zip(sectors, mats, outs, strict=True):
+            torch.matmul(s, m, out=o)
+
+    def gram():
+        for s in sectors:
+            s.unflatten(-2, (2, -1)).mT @ s.unflatten(-2, (2, -1))
+
+    parts = {"check": lambda: found_nonfinite(grads), "product": product, "gram": gram}
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for index in range(rounds + 2):
+        for name, run in parts.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            if index >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -242,10 +323,19 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        metavar="TEXT",
-        help="time only the optimizers whose name contains TEXT (case-insensitive), besides the "
+        metavar="TEXT[,TEXT...]",
+        help="time only the optimizers whose name contains one of the TEXTs (case-insensitive), "
+        "besides the "
         "torch SGD-momentum references and the references of their targets (e.g. Muon: the four "
         "Muon rows); the targets and ratios of what is not timed are left out",
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        metavar="TEXT[,TEXT...]",
+        help="leave out the optimizers whose name contains one of the TEXTs (case-insensitive), "
+        "e.g. 'Muon' on a CPU without fast bfloat16 matmuls, where torch's Muon takes seconds "
+        "per matrix",
     )
     parser.add_argument(
         "--profile",
@@ -341,11 +431,13 @@ def main() -> None:
         ),
     }
     if args.only:
-        selected = {n for n in makers if args.only.lower() in n.lower()}
+        selected = {n for n in makers if matches(n, args.only)}
         kept = set(REFERENCES["SGD-momentum"]).union(
             *(REFERENCES[TARGETS[n][0]] for n in selected if n in TARGETS)
         )
         makers = {n: m for n, m in makers.items() if n in selected | kept}
+    if args.skip:
+        makers = {n: m for n, m in makers.items() if not matches(n, args.skip)}
     if args.profile:
         makers = {n: m for n, m in makers.items() if "ManifoldParameter" not in n}
         profile(makers, clone, args)
@@ -374,6 +466,9 @@ def main() -> None:
     peak = {name: peak_extra_bytes(opt, args.device) for name, opt in optimizers.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     state_bytes = {name: optimizer_state_bytes(optimizer) for name, optimizer in optimizers.items()}
+    work_bytes = {name: work_buffer_bytes(optimizer) for name, optimizer in optimizers.items()}
+    del optimizers  # the floor's pieces run on a machine with the optimizers' memory returned
+    parts = floor_parts(model, args.rounds, args.device) if set(PASSES) & set(makers) else {}
     references = {
         reference: min(timed, key=median.get)
         for reference, names in REFERENCES.items()
@@ -390,10 +485,9 @@ def main() -> None:
             "vs_sgd_momentum": m / base,
             "vs_adamw": m / adamw,
             "state_mib": state_bytes[name] / 2**20,
+            "work_mib": work_bytes[name] / 2**20,
             "peak_extra_mib": peak[name] / 2**20,
-            "metric_refreshes": refreshes[name]
-            if isinstance(optimizers[name], QuotientSGD)
-            else None,
+            "metric_refreshes": refreshes[name] if "QuotientSGD" in name else None,
         }
         for name, m in median.items()
     ]
@@ -411,6 +505,26 @@ def main() -> None:
                 "met": ratio <= factor,
             }
         )
+    floors = []
+    if parts:
+        one_pass = min(parts["product"], parts["gram"])
+        for name, passes in PASSES.items():
+            if name not in median:
+                continue
+            reference, target = TARGETS.get(name, ("SGD-momentum", None))
+            ref_time = median[references[reference]]
+            floor = ref_time + parts["check"] + passes * one_pass
+            floors.append(
+                {
+                    "optimizer": name,
+                    "reference": references[reference],
+                    "passes": passes,
+                    "floor_ms": 1e3 * floor,
+                    "floor_ratio": floor / ref_time,
+                    "measured_ratio": median[name] / ref_time,
+                    "target": target,
+                }
+            )
     environment = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
@@ -435,13 +549,13 @@ def main() -> None:
         f"{environment['load_average']}. Command: `{command.strip()}`",
         "",
         "| optimizer | step, interleaved (ms) | step, alone (ms) | / SGD-momentum | / AdamW "
-        "| state (MiB) | peak extra per step (MiB) | metric refreshes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| state (MiB) | work buffers (MiB) | peak extra per step (MiB) | metric refreshes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['alone_median_ms']:.1f} "
         f"| {r['vs_sgd_momentum']:.2f} | {r['vs_adamw']:.2f} | {r['state_mib']:.0f} "
-        f"| {r['peak_extra_mib']:.0f} "
+        f"| {r['work_mib']:.0f} | {r['peak_extra_mib']:.0f} "
         f"| {'' if r['metric_refreshes'] is None else r['metric_refreshes']} |"
         for r in rows
     ]
@@ -451,6 +565,25 @@ def main() -> None:
         f"| {'met' if c['met'] else 'MISSED'} |"
         for c in checks
     ]
+    if floors:
+        lines += [
+            "",
+            f"Floor: what any step of the algorithm must pay on this device, measured in the same "
+            f"run: the reference's fused step, the non-finite check of every gradient "
+            f"({1e3 * parts['check']:.1f} ms) and its full-size passes over the heads at "
+            f"{1e3 * one_pass:.1f} ms each (one batched (rows x k) @ (k x k) product: "
+            f"{1e3 * parts['product']:.1f} ms; one batched Gram pass: {1e3 * parts['gram']:.1f} "
+            f"ms; the faster of the two), with no k x k work and no elementwise pass of its own.",
+            "",
+            "| optimizer | full-size passes | floor (ms) | floor / reference | measured / reference "
+            "| target |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {f['optimizer']} | {f['passes']} | {f['floor_ms']:.0f} | {f['floor_ratio']:.2f}x "
+            f"| {f['measured_ratio']:.2f}x | {target_text(f['target'])} |"
+            for f in floors
+        ]
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)
@@ -465,6 +598,8 @@ def main() -> None:
                 "references": references,
                 "results": rows,
                 "targets": checks,
+                "floor_parts_ms": {name: 1e3 * t for name, t in parts.items()},
+                "floors": floors,
             },
             indent=2,
         )

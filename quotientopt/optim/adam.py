@@ -63,6 +63,10 @@ gradient, its Gram, the step fused with the decay in one ``baddbmm``, :math:`W`,
 :math:`W^\top X`, the transport of :math:`M`), no QR and no triangular solve over the rows. The
 ``k x k`` work (the matrix roots by ``eigh``, the Cholesky factorizations, the transports) runs as
 one batched call per group of tensors with equal ``k``, dtype and device, over all their heads.
+The full-size temporaries (the unmagnified gradient, then :math:`W` and the transported first
+moment; the new first moment; the new point) live in three work buffers per head tensor that are
+allocated once (:func:`~quotientopt.optim._base.work_buffers`), and the stored first moment is
+updated in place, as torch's Adam keeps its moment tensors.
 """
 
 from __future__ import annotations

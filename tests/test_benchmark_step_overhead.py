@@ -14,12 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_overhead.py"
 TOY = ["--layers", "1", "--heads", "2", "--width", "32", "--head-dim", "8", "--vocab", "64"]
+OPTIONS = ["--rounds", "2", "--warmup", "1", "--skip", "Muon"]
 
 
 def test_toy_run_reports_rows_targets_floors_and_work_buffers(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *TOY, "--rounds", "2", "--warmup", "1"]
-        + ["--skip", "Muon", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), *TOY, *OPTIONS, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

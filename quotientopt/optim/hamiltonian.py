@@ -473,7 +473,7 @@ class QuotientHamiltonian(QuotientOptimizer):
                     (*heads, z.shape[-1], z.shape[-1]), dtype=dtype, device=z.device
                 )
             else:
-                kinetic, charge = self._diagnostics(geometry, zc, m, cache)
+                kinetic, charge = self._diagnostics(geometry, zc, m, cache, work=new)
         else:
             kinetic = charge = None
         if old is not None:
@@ -533,17 +533,20 @@ class QuotientHamiltonian(QuotientOptimizer):
         return geometry.cross(full, full)[which]
 
     @staticmethod
-    def _diagnostics(geometry: HeadGeometry, z, m, cache):
+    def _diagnostics(geometry: HeadGeometry, z, m, cache, work=None):
         r""":math:`T = \tfrac12 \langle p, p\,G^{-1}\rangle` per head and the group's momentum
-        map :math:`J` of :math:`p` (``geometry.momentum_map`` of its velocity)."""
+        map :math:`J` of :math:`p` (``geometry.momentum_map`` of its velocity). ``work``: a
+        tensor shaped like ``z`` that may receive the velocity (the step's new-point buffer,
+        free until the flows write it)."""
         q, chol_q, q_inv, ok_q = cache[0]
         pg, chol_p, p_inv, ok_p = cache[1]
         grams = Grams(pg, q, chol_p, chol_q, ok_p & ok_q, p_inv, q_inv)
-        velocity = geometry.egrad2rgrad(z, m, grams=grams)
+        velocity = geometry.egrad2rgrad(z, m, grams=grams, out=work)
         if geometry.is_row_sharded:
             kinetic = 0.5 * geometry.inner(z, velocity, grams=grams)
-        else:
-            kinetic = 0.5 * torch.linalg.vecdot(m.flatten(-2), velocity.flatten(-2))
+        else:  # one dot product per head as a batched (1 x N) @ (N x 1): no full-size temporary
+            dot = m.flatten(-2).unsqueeze(-2) @ velocity.flatten(-2).unsqueeze(-1)
+            kinetic = 0.5 * dot[..., 0, 0]
         return kinetic, geometry.momentum_map(z, velocity, grams=grams)
 
     # --------------------------------------------------------------------------- plain tensors

@@ -177,6 +177,8 @@ def work_buffer_bytes(optimizer: torch.optim.Optimizer) -> int:
             total += sum(
                 t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor)
             )
+    scratches = getattr(optimizer, "_scratches", {})  # QuotientHamiltonian's kinetic-energy chunks
+    total += sum(t.numel() * t.element_size() for t in scratches.values())
     return total
 
 

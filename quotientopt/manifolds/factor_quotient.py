@@ -388,6 +388,11 @@ class FactorQuotient(MatrixManifold):
     def cross(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`(A^\top u_A,\; B^\top u_B)` (``k x k`` each) in float32 or better (one batched
         matmul if ``n == m``), summed over the row shards when ``row_reduce`` is set."""
+        c = self._stacked_cross(z, u)
+        return c[..., 0, :, :], c[..., 1, :, :]
+
+    def _stacked_cross(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`cross` as one stacked ``(..., 2, k, k)`` tensor."""
         dtype = compute_dtype(z.dtype)
         if self.n == self.m:
             self._assert_check_shape(z.shape, "z")
@@ -398,7 +403,7 @@ class FactorQuotient(MatrixManifold):
             c = torch.stack((a.to(dtype).mT @ ua.to(dtype), b.to(dtype).mT @ ub.to(dtype)), dim=-3)
         if self.row_reduce is not None:  # rows sharded across processes: sum the partial products
             c = self.row_reduce(c.contiguous())
-        return c[..., 0, :, :], c[..., 1, :, :]
+        return c
 
     def grams(
         self,
@@ -428,7 +433,7 @@ class FactorQuotient(MatrixManifold):
         onto the full-rank set, where the exact geometry takes over.
         """
         # both Grams of every head as one stack [Q, P] (..., 2, k, k): one call per k x k step
-        grams = damp(torch.stack(self.cross(z, z), dim=-3), self.damping)
+        grams = damp(self._stacked_cross(z, z), self.damping)
         previous = None if reference is None else torch.stack((reference.q, reference.p), dim=-3)
         chol, ok_both = spd_cholesky_flagged(grams, previous)
         if self.check if check is None else check:

@@ -255,23 +255,31 @@ class WriteLog:
 
 
 def work_buffers(
-    log: WriteLog, p: torch.Tensor, count: int, dtype: torch.dtype | None = None
+    log: WriteLog,
+    p: torch.Tensor,
+    count: int,
+    dtype: torch.dtype | None = None,
+    *,
+    key: str = "work",
+    shape: torch.Size | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """``count`` tensors shaped like ``p`` (of ``dtype``, default ``p``'s), kept in ``log`` and
-    reused on every step for a step's full-size temporaries (candidate points, gradients, momenta):
-    on a CPU a fresh allocation of this size is paged in on first touch, which cost about as much
-    as the arithmetic on it. Not part of ``state_dict``."""
+    """``count`` tensors of ``shape`` (default ``p``'s) and ``dtype`` (default ``p``'s) on ``p``'s
+    device, kept in ``log`` under ``key`` and reused on every step for a step's full-size
+    temporaries (candidate points, gradients, momenta, velocities): on a CPU a fresh allocation
+    of this size is paged in on first touch, which cost about as much as the arithmetic on it.
+    Not part of ``state_dict``."""
     dtype = p.dtype if dtype is None else dtype
-    buffers = log.get(p, "work")
+    shape = p.shape if shape is None else shape
+    buffers = log.get(p, key)
     if (
         buffers is None
         or len(buffers) < count
-        or buffers[0].shape != p.shape
+        or buffers[0].shape != shape
         or buffers[0].dtype != dtype
         or buffers[0].device != p.device
     ):
-        buffers = tuple(torch.empty(p.shape, dtype=dtype, device=p.device) for _ in range(count))
-        log.put(p, "work", buffers)
+        buffers = tuple(torch.empty(shape, dtype=dtype, device=p.device) for _ in range(count))
+        log.put(p, key, buffers)
     return buffers
 
 

@@ -419,21 +419,24 @@ class QuotientHamiltonian(QuotientOptimizer):
             out[w] = (g, torch.where(mask, chol, reg_chol), torch.where(mask, inv, x.mT @ x), flag)
         return out, usable
 
+    @property
+    def _work(self) -> WriteLog:
+        """The reused work buffers, per parameter (created on first use, also after unpickling,
+        which keeps only the state)."""
+        if "_work_log" not in self.__dict__:
+            self._work_log = WriteLog()
+        return self._work_log
+
     def _work_buffers(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Two reused tensors shaped like ``p`` in ``dtype`` (the new point and the spare
         momentum; :func:`~quotientopt.optim._base.work_buffers`)."""
-        if "_work" not in self.__dict__:  # also after unpickling, which keeps only the state
-            self._work = WriteLog()
         return work_buffers(self._work, p, 2, dtype)
 
     def _velocity_buffer(self, p: torch.Tensor, which: int, like: torch.Tensor) -> torch.Tensor:
         """A reused contiguous tensor shaped like factor ``which``'s momentum ``like``."""
-        key = f"velocity{which}"
-        buffer = self._work.get(p, key)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-            self._work.put(p, key, buffer)
-        return buffer
+        return work_buffers(self._work, p, 1, like.dtype, key=f"velocity{which}", shape=like.shape)[
+            0
+        ]
 
     def _splitting_step(self, p, grad, h, damping, diagnostics):
         r"""One step of the splitting integrator (module docstring), batched over the heads:

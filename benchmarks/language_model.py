@@ -11,7 +11,8 @@ Options: ``--optimizers`` (a subset of :data:`METHODS`), ``--seeds N`` (final ru
 NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batch sizes,
 ``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``); for the Muon family
 ``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-per-head``,
-``quotient-muon``; defaults 1, 1, 0.2), ``--option KEY=VALUE`` (QuotientMuon options of
+``quotient-muon``; defaults 1, 1, 0.2), ``--ratio-grid NAME=R,R,...`` (tune that ratio jointly
+with the lr: every (lr, ratio) pair runs on seed 0), ``--option KEY=VALUE`` (QuotientMuon options of
 ``quotient-muon``, e.g. ``step=tangent``, ``polar=eigh``) and ``--first-seed`` (ablations on the
 tuning seed 0).
 
@@ -67,7 +68,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +314,8 @@ METHODS = {
         Method(
             "muon",
             "torch.optim.Muon (momentum 0.95, Nesterov, weight decay 0.1, adjust_lr_fn="
-            f"match_rms_adamw) on the blocks' 2-D matrices, {ADAMW_TEXT} on the rest, both at lr",
+            f"match_rms_adamw) on the blocks' 2-D matrices (attention at the table's ratio x lr, "
+            f"default 1), {ADAMW_TEXT} on the rest at lr",
             False,
             False,
             1.6e-2,
@@ -323,8 +325,8 @@ METHODS = {
         Method(
             "muon-per-head",
             "torch.optim.Muon's step on each head's factors separately (the quotient layout, no "
-            "whitening by the partner factor) and on the blocks' other 2-D matrices, "
-            f"{ADAMW_TEXT} on the rest, both at lr",
+            "whitening by the partner factor; at the table's ratio x lr, default 1) and on the "
+            f"blocks' other 2-D matrices, {ADAMW_TEXT} on the rest at lr",
             True,
             False,
             1.6e-2,
@@ -334,7 +336,7 @@ METHODS = {
         Method(
             "quotient-muon",
             "QuotientMuon (momentum 0.95, Nesterov, weight decay 0.1, rms head scale, "
-            "Newton-Schulz polar) on the heads at 0.2 lr, torch Muon's step on the blocks' other "
+            "Newton-Schulz polar) on the heads at the table's ratio x lr (default 0.2), torch Muon's step on the blocks' other "
             f"2-D matrices and {ADAMW_TEXT} on the rest at lr (quotientopt.optim.muon_and_adamw)",
             True,
             False,
@@ -449,6 +451,7 @@ class Job:
     seed: int
     steps: int
     curve: bool  # evaluate every setup.eval_every steps (else only at the end)
+    ratio: float | None = None  # attention/head lr over MLP lr (None: the setup's)
 
 
 _DATA: dict[str, torch.Tensor] = {}
@@ -473,6 +476,8 @@ def run_job(job: Job, setup: Setup, train: torch.Tensor, val: torch.Tensor) -> d
         quotient=method.quotient,
         symmetry_breaking=method.symmetry_breaking,
     )
+    if job.ratio is not None:
+        setup = replace(setup, ratios=(*setup.ratios, (job.method, job.ratio)))
     torch.manual_seed(job.seed)
     model = GPT(config)
     optimizer = method.build(model, job.lr, setup)
@@ -539,7 +544,8 @@ def run_all(
         job = jobs[i]
         print(
             f"  [{label} {done}/{len(jobs)}, {time.perf_counter() - start:6.0f} s] {job.method} "
-            f"lr={job.lr:g} seed={job.seed}: val loss {result['val_loss']:.4f}, "
+            f"lr={job.lr:g}{'' if job.ratio is None else f' ratio={job.ratio:g}'} "
+            f"seed={job.seed}: val loss {result['val_loss']:.4f}, "
             f"{result['step_ms_median']:.1f} ms/step",
             flush=True,
         )
@@ -584,8 +590,16 @@ def summarize(
         runs = [r for r in finals if r["method"] == name]
         losses = [r["val_loss"] for r in runs]
         mean, std = _mean_std(losses)
-        grid = {r["lr"]: r["val_loss"] for r in tuning if r["method"] == name}
+        grid = {
+            r["lr"]: r["val_loss"] for r in tuning if r["method"] == name and r["ratio"] is None
+        }
         lrs = sorted(grid)
+        ratio_grid = sorted(
+            [r["lr"], r["ratio"], r["val_loss"]]
+            for r in tuning
+            if r["method"] == name and r["ratio"] is not None
+        )
+        ratio = runs[0]["ratio"] if runs[0]["ratio"] is not None else setup.ratio(name)
         steps = [s for s, _ in runs[0]["curve"]]
         curve_mean, curve_std = [], []
         for k in range(len(steps)):
@@ -599,7 +613,9 @@ def summarize(
                 "description": describe(name, setup),
                 "best_lr": best[name],
                 "grid": [[lr, grid[lr]] for lr in lrs],
-                "best_at_grid_edge": len(lrs) > 1 and best[name] in (lrs[0], lrs[-1]),
+                "best_at_grid_edge": _at_edge(best[name], ratio, lrs, ratio_grid),
+                "ratio": ratio if name in DEFAULT_RATIOS else None,
+                "ratio_grid": ratio_grid,
                 "seeds": [r["seed"] for r in runs],
                 "val_losses": losses,
                 "val_loss_mean": mean,
@@ -614,6 +630,17 @@ def summarize(
             }
         )
     return rows
+
+
+def _at_edge(lr: float, ratio: float, lrs: list[float], ratio_grid: list[list[float]]) -> bool:
+    """Whether the chosen lr (or, on a 2-D grid, the chosen ratio) is the first or last tried."""
+    if ratio_grid:
+        lrs = sorted({point[0] for point in ratio_grid})
+        ratios = sorted({point[1] for point in ratio_grid})
+        return (len(lrs) > 1 and lr in (lrs[0], lrs[-1])) or (
+            len(ratios) > 1 and ratio in (ratios[0], ratios[-1])
+        )
+    return len(lrs) > 1 and lr in (lrs[0], lrs[-1])
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -683,8 +710,9 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], preset: str | Non
         rule += "---:|"
     lines += [head, rule]
     for row in sorted(rows, key=lambda r: r["val_loss_mean"]):
+        ratio = "" if row["ratio"] is None else f" (attention {row['ratio']:g} x lr)"
         line = (
-            f"| {row['optimizer']} | {row['best_lr']:g} | {row['val_loss_mean']:.4f} ± "
+            f"| {row['optimizer']} | {row['best_lr']:g}{ratio} | {row['val_loss_mean']:.4f} ± "
             f"{row['val_loss_std']:.4f} ({len(row['seeds'])}) | {row['step_ms_median']:.1f} | "
             f"{row['optimizer_state_bytes'] / 2**20:.3f} |"
         )
@@ -692,12 +720,21 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], preset: str | Non
             line += f" {NANOGPT_REFERENCE:.2f} |" if row["optimizer"] == "adamw" else " |"
         lines.append(line)
     if tuned:
-        lines += ["", "Learning-rate grids (seed 0, validation loss; * = chosen):", ""]
+        lines += [
+            "",
+            "Learning-rate grids (seed 0, validation loss; * = chosen; `lr x r`: lr with the "
+            "attention/heads at r x lr):",
+            "",
+        ]
         lines += ["| optimizer | grid |", "|---|---|"]
         for row in rows:
             cells = ", ".join(
                 f"{lr:g}: {loss:.4f}{'*' if lr == row['best_lr'] else ''}"
                 for lr, loss in row["grid"]
+            ) or ", ".join(
+                f"{lr:g} x {ratio:g}: {loss:.4f}"
+                f"{'*' if (lr, ratio) == (row['best_lr'], row['ratio']) else ''}"
+                for lr, ratio, loss in row["ratio_grid"]
             )
             edge = " (best at the grid's edge: the optimum may lie outside)"
             lines.append(
@@ -815,6 +852,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="attention/head lr over MLP lr for muon, muon-per-head, quotient-muon",
     )
     add(
+        "--ratio-grid",
+        nargs="+",
+        metavar="NAME=R,R,...",
+        default=[],
+        help="tune the attention/head lr ratio of muon, muon-per-head, quotient-muon jointly with "
+        "the lr (every pair runs on seed 0)",
+    )
+    add(
         "--option",
         nargs="+",
         metavar="KEY=VALUE",
@@ -869,6 +914,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         except ValueError:
             parser.error(f"--ratio {item!r}: expected NAME=NUMBER")
     args.ratios = tuple(ratios)
+    ratio_grids = {}
+    for item in args.ratio_grid:
+        name, _, values = item.partition("=")
+        if name not in DEFAULT_RATIOS:
+            parser.error(f"--ratio-grid names {name!r}; choose from {', '.join(DEFAULT_RATIOS)}")
+        try:
+            ratio_grids[name] = tuple(sorted(float(v) for v in values.split(",")))
+        except ValueError:
+            parser.error(f"--ratio-grid {item!r}: expected NAME=NUMBER,NUMBER,...")
+        if min(ratio_grids[name]) <= 0:
+            parser.error(f"--ratio-grid {item!r}: ratios must be positive")
+    args.ratio_grids = ratio_grids
     args.options = tuple(tuple(item.split("=", 1)) for item in args.option)
     if any(len(o) != 2 for o in args.options):
         parser.error("--option expects KEY=VALUE")
@@ -933,8 +990,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for n in names
         if args.grid_steps > 0 and n not in args.pinned
     }
+    ratio_grids = {n: args.ratio_grids.get(n, (None,)) for n in tune}
     print(
-        f"{len(names)} optimizers on {source}: {sum(map(len, tune.values()))} tuning runs of "
+        f"{len(names)} optimizers on {source}: "
+        f"{sum(len(g) * len(ratio_grids[n]) for n, g in tune.items())} tuning runs of "
         f"{args.grid_steps} steps, then {len(names) * len(seeds)} runs of {args.steps} steps; "
         f"{args.workers} workers",
         flush=True,
@@ -951,17 +1010,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
     try:
         jobs = [
-            Job(n, lr, 0, args.grid_steps, curve=False) for n, grid in tune.items() for lr in grid
+            Job(n, lr, 0, args.grid_steps, curve=False, ratio=ratio)
+            for n, grid in tune.items()
+            for lr in grid
+            for ratio in ratio_grids[n]
         ]
         tuning = run_all(jobs, setup, pool, train, val, "tune") if jobs else []
-        best = {}
+        best, best_ratio = {}, {}
         for n in names:
             if n in tune:
                 runs = [r for r in tuning if r["method"] == n]
-                best[n] = min(runs, key=lambda r: (r["val_loss"], r["lr"]))["lr"]
+                chosen = min(runs, key=lambda r: (r["val_loss"], r["lr"], r["ratio"] or 0.0))
+                best[n], best_ratio[n] = chosen["lr"], chosen["ratio"]
             else:
                 best[n] = args.pinned.get(n, METHODS[n].lr)
-        jobs = [Job(n, best[n], seed, args.steps, curve=True) for n in names for seed in seeds]
+        jobs = [
+            Job(n, best[n], seed, args.steps, curve=True, ratio=best_ratio.get(n))
+            for n in names
+            for seed in seeds
+        ]
         finals = run_all(jobs, setup, pool, train, val, "final")
     finally:
         if pool is not None:

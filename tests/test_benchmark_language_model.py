@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,26 @@ def test_a_run_depends_only_on_its_seed(language_model):
     second = language_model.run_job(job, setup, train, val)
     assert first["val_loss"] == second["val_loss"]
     assert first["train_loss_last10"] == second["train_loss_last10"]
+
+
+def test_ratio_grid_tunes_lr_and_ratio_jointly(language_model, tmp_path):
+    """--ratio-grid runs every (lr, ratio) pair on seed 0, and the finals use the chosen pair."""
+    argv = ["--optimizers", "muon", "--seeds", "1", "--steps", "6", "--grid-steps", "6"]
+    argv += ["--grid", "muon=0.01,0.02", "--ratio-grid", "muon=0.5,2", "--workers", "1"]
+    argv += ["--out", str(tmp_path), *TINY]
+    data = language_model.main(argv)
+    (row,) = data["rows"]
+    pairs = [(lr, ratio) for lr, ratio, _ in row["ratio_grid"]]
+    assert sorted(pairs) == [(0.01, 0.5), (0.01, 2.0), (0.02, 0.5), (0.02, 2.0)]
+    chosen = min(row["ratio_grid"], key=lambda point: point[2])
+    assert (row["best_lr"], row["ratio"]) == (chosen[0], chosen[1])
+    assert all(run["ratio"] == row["ratio"] for run in data["final_runs"])
+    # the ratio reaches the optimizer: the attention group runs at ratio x lr
+    setup = language_model.Setup(n_layer=1, n_embd=32, block_size=32, batch_size=8)
+    model = language_model.GPT(
+        language_model.GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=4, n_embd=32)
+    )
+    muon = language_model._build_muon(model, 0.01, replace(setup, ratios=(("muon", 3.0),))).heads
+    assert [group["lr"] for group in muon.param_groups] == [0.01, pytest.approx(0.03)]
+    table = (tmp_path / "language_model.md").read_text()
+    assert f"{row['best_lr']:g} x {row['ratio']:g}: " in table

@@ -26,6 +26,7 @@ from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import (
     HybridOptimizer,
     QuotientAdam,
+    QuotientECD,
     QuotientHamiltonian,
     QuotientMuon,
     QuotientSGD,
@@ -362,6 +363,9 @@ def _nonfinite_worker(rank: int, init_file: str, out: str) -> None:
     model = _sharded_model("gpt", "heads")
     with pytest.raises(ValueError, match="Newton-Schulz needs the whole matrix"):
         QuotientMuon([model.h[0].mlp.c_fc.weight])  # a plain matrix, sharded
+    for build in (QuotientECD, lambda ps: QuotientHamiltonian(ps, mode="ecd")):
+        with pytest.raises(ValueError, match="cannot step FSDP2-sharded"):
+            build(list(model.parameters()))  # ECD needs the whole group's loss and norms
     optimizer = make_optimizer("sgd", model)
     data = batches(2)
     train(model, optimizer, data[:1], _my_rows(rank))
@@ -387,7 +391,8 @@ def test_a_nan_in_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
     """A non-finite gradient in one rank's shard skips the step on every rank (the flag is
     all-reduced), as it would for the whole tensor; and a sector sharded along its k columns is
     refused by fully_shard with a ValueError that says why, and so is a sharded plain matrix by
-    QuotientMuon (torch Muon's Newton-Schulz needs whole matrices; asserted in the workers)."""
+    QuotientMuon (torch Muon's Newton-Schulz needs whole matrices), and sharded parameters by
+    QuotientECD (its speed needs the whole group's loss and norms; asserted in the workers)."""
     out = tmp_path / "ok"
     _spawn(_nonfinite_worker, tmp_path, str(out))
     assert out.read_text() == "ok"

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from quotientopt.distributed import is_dtensor
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,
@@ -50,6 +51,19 @@ from quotientopt.optim._base import (
 )
 
 __all__ = ["QuotientECD", "ecd_group"]
+
+
+def refuse_sharded(p: torch.Tensor, who: str) -> None:
+    """Raise a ``ValueError`` for a DTensor (FSDP2-sharded) parameter: ECD's unit speed and
+    turning rate need the loss and the inner products of the whole group, and a rank sees only
+    its own shards and its own part of the batch."""
+    if is_dtensor(p):
+        raise ValueError(
+            f"{who} cannot step FSDP2-sharded (DTensor) parameters: its unit speed and turning "
+            "rate need the loss and the inner products over the whole group, and each rank sees "
+            "only its own shards and batch. Use QuotientSGD, QuotientAdam, QuotientMuon or "
+            "QuotientHamiltonian under FSDP2, or QuotientECD under DDP (whole parameters)."
+        )
 
 
 def ecd_group(group: dict, loss: torch.Tensor, nonfinite: dict, state: dict) -> list:
@@ -176,6 +190,7 @@ class QuotientECD(QuotientOptimizer):
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
+        refuse_sharded(p, "QuotientECD")
         if geometry_of(p) is None and manifold_of(p) is not None:
             raise ValueError(
                 f"QuotientECD supports head geometries and plain parameters, not {p.manifold!r}; "

@@ -101,7 +101,7 @@ from quotientopt.optim._base import (
     where_heads,
     work_buffers,
 )
-from quotientopt.optim.ecd import ecd_group, write_ecd
+from quotientopt.optim.ecd import ecd_group, refuse_sharded, write_ecd
 
 
 def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
@@ -296,6 +296,12 @@ class QuotientHamiltonian(QuotientOptimizer):
             ),
             on_nonfinite=on_nonfinite,
         )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self.param_groups[-1]["mode"] == "ecd":
+            for p in self.param_groups[-1]["params"]:
+                refuse_sharded(p, "QuotientHamiltonian(mode='ecd')")
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:

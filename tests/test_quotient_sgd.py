@@ -684,3 +684,30 @@ def test_a_withheld_head_update_restarts_the_refresh_interval():
     assert float(QuotientSGD._metric_drift(old, new, ~everyone)) == math.inf
     old_sick = old._replace(ok=one_failed)  # head 1 was unhealthy before this interval
     assert math.isfinite(float(QuotientSGD._metric_drift(old_sick, new, one_failed)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nuclear_decay_shrinks_every_singular_value_by_the_same_amount(seed):
+    """The nuclear-norm decay is a subgradient step on the product: to first order in the lr it
+    changes W = A B^T by -2 lr lambda U V^T (W = U S V^T), whatever the representative, so
+    each step lowers every singular value by 2 lr lambda (the product decay scales them by
+    (1 - lr lambda)^2 instead). Hence the documented limit: 2 lr lambda must stay below the
+    singular values to keep."""
+    gen = rng(seed)
+    n, m, k, lam, lr = 9, 7, 3, 0.7, 1e-7
+    manifold = FactorQuotient(n, m)
+    z = torch.randn(2, n + m, k, generator=gen, dtype=torch.float64)
+    g = matrix_with_condition((), k, k, 50.0, gen, torch.float64)
+    z[..., :n, :], z[..., n:, :] = z[..., :n, :] @ g, z[..., n:, :] @ torch.linalg.inv(g).mT  # unbalanced
+    point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
+    optimizer = QuotientSGD([point], lr=lr, weight_decay=lam, weight_decay_mode="nuclear")
+    point.grad = torch.zeros_like(z)
+    optimizer.step()
+
+    def product(t):
+        return t[..., :n, :] @ t[..., n:, :].transpose(-1, -2)
+
+    u, s, vh = torch.linalg.svd(product(z), full_matrices=False)
+    expected = -2 * lam * u[..., :k] @ vh[..., :k, :]
+    change = (product(point.detach()) - product(z)) / lr
+    assert relative_error(change, expected) < 1e-5

@@ -271,6 +271,73 @@ def test_the_kinetic_energy_survives_a_resume_in_float64():
     assert float(resumed.kinetic_energy()) == float(optimizer.kinetic_energy())
 
 
+def _head_run(manifold, target, z0, steps):
+    point = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    optimizer = QuotientHamiltonian([point], lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(manifold, point, target).backward()
+        optimizer.step()
+    return point, optimizer
+
+
+def _continue(point, optimizer, manifold, target):
+    optimizer.zero_grad()
+    loss_fn(manifold, point, target).backward()
+    optimizer.step()
+
+
+def test_a_head_resumes_in_the_same_process_bitwise():
+    """Loading a state dict into the optimizer that wrote it (same parameter, cached Grams
+    still current) steps on exactly as without the load; the cache's flags stay boolean."""
+    manifold, target, z0, _ = smooth_problem(5)
+    reference, _ = _head_run(manifold, target, z0, 5)
+    point, optimizer = _head_run(manifold, target, z0, 2)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert all(flags[3].dtype == torch.bool for flags in optimizer.state[point]["grams"].values())
+    for _ in range(3):
+        _continue(point, optimizer, manifold, target)
+    assert torch.equal(point.detach(), reference.detach())
+
+
+def test_a_loaded_momentum_is_not_shared_with_the_source_optimizer():
+    """torch's loader keeps a state tensor of matching dtype and device as it is; the splitting
+    step recycles its old momentum as a work buffer, so a shared tensor would let one optimizer
+    write into the other's state. A branch at another lr must leave the first run as it was."""
+    manifold, target, z0, _ = smooth_problem(6)
+    reference, _ = _head_run(manifold, target, z0, 5)
+    first, first_optimizer = _head_run(manifold, target, z0, 2)
+    branch = geoopt.ManifoldParameter(first.detach().clone(), manifold=manifold)
+    branch_optimizer = QuotientHamiltonian([branch], lr=0.01)
+    branch_optimizer.load_state_dict(first_optimizer.state_dict())  # no copy on the way
+    branch_optimizer.param_groups[0]["lr"] = 0.03
+    for _ in range(3):
+        _continue(first, first_optimizer, manifold, target)
+        _continue(branch, branch_optimizer, manifold, target)
+    assert torch.equal(first.detach(), reference.detach())
+    assert not torch.equal(branch.detach(), reference.detach())
+
+
+def test_the_kinetic_energy_of_a_bfloat16_tensor_is_summed_before_rounding():
+    """The plain tensors' kinetic energy (chunked through a scratch) agrees with float64 to
+    float32 accuracy for bfloat16 parameters: the scratch is float32, so the sum
+    g + (2 sigma / h) b is not rounded to bfloat16 first."""
+    gen = rng(24)
+    weight = torch.nn.Parameter(torch.randn(2500, generator=gen).bfloat16())
+    optimizer = QuotientHamiltonian([weight], lr=0.1, friction=0.5, diagnostics=True)
+    optimizer.kinetic_chunk = 256  # several chunks, the last one partial
+    for _ in range(3):
+        weight.grad = torch.randn(2500, generator=gen).bfloat16()
+        state = optimizer.state[weight]
+        if "momentum_buffer" in state:
+            g, b = weight.grad.double(), state["momentum_buffer"].double()
+            damping = math.exp(-0.5 * 0.1)
+            pn = damping * 0.05 * (g + (2 * state["momentum_scale"] / 0.1) * b)
+            expected = 0.5 * pn.square().sum()
+        optimizer.step()
+    assert abs(float(optimizer.state[weight]["kinetic"]) / float(expected) - 1) < 1e-6
+
+
 @pytest.mark.parametrize("k", [1, 3, 5, 8, 64])
 def test_tril_inverse_and_spd_inverse(k):
     gen = rng(30 + k)

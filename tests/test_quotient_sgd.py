@@ -698,7 +698,10 @@ def test_nuclear_decay_shrinks_every_singular_value_by_the_same_amount(seed):
     manifold = FactorQuotient(n, m)
     z = torch.randn(2, n + m, k, generator=gen, dtype=torch.float64)
     g = matrix_with_condition((), k, k, 50.0, gen, torch.float64)
-    z[..., :n, :], z[..., n:, :] = z[..., :n, :] @ g, z[..., n:, :] @ torch.linalg.inv(g).mT  # unbalanced
+    z[..., :n, :], z[..., n:, :] = (
+        z[..., :n, :] @ g,
+        z[..., n:, :] @ torch.linalg.inv(g).mT,
+    )  # unbalanced
     point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
     optimizer = QuotientSGD([point], lr=lr, weight_decay=lam, weight_decay_mode="nuclear")
     point.grad = torch.zeros_like(z)
@@ -707,7 +710,7 @@ def test_nuclear_decay_shrinks_every_singular_value_by_the_same_amount(seed):
     def product(t):
         return t[..., :n, :] @ t[..., n:, :].transpose(-1, -2)
 
-    u, s, vh = torch.linalg.svd(product(z), full_matrices=False)
+    u, _, vh = torch.linalg.svd(product(z), full_matrices=False)
     expected = -2 * lam * u[..., :k] @ vh[..., :k, :]
     change = (product(point.detach()) - product(z)) / lr
     assert relative_error(change, expected) < 1e-5

@@ -307,6 +307,9 @@ def _restore(saved: Any, dtype: torch.dtype, device: torch.device) -> Any:
         return saved.to(device=device, dtype=target, copy=True)
     if isinstance(saved, dict):
         return {key: _restore(item, dtype, device) for key, item in saved.items()}
+    if isinstance(saved, (tuple, list)):
+        items = [_restore(item, dtype, device) for item in saved]
+        return type(saved)(*items) if hasattr(saved, "_fields") else type(saved)(items)
     return saved
 
 

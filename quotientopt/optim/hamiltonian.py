@@ -242,7 +242,7 @@ class QuotientHamiltonian(QuotientOptimizer):
     """
 
     # restored in float32 or better by load_state_dict (KeepStateDtypes)
-    full_precision_state = ("kinetic", "momentum_map")
+    full_precision_state = ("kinetic", "momentum_map", "grams")
 
     def _full_precision_keys(self, p: torch.Tensor) -> tuple[str, ...]:
         return self.full_precision_state  # the kinetic energy is float64 for plain tensors too
@@ -296,6 +296,15 @@ class QuotientHamiltonian(QuotientOptimizer):
             ),
             on_nonfinite=on_nonfinite,
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the stored momenta of head parameters are always this optimizer's own
+        copies: the splitting step recycles the old momentum's memory as its next work buffer,
+        and torch's loader keeps the caller's tensor when dtype and device already match."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if isinstance(state.get("momentum"), torch.Tensor):
+                state["momentum"] = state["momentum"].clone()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -469,6 +478,8 @@ class QuotientHamiltonian(QuotientOptimizer):
         # stored one; see commit); a fresh 100 MB allocation per step is paged in at a cost
         # comparable to the arithmetic on a CPU
         new, spare = self._work_buffers(p, dtype)
+        if old is not None and spare.data_ptr() == old.data_ptr():  # never kick over the old one
+            spare = torch.empty_like(spare)
         if old is None:
             m = torch.mul(g, -0.5 * h, out=spare)
         else:
@@ -636,7 +647,10 @@ class QuotientHamiltonian(QuotientOptimizer):
             strict=True,
         )
         for g, b in chunks:
-            part = torch.add(g, b, alpha=2.0 * sigma / h, out=scratch[: g.numel()])
+            if g.dtype == scratch.dtype:
+                part = torch.add(g, b, alpha=2.0 * sigma / h, out=scratch[: g.numel()])
+            else:  # bfloat16/float16: widen first, then add
+                part = scratch[: g.numel()].copy_(g).add_(b, alpha=2.0 * sigma / h)
             if part.dtype in (torch.float32, torch.float64):  # BLAS dot: fast, 3e-6 relative
                 squares += torch.dot(part, part).double()
             else:
@@ -644,11 +658,13 @@ class QuotientHamiltonian(QuotientOptimizer):
         return 0.5 * (damping * 0.5 * h) ** 2 * squares
 
     def _kinetic_scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """The reused 1-D scratch of :meth:`_plain_kinetic` for ``like``'s dtype and device."""
-        key = (like.dtype, like.device)
+        """The reused 1-D scratch of :meth:`_plain_kinetic` for ``like``'s device, in float32 or
+        better (a bfloat16 sum ``g + (2 sigma / h) b`` would round before the float64 square)."""
+        dtype = compute_dtype(like.dtype)
+        key = (dtype, like.device)
         scratches = self.__dict__.setdefault("_scratches", {})
         if key not in scratches:
-            scratches[key] = torch.empty(self.kinetic_chunk, dtype=like.dtype, device=like.device)
+            scratches[key] = torch.empty(self.kinetic_chunk, dtype=dtype, device=like.device)
         return scratches[key]
 
     # ------------------------------------------------------------------- the implicit integrator

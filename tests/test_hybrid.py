@@ -165,3 +165,52 @@ def test_state_reads_each_parameter_from_its_own_optimizer():
     assert len(hybrid.state) == 3 and set(map(id, hybrid.state)) == set(map(id, params))
     with pytest.raises(KeyError):
         hybrid.state[torch.nn.Parameter(torch.zeros(1))]
+
+
+def test_a_deep_copy_steps_like_the_original():
+    manifold, params = model()
+    hybrid = make(params)
+    run(hybrid, manifold, params, 3)
+    twin_params, twin = copy.deepcopy((params, hybrid))
+    assert (
+        twin.state[twin_params[0]]["momentum_buffer"]
+        is not hybrid.state[params[0]]["momentum_buffer"]
+    )
+    run(hybrid, manifold, params, 3, seed=2)
+    run(twin, manifold, twin_params, 3, seed=2)
+    for a, b in zip(params, twin_params, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_heads_that_need_the_loss_get_it_from_the_closure():
+    """QuotientECD on the heads needs the loss value: the hybrid evaluates the closure once and
+    hands the loss on, so the heads move as QuotientECD alone would move them."""
+    from quotientopt.optim import QuotientECD
+
+    manifold, params = model()
+    batch = torch.randn(8, 6, generator=rng(3))
+    hybrid = HybridOptimizer(QuotientECD([params[0]], lr=0.01), torch.optim.SGD(params[1:], lr=0))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        hybrid.zero_grad()
+        loss = loss_of(manifold, params, batch)
+        loss.backward()
+        return loss
+
+    hybrid.step(closure)
+    assert len(calls) == 1
+    _, alone_params = model()
+    alone = QuotientECD([alone_params[0]], lr=0.01)
+
+    def alone_closure():
+        alone.zero_grad()
+        loss = loss_of(manifold, alone_params, batch)
+        loss.backward()
+        return loss
+
+    alone.step(alone_closure)
+    assert torch.equal(params[0].detach(), alone_params[0].detach())
+    with pytest.raises(ValueError, match="needs the loss value"):
+        hybrid.step()

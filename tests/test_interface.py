@@ -292,3 +292,85 @@ def test_quotient_adam_moves_a_head_with_a_zero_column_to_full_rank():
     assert not torch.equal(point.detach()[1], z[1])
     assert bool(manifold.grams(point.detach(), check=False).ok.all())
     assert optimizer.rank_skips() == 0
+
+
+# ------------------------------------------------------------------ state: copies, loads, writes
+def _steps(optimizer, params, loss_fn, n):
+    for _ in range(n):
+        optimizer.zero_grad()
+        loss_fn(params).backward()
+        optimizer.step()
+
+
+def _reference(name: str, steps: int) -> list[torch.Tensor]:
+    params, loss_fn = two_shape_problem()
+    _steps(OPTIMIZERS[name](params), params, loss_fn, steps)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_deep_copied_optimizer_steps_like_the_original(name):
+    """copy.deepcopy (and pickling) keeps the policy and the counters; both copies go on as the
+    uninterrupted run, bitwise."""
+    params, loss_fn = two_shape_problem()
+    optimizer = OPTIMIZERS[name](params)
+    optimizer.on_nonfinite = "warn"
+    _steps(optimizer, params, loss_fn, 2)
+    twin_params, twin = copy.deepcopy((params, optimizer))
+    assert twin.on_nonfinite == "warn" and twin.nonfinite_steps() == 0
+    _steps(optimizer, params, loss_fn, 2)
+    _steps(twin, twin_params, loss_fn, 2)
+    for p, q, r in zip(params, twin_params, _reference(name, 4), strict=True):
+        assert torch.equal(p.detach(), r) and torch.equal(q.detach(), r)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_branch_loaded_from_the_state_dict_leaves_the_source_alone(name):
+    """torch's loader keeps state tensors it need not cast; a second optimizer loaded from the
+    first one's state_dict (no copy) and run at another lr must not write into the first's
+    state: the first run goes on exactly as if alone."""
+    params, loss_fn = two_shape_problem()
+    optimizer = OPTIMIZERS[name](params)
+    _steps(optimizer, params, loss_fn, 2)
+    branch_params = [type(p)(p.detach().clone(), **_manifold_kwargs(p)) for p in params]
+    branch = OPTIMIZERS[name](branch_params)
+    branch.load_state_dict(optimizer.state_dict())
+    for group in branch.param_groups:
+        group["lr"] *= 3
+    for _ in range(2):
+        _steps(optimizer, params, loss_fn, 1)
+        _steps(branch, branch_params, loss_fn, 1)
+    for p, r in zip(params, _reference(name, 4), strict=True):
+        assert torch.equal(p.detach(), r)
+
+
+def _manifold_kwargs(p: torch.Tensor) -> dict:
+    return {"manifold": p.manifold} if isinstance(p, geoopt.ManifoldParameter) else {}
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd-lazy", "adam", "hamiltonian"])
+def test_writes_the_version_counter_misses_are_caught_by_invalidate(name):
+    """Writing a head through ``p.data`` leaves ``p._version`` as it was, so cached Grams or
+    frames would be stale; after ``invalidate()`` the step equals that of a fresh optimizer
+    state on the written point (here: a re-factorization, which leaves the function as it is,
+    followed by reloading the state into a new optimizer)."""
+    params, loss_fn = two_shape_problem(torch.float64)
+    optimizer = OPTIMIZERS[name](params)
+    _steps(optimizer, params, loss_fn, 2)
+    head = params[0]
+    g = torch.eye(4, dtype=torch.float64) + 0.5 * torch.triu(torch.ones(4, 4, dtype=torch.float64))
+    version = head._version
+    head.data.copy_(head.manifold.right_multiply(head.detach(), g, torch.linalg.inv(g).mT))
+    assert head._version == version  # invisible to the version counter
+    expected_params = [type(p)(p.detach().clone(), **_manifold_kwargs(p)) for p in params]
+    fresh = OPTIMIZERS[name](expected_params)
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for state in fresh.state.values():
+        state.pop("grams", None)  # nothing cached from before the write
+        state.pop("frame", None)
+        state.pop("frame_inv", None)
+    optimizer.invalidate()
+    _steps(optimizer, params, loss_fn, 1)
+    _steps(fresh, expected_params, loss_fn, 1)
+    for p, q in zip(params, expected_params, strict=True):
+        assert torch.equal(p.detach(), q.detach())

@@ -245,6 +245,12 @@ class WriteLog:
         return written is not None and written != (p._version, p.data_ptr())
 
     @torch.compiler.disable
+    def forget(self, p: torch.Tensor) -> None:
+        """Treat ``p`` as written elsewhere (:meth:`modified_elsewhere` is True until the next
+        :meth:`record`): for writes that leave no trace in ``p._version``, such as ``p.data``."""
+        self._written[p] = (-1, -1)
+
+    @torch.compiler.disable
     def get(self, p: torch.Tensor, key: str) -> Any:
         """The value stored under ``key`` for ``p``, or None."""
         return self._derived.get((p, key))
@@ -296,19 +302,19 @@ def where_heads(
     return torch.where(mask, new, old, out=out)
 
 
-def _restore(saved: Any, dtype: torch.dtype, device: torch.device) -> Any:
+def _restore(saved: Any, dtype: torch.dtype, device: torch.device, exact: bool = False) -> Any:
     """``saved`` (a state entry as written by ``state_dict``) with its tensors copied to
-    ``device``, floating ones in their dtype or ``dtype`` if that is wider, the others (flags,
-    counts) in their own dtype."""
+    ``device``, floating ones in their dtype or ``dtype`` if that is wider (``exact``: in
+    ``dtype``), the others (flags, counts) in their own dtype."""
     if isinstance(saved, torch.Tensor):
-        target = (
-            torch.promote_types(saved.dtype, dtype) if saved.is_floating_point() else saved.dtype
-        )
+        target = saved.dtype
+        if saved.is_floating_point():
+            target = dtype if exact else torch.promote_types(saved.dtype, dtype)
         return saved.to(device=device, dtype=target, copy=True)
     if isinstance(saved, dict):
-        return {key: _restore(item, dtype, device) for key, item in saved.items()}
+        return {key: _restore(item, dtype, device, exact) for key, item in saved.items()}
     if isinstance(saved, (tuple, list)):
-        items = [_restore(item, dtype, device) for item in saved]
+        items = [_restore(item, dtype, device, exact) for item in saved]
         return type(saved)(*items) if hasattr(saved, "_fields") else type(saved)(items)
     return saved
 
@@ -325,6 +331,8 @@ class KeepStateDtypes:
     """
 
     full_precision_state: tuple[str, ...] = ()
+    #: restore those entries in exactly ``compute_dtype(p.dtype)`` (not a wider saved dtype)
+    state_in_compute_dtype: bool = False
 
     def _full_precision_keys(self, p: torch.Tensor) -> tuple[str, ...]:
         """The state entries of ``p`` to restore in full precision (by default: those named in
@@ -341,9 +349,16 @@ class KeepStateDtypes:
             if p is None:
                 continue
             state = self.state[p]  # type: ignore[attr-defined]
+            dtype = compute_dtype(p.dtype)
             for key in self._full_precision_keys(p):
                 if key in entries:
-                    state[key] = _restore(entries[key], compute_dtype(p.dtype), p.device)
+                    state[key] = _restore(
+                        entries[key], dtype, p.device, self.state_in_compute_dtype
+                    )
+            for key, value in state.items():  # torch's loader keeps the tensors it need not
+                # cast, and the steps update their state in place or recycle its memory
+                if isinstance(value, torch.Tensor) and value is entries.get(key):  # own them
+                    state[key] = value.clone()
 
 
 class HealthMixin:
@@ -469,10 +484,34 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
         self._init_health()
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param_groups) plus the policy and the health counters, so
+        that ``copy.deepcopy`` and pickling give an optimizer that steps (work logs and caches
+        are rebuilt)."""
+        state = super().__getstate__()
+        state["on_nonfinite"] = self.on_nonfinite
+        state["_nonfinite_steps"] = self._nonfinite_steps
+        state["_rank_skips"] = self._rank_skips
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_nonfinite_steps"):
             self._init_health()
+        if not hasattr(self, "on_nonfinite"):  # pickled before the policy was saved
+            self.on_nonfinite = "skip"
+
+    def invalidate(self) -> None:
+        """Recompute everything derived from the parameters' values (Grams, frames) at the next
+        step. Call it after writing parameters in a way their version counter does not see
+        (through ``p.data``); in-place writes under ``torch.no_grad()`` are detected already."""
+        log = self.__dict__.get("_log")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if log is not None:
+                    log.forget(p)
+                if p in self.state:
+                    self.state[p].pop("grams_version", None)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:

@@ -383,6 +383,7 @@ class QuotientAdam(QuotientOptimizer):
 
     # restored in float32 or better by load_state_dict (KeepStateDtypes)
     full_precision_state = ("exp_avg", "exp_avg_sq", "step", "frame", "frame_inv")
+    state_in_compute_dtype = True  # the step's algebra runs in compute_dtype(p.dtype) throughout
 
     def __init__(
         self,
@@ -417,7 +418,8 @@ class QuotientAdam(QuotientOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._log = WriteLog()
+        if "_log" not in self.__dict__:  # unpickled; load_state_dict keeps what it saw written
+            self._log = WriteLog()
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         r"""The first moment at ``p`` as the tangent vector it moves the point along: for head

@@ -297,15 +297,6 @@ class QuotientHamiltonian(QuotientOptimizer):
             on_nonfinite=on_nonfinite,
         )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but the stored momenta of head parameters are always this optimizer's own
-        copies: the splitting step recycles the old momentum's memory as its next work buffer,
-        and torch's loader keeps the caller's tensor when dtype and device already match."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            if isinstance(state.get("momentum"), torch.Tensor):
-                state["momentum"] = state["momentum"].clone()
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if self.param_groups[-1]["mode"] == "ecd":

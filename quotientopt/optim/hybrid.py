@@ -104,6 +104,15 @@ class HybridOptimizer(torch.optim.Optimizer):
             )
         return cls(heads(head_params), rest(rest_params))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The two optimizers (each pickles its own state), for ``copy.deepcopy`` and pickling."""
+        return {"defaults": self.defaults, "heads": self.heads, "rest": self.rest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({"defaults": state["defaults"]})
+        self.heads, self.rest = state["heads"], state["rest"]
+        self.state = RoutedState(self.heads, self.rest)
+
     @property
     def optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         return self.heads, self.rest
@@ -146,7 +155,15 @@ class HybridOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.heads.step()
+        if getattr(self.heads, "needs_closure", False):  # QuotientECD: the loss, not a re-run
+            if loss is None:
+                raise ValueError(
+                    f"HybridOptimizer: {type(self.heads).__name__} needs the loss value: call "
+                    "optimizer.step(closure) with a closure that returns the loss"
+                )
+            self.heads.step(lambda: loss)
+        else:
+            self.heads.step()
         self.rest.step()
         return loss
 

@@ -530,7 +530,8 @@ class QuotientSGD(QuotientOptimizer):
         for group in self.param_groups:
             group.setdefault("refresh_every", 1)
             group.setdefault("refresh_tolerance", 0.1)
-        self._log = WriteLog()
+        if "_log" not in self.__dict__:  # unpickled; load_state_dict keeps what it saw written
+            self._log = WriteLog()
         self._providers = {}
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:

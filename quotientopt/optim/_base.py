@@ -16,7 +16,13 @@ from typing import Any, Literal, NamedTuple
 import geoopt
 import torch
 
-from quotientopt.distributed import local_geometry, nonfinite_on_any_rank, steps_local_shards
+from quotientopt.distributed import _alias as local_alias
+from quotientopt.distributed import (
+    is_dtensor,
+    local_geometry,
+    nonfinite_on_any_rank,
+    steps_local_shards,
+)
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
 
@@ -245,10 +251,12 @@ class WriteLog:
         return written is not None and written != (p._version, p.data_ptr())
 
     @torch.compiler.disable
-    def forget(self, p: torch.Tensor) -> None:
-        """Treat ``p`` as written elsewhere (:meth:`modified_elsewhere` is True until the next
-        :meth:`record`): for writes that leave no trace in ``p._version``, such as ``p.data``."""
-        self._written[p] = (-1, -1)
+    def forget(self, params: Iterable[torch.Tensor]) -> None:
+        """Treat ``params`` and every parameter recorded so far as written elsewhere
+        (:meth:`modified_elsewhere` is True until its next :meth:`record`): for writes that leave
+        no trace in ``p._version``, such as ``p.data``."""
+        for p in [*self._written, *params]:
+            self._written[p] = (-1, -1)
 
     @torch.compiler.disable
     def get(self, p: torch.Tensor, key: str) -> Any:
@@ -504,14 +512,15 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
     def invalidate(self) -> None:
         """Recompute everything derived from the parameters' values (Grams, frames) at the next
         step. Call it after writing parameters in a way their version counter does not see
-        (through ``p.data``); in-place writes under ``torch.no_grad()`` are detected already."""
+        (through ``p.data``); in-place writes under ``torch.no_grad()`` are detected already.
+        (``load_state_dict`` trusts the loaded Grams and frames to be those of the parameters'
+        current values, as a resume needs; call this after it when they are not.)"""
         log = self.__dict__.get("_log")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if log is not None:
-                    log.forget(p)
-                if p in self.state:
-                    self.state[p].pop("grams_version", None)
+        if log is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            log.forget([*params, *(local_alias(p) for p in params if is_dtensor(p))])
+        for state in self.state.values():
+            state.pop("grams_version", None)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:

@@ -418,8 +418,7 @@ class QuotientAdam(QuotientOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_log" not in self.__dict__:  # unpickled; load_state_dict keeps what it saw written
-            self._log = WriteLog()
+        self._log = WriteLog()  # loaded frames are trusted to be those of the current point
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         r"""The first moment at ``p`` as the tangent vector it moves the point along: for head

@@ -155,17 +155,24 @@ class HybridOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if getattr(self.heads, "needs_closure", False):  # QuotientECD: the loss, not a re-run
-            if loss is None:
-                raise ValueError(
-                    f"HybridOptimizer: {type(self.heads).__name__} needs the loss value: call "
-                    "optimizer.step(closure) with a closure that returns the loss"
-                )
+        if loss is not None:  # the loss for heads that need it (QuotientECD), not a re-run
             self.heads.step(lambda: loss)
+        elif getattr(self.heads, "needs_closure", False):
+            raise ValueError(
+                f"HybridOptimizer: {type(self.heads).__name__} needs the loss value: call "
+                "optimizer.step(closure) with a closure that returns the loss"
+            )
         else:
             self.heads.step()
         self.rest.step()
         return loss
+
+    def invalidate(self) -> None:
+        """``invalidate()`` of each part that has one (see
+        :meth:`quotientopt.optim.QuotientOptimizer.invalidate`)."""
+        for child in (self.heads, self.rest):
+            if callable(getattr(child, "invalidate", None)):
+                child.invalidate()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.heads.zero_grad(set_to_none)

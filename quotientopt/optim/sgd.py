@@ -530,8 +530,7 @@ class QuotientSGD(QuotientOptimizer):
         for group in self.param_groups:
             group.setdefault("refresh_every", 1)
             group.setdefault("refresh_tolerance", 0.1)
-        if "_log" not in self.__dict__:  # unpickled; load_state_dict keeps what it saw written
-            self._log = WriteLog()
+        self._log = WriteLog()  # loaded Grams are trusted to be those of the current point
         self._providers = {}
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:

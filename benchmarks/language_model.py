@@ -815,6 +815,32 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _named_values(
+    parser: argparse.ArgumentParser,
+    option: str,
+    items: Sequence[str],
+    names: Sequence[str] | dict[str, Any],
+    several: bool,
+) -> dict[str, Any]:
+    """``{name: value}`` from ``NAME=NUMBER`` items, or (``several``) ``{name: sorted tuple of
+    positive numbers}`` from ``NAME=NUMBER,NUMBER,...`` items; a parser error names a bad one."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if name not in names:
+            parser.error(f"{option} names {name!r}; choose from {', '.join(names)}")
+        try:
+            value = tuple(sorted(float(v) for v in text.split(","))) if several else float(text)
+        except ValueError:
+            parser.error(
+                f"{option} {item!r}: expected NAME=NUMBER{',NUMBER,...' if several else ''}"
+            )
+        if several and min(value) <= 0:
+            parser.error(f"{option} {item!r}: the values must be positive")
+        parsed[name] = value
+    return parsed
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add = parser.add_argument
@@ -880,52 +906,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--grid-steps, --workers must be >= 0 and --eval-batches, --eval-every >= 1")
     if args.n_embd % args.n_head:
         parser.error("--n-embd must be divisible by --n-head")
-    pinned = {}
-    for item in args.lr:
-        name, _, value = item.partition("=")
-        if name not in METHODS:
-            parser.error(f"--lr names unknown optimizer {name!r}; choose from {', '.join(METHODS)}")
-        try:
-            pinned[name] = float(value)
-        except ValueError:
-            parser.error(f"--lr {item!r}: expected NAME=NUMBER")
-    args.pinned = pinned
-    grids = {}
-    for item in args.grid or []:
-        name, _, values = item.partition("=")
-        if name not in METHODS:
-            parser.error(
-                f"--grid names unknown optimizer {name!r}; choose from {', '.join(METHODS)}"
-            )
-        try:
-            grids[name] = tuple(sorted(float(v) for v in values.split(",")))
-        except ValueError:
-            parser.error(f"--grid {item!r}: expected NAME=NUMBER,NUMBER,...")
-        if not grids[name] or min(grids[name]) <= 0:
-            parser.error(f"--grid {item!r}: learning rates must be positive")
-    args.grids = grids
-    ratios = []
-    for item in args.ratio:
-        name, _, value = item.partition("=")
-        if name not in DEFAULT_RATIOS:
-            parser.error(f"--ratio names {name!r}; choose from {', '.join(DEFAULT_RATIOS)}")
-        try:
-            ratios.append((name, float(value)))
-        except ValueError:
-            parser.error(f"--ratio {item!r}: expected NAME=NUMBER")
-    args.ratios = tuple(ratios)
-    ratio_grids = {}
-    for item in args.ratio_grid:
-        name, _, values = item.partition("=")
-        if name not in DEFAULT_RATIOS:
-            parser.error(f"--ratio-grid names {name!r}; choose from {', '.join(DEFAULT_RATIOS)}")
-        try:
-            ratio_grids[name] = tuple(sorted(float(v) for v in values.split(",")))
-        except ValueError:
-            parser.error(f"--ratio-grid {item!r}: expected NAME=NUMBER,NUMBER,...")
-        if min(ratio_grids[name]) <= 0:
-            parser.error(f"--ratio-grid {item!r}: ratios must be positive")
-    args.ratio_grids = ratio_grids
+    args.pinned = _named_values(parser, "--lr", args.lr, METHODS, several=False)
+    args.grids = _named_values(parser, "--grid", args.grid or [], METHODS, several=True)
+    args.ratios = tuple(
+        _named_values(parser, "--ratio", args.ratio, DEFAULT_RATIOS, several=False).items()
+    )
+    args.ratio_grids = _named_values(
+        parser, "--ratio-grid", args.ratio_grid, DEFAULT_RATIOS, several=True
+    )
     args.options = tuple(tuple(item.split("=", 1)) for item in args.option)
     if any(len(o) != 2 for o in args.options):
         parser.error("--option expects KEY=VALUE")

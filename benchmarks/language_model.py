@@ -10,8 +10,8 @@ Options: ``--optimizers`` (a subset of :data:`METHODS`), ``--seeds N`` (final ru
 1..N), ``--steps`` (final runs), ``--grid-steps`` (tuning runs; 0 skips tuning), ``--grid
 NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batch sizes,
 ``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``); for the Muon family
-``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-per-head``,
-``quotient-muon``; defaults 1, 1, 0.2), ``--ratio-grid NAME=R,R,...`` (tune that ratio jointly
+``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-split-qkv``, ``muon-per-head``,
+``quotient-muon``; defaults 1, 1, 1, 0.2), ``--ratio-grid NAME=R,R,...`` (tune that ratio jointly
 with the lr: every (lr, ratio) pair runs on seed 0), ``--option KEY=VALUE`` (QuotientMuon options of
 ``quotient-muon``, e.g. ``step=tangent``, ``polar=eigh``) and ``--first-seed`` (ablations on the
 tuning seed 0).
@@ -115,7 +115,7 @@ class Setup:
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
     nanogpt_adamw: bool = False  # "adamw" decays tensors of >= 2 dims only, as nanoGPT does
-    # (name, ratio): the attention/head lr over the MLP lr of muon, muon-per-head, quotient-muon
+    # (name, ratio): the attention/head lr over the MLP lr of the Muon family (DEFAULT_RATIOS)
     ratios: tuple[tuple[str, float], ...] = ()
     # (name, value): QuotientMuon options of quotient-muon (head_scale, polar) for ablations
     options: tuple[tuple[str, str], ...] = ()
@@ -146,7 +146,7 @@ def _build_adamw(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
 
 
 #: default attention (or head) lr / MLP lr of the Muon family (``--ratio NAME=R`` overrides)
-DEFAULT_RATIOS = {"muon": 1.0, "muon-per-head": 1.0, "quotient-muon": 0.2}
+DEFAULT_RATIOS = {"muon": 1.0, "muon-split-qkv": 1.0, "muon-per-head": 1.0, "quotient-muon": 0.2}
 MUON_KW = dict(weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
 
 
@@ -165,13 +165,20 @@ def _build_muon(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
     return HybridOptimizer(muon, _adamw(rest, lr))
 
 
-class PerHeadMuon(torch.optim.Optimizer):
-    """The per-head peer: torch Muon's own step (its functional ``muon``) on each head's two
-    factors separately, as ``n x k`` and ``m x k`` matrices (views of the sector tensor), no
-    whitening by the partner factor. A per-head Python loop: a baseline, not a fast path."""
+class BlockMuon(torch.optim.Optimizer):
+    """torch Muon's own step (its functional ``muon``) on blocks of each parameter:
+    ``blocks(p)`` lists the indices (``p[index]`` is a 2-D view) that each step as one matrix,
+    with a momentum buffer of the same view. A Python loop over blocks: a baseline, not a fast
+    path."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float,
+        blocks: Callable[[torch.Tensor], list[Any]],
+    ) -> None:
         super().__init__(params, dict(lr=lr, **MUON_KW))
+        self.blocks = blocks
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
@@ -185,12 +192,10 @@ class PerHeadMuon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                n = p.manifold.n
-                for z, g, b in zip(p.detach(), p.grad, state["momentum_buffer"], strict=True):
-                    for rows in (slice(None, n), slice(n, None)):
-                        params.append(z[rows])
-                        grads.append(g[rows])
-                        bufs.append(b[rows])
+                for index in self.blocks(p):
+                    params.append(p.detach()[index])
+                    grads.append(p.grad[index])
+                    bufs.append(state["momentum_buffer"][index])
             kw = {key: group[key] for key in MUON_KW}
             _muon.muon(
                 params,
@@ -203,6 +208,18 @@ class PerHeadMuon(torch.optim.Optimizer):
                 has_complex=False,
                 **kw,
             )
+
+
+def head_factor_blocks(p: torch.Tensor) -> list[tuple[int, slice]]:
+    """Each head's two factors of a sector ``(heads, n + m, k)``: ``n x k`` and ``m x k``."""
+    n = p.manifold.n
+    return [(h, rows) for h in range(p.shape[0]) for rows in (slice(None, n), slice(n, None))]
+
+
+def thirds(p: torch.Tensor) -> list[slice]:
+    """The query, key and value rows of a fused ``(3 d) x d`` projection."""
+    d = p.shape[0] // 3
+    return [slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)]
 
 
 def _muon_defaults() -> tuple[tuple[float, float, float], int, float]:
@@ -220,13 +237,31 @@ def _hidden_matrices(model: GPT) -> tuple[list[torch.Tensor], list[torch.Tensor]
     return hidden, [p for _, p in named if id(p) not in ids]
 
 
+def _build_muon_split_qkv(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    """As ``muon``, but the fused query/key/value projection steps as three ``d x d`` matrices
+    (BlockMuon), as modded-nanogpt orthogonalizes them, not as one ``3d x d`` matrix."""
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h.")]
+    fused = [p for n, p in named if n.endswith(".attn.c_attn.weight")]
+    projection = [p for n, p in named if n.endswith(".attn.c_proj.weight")]
+    mlp = [p for n, p in named if ".attn." not in n]
+    ids = {id(p) for _, p in named}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    ratio = setup.ratio("muon-split-qkv")
+    muon = torch.optim.Muon(
+        [{"params": mlp}, {"params": projection, "lr": ratio * lr}], lr=lr, **MUON_KW
+    )
+    inner = HybridOptimizer(BlockMuon(fused, ratio * lr, thirds), muon)
+    return HybridOptimizer(inner, _adamw(rest, lr))
+
+
 def _build_muon_per_head(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
-    """torch Muon on each head's factors (PerHeadMuon) at ``ratio`` x lr, torch Muon on the MLP
-    matrices and AdamW on the rest at lr."""
+    """The per-head peer: torch Muon on each head's two factors separately (no whitening by the
+    partner factor) at ``ratio`` x lr, torch Muon on the MLP matrices and AdamW on the rest at
+    lr."""
     heads = [p for p in model.parameters() if getattr(p, "manifold", None) is not None]
     hidden, rest = _hidden_matrices(model)
     inner = HybridOptimizer(
-        PerHeadMuon(heads, setup.ratio("muon-per-head") * lr),
+        BlockMuon(heads, setup.ratio("muon-per-head") * lr, head_factor_blocks),
         torch.optim.Muon(hidden, lr=lr, **MUON_KW),
     )
     return HybridOptimizer(inner, _adamw(rest, lr))
@@ -321,6 +356,17 @@ METHODS = {
             1.6e-2,
             (4e-3, 8e-3, 1.6e-2, 3.2e-2),
             _build_muon,
+        ),
+        Method(
+            "muon-split-qkv",
+            "torch.optim.Muon's step as muon, but on the query, key and value projections as three "
+            "d x d matrices instead of the fused 3d x d one (attention at the table's ratio x lr, "
+            f"default 1), {ADAMW_TEXT} on the rest at lr",
+            False,
+            False,
+            1.6e-2,
+            (4e-3, 8e-3, 1.6e-2, 3.2e-2),
+            _build_muon_split_qkv,
         ),
         Method(
             "muon-per-head",
@@ -875,14 +921,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         metavar="NAME=R",
         default=[],
-        help="attention/head lr over MLP lr for muon, muon-per-head, quotient-muon",
+        help="attention/head lr over MLP lr for muon, muon-split-qkv, muon-per-head, quotient-muon",
     )
     add(
         "--ratio-grid",
         nargs="+",
         metavar="NAME=R,R,...",
         default=[],
-        help="tune the attention/head lr ratio of muon, muon-per-head, quotient-muon jointly with "
+        help="tune the attention/head lr ratio of the Muon family jointly with "
         "the lr (every pair runs on seed 0)",
     )
     add(

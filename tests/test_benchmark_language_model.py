@@ -89,3 +89,25 @@ def test_ratio_grid_tunes_lr_and_ratio_jointly(language_model, tmp_path):
     assert [group["lr"] for group in muon.param_groups] == [0.01, pytest.approx(0.03)]
     table = (tmp_path / "language_model.md").read_text()
     assert f"{row['best_lr']:g} x {row['ratio']:g}: " in table
+
+
+def test_block_muon_on_thirds_is_torch_muon_on_three_matrices(language_model):
+    """muon-split-qkv's BlockMuon steps a fused (3d x d) projection exactly as torch Muon steps
+    its query, key and value blocks given as three d x d parameters."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.nn.Parameter(torch.randn(24, 8, generator=gen))
+    blocks = [torch.nn.Parameter(fused.detach()[i : i + 8].clone()) for i in (0, 8, 16)]
+    split = language_model.BlockMuon([fused], 0.02, language_model.thirds)
+    reference = torch.optim.Muon(blocks, lr=0.02, **language_model.MUON_KW)
+    start = fused.detach().clone()
+    for _ in range(3):
+        grad = torch.randn(24, 8, generator=gen)
+        fused.grad = grad.clone()
+        for i, p in enumerate(blocks):
+            p.grad = grad[8 * i : 8 * i + 8].clone()
+        split.step()
+        reference.step()
+    assert torch.allclose(fused.detach(), torch.cat([p.detach() for p in blocks]), atol=1e-6)
+    assert (fused.detach() - start).abs().min() > 0  # every entry moved

@@ -322,8 +322,7 @@ def _restore(saved: Any, dtype: torch.dtype, device: torch.device, exact: bool =
     if isinstance(saved, dict):
         return {key: _restore(item, dtype, device, exact) for key, item in saved.items()}
     if isinstance(saved, (tuple, list)):
-        items = [_restore(item, dtype, device, exact) for item in saved]
-        return type(saved)(*items) if hasattr(saved, "_fields") else type(saved)(items)
+        return type(saved)(_restore(item, dtype, device, exact) for item in saved)
     return saved
 
 
@@ -519,8 +518,6 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
         if log is not None:
             params = [p for group in self.param_groups for p in group["params"]]
             log.forget([*params, *(local_alias(p) for p in params if is_dtensor(p))])
-        for state in self.state.values():
-            state.pop("grams_version", None)
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:

@@ -297,6 +297,12 @@ class QuotientHamiltonian(QuotientOptimizer):
             on_nonfinite=on_nonfinite,
         )
 
+    def invalidate(self) -> None:
+        """As :meth:`QuotientOptimizer.invalidate`: the Grams cached with each head's momentum
+        are recomputed at the next step."""
+        for state in self.state.values():
+            state.pop("grams_version", None)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if self.param_groups[-1]["mode"] == "ecd":
@@ -440,9 +446,10 @@ class QuotientHamiltonian(QuotientOptimizer):
 
     def _velocity_buffer(self, p: torch.Tensor, which: int, like: torch.Tensor) -> torch.Tensor:
         """A reused contiguous tensor shaped like factor ``which``'s momentum ``like``."""
-        return work_buffers(self._work, p, 1, like.dtype, key=f"velocity{which}", shape=like.shape)[
-            0
-        ]
+        (buffer,) = work_buffers(
+            self._work, p, 1, like.dtype, key=f"velocity{which}", shape=like.shape
+        )
+        return buffer
 
     def _splitting_step(self, p, grad, h, damping, diagnostics):
         r"""One step of the splitting integrator (module docstring), batched over the heads:

@@ -5,8 +5,9 @@
 
 torch Muon steps the 48 ``d x d`` attention matrices (W_Q, W_K, W_V, W_O of 12 layers);
 QuotientMuon steps the same weights as 24 sectors of shape ``(12, 2d, 64)`` (QK and VO per
-layer, every head of a layer in one tensor), with the Newton-Schulz polar (default) and with
-``eigh``. Gradients are fixed random tensors (the step cost does not depend on them); each timing
+layer, every head of a layer in one tensor), with ``head_norm="all-heads"`` (default: one
+``Hk x Hk`` polar per sector side) and ``"per-head"`` (``k x k`` polars), each with the
+Newton-Schulz polar (default) and with ``eigh``. Gradients are fixed random tensors (the step cost does not depend on them); each timing
 is the median of ``--repeats`` steps after one warm-up step, in float32 on the CPU with the
 process's torch threads. Prints the times and the ratio QuotientMuon / torch Muon (target <= 0.25).
 """
@@ -62,9 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sectors.append(p)
 
     results = {"torch-muon": timed(muon, args.repeats)}
-    for polar in ("newton-schulz", "eigh"):
-        quotient = QuotientMuon(sectors, polar=polar, **options)
-        results[f"quotient-muon ({polar})"] = timed(quotient, args.repeats)
+    for head_norm in ("all-heads", "per-head"):
+        for polar in ("newton-schulz", "eigh"):
+            quotient = QuotientMuon(sectors, polar=polar, head_norm=head_norm, **options)
+            results[f"quotient-muon ({head_norm}, {polar})"] = timed(quotient, args.repeats)
     base = results["torch-muon"]
     print(
         f"{args.layers} layers, d = {args.d}, {heads} heads of k = {args.k}; "

@@ -15,13 +15,14 @@ the reference of the ratios (the other is listed).
 Muon (issue 13). torch's ``Muon`` steps only 2-D matrices, so its rows use a second layout of the
 same model: the attention as 4 * layers plain matrices W_Q, W_K, W_V (d x heads * k, the heads'
 blocks of the sectors side by side) and W_O (heads * k x d), with the sectors' values and
-gradients (as many numbers as the sectors; the MLP and rest tensors are the same). Four rows:
-torch Muon on the attention matrices; QuotientMuon on the two head sectors; torch Muon on the
+gradients (as many numbers as the sectors; the MLP and rest tensors are the same). Five rows:
+torch Muon on the attention matrices; QuotientMuon on the two head sectors (its default
+``head_norm="all-heads"``, and ``"per-head"``); torch Muon on the
 attention and MLP matrices with fused AdamW on the rest (embeddings, LayerNorms, biases); and
 QuotientMuon on the sectors and, with torch Muon's functional step, on the same MLP matrices, with
 the same fused AdamW (``muon_and_adamw``'s split). Options are ``compare.MUON_OPTIONS``. Targets:
 QuotientMuon / torch Muon on the attention <= 0.25, the whole QuotientMuon optimizer / torch
-Muon + AdamW <= 1. ``--only Muon`` times these four rows (and the SGD-momentum references).
+Muon + AdamW <= 1. ``--only Muon`` times these five rows (and the SGD-momentum references).
 
 Timing. Every optimizer is timed alone (its warm-up and timed steps back to back) and interleaved
 (one step of each per round, which spreads the machine's load over all of them; these 2-core
@@ -291,6 +292,7 @@ def profile(makers, clone, args) -> None:
 
 MUON_ATTENTION = "torch Muon, attention (d x d)"
 QUOTIENT_MUON_ATTENTION = "QuotientMuon, attention sectors"
+QUOTIENT_MUON_PER_HEAD = "QuotientMuon head_norm=per-head, attention sectors"
 MUON_WHOLE = "torch Muon + AdamW (whole model)"
 QUOTIENT_MUON_WHOLE = "QuotientMuon + Muon MLP + AdamW (whole model)"
 
@@ -300,6 +302,7 @@ TARGETS = {  # name: (reference, factor), from issue 14; the Muon rows from issu
     "QuotientHamiltonian": ("SGD-momentum", 2.0),
     "QuotientHamiltonian, diagnostics=False": ("SGD-momentum", 2.0),
     QUOTIENT_MUON_ATTENTION: ("Muon, attention", 0.25),
+    QUOTIENT_MUON_PER_HEAD: ("Muon, attention", 0.25),
     QUOTIENT_MUON_WHOLE: ("Muon + AdamW", 1.0),
 }
 REFERENCES = {  # reference: its rows; the faster one on this device is the reference
@@ -389,13 +392,13 @@ def main() -> None:
     def torch_muon(matrices: list) -> torch.optim.Muon:
         return torch.optim.Muon(matrices, lr=0.02, **MUON_OPTIONS)
 
-    def quotient_muon(heads: list, matrices: list) -> QuotientMuon:
+    def quotient_muon(heads: list, matrices: list, **options) -> QuotientMuon:
         """QuotientMuon as ``quotientopt.optim.muon_and_adamw`` groups it (heads at 0.2x lr, the
         MLP matrices on torch Muon's functional step)."""
         groups = [{"params": heads, "lr": 0.2 * 0.02}] + (
             [{"params": matrices}] if matrices else []
         )
-        return QuotientMuon(groups, lr=0.02, **MUON_OPTIONS)
+        return QuotientMuon(groups, lr=0.02, **MUON_OPTIONS, **options)
 
     sgd = dict(lr=1e-3, momentum=0.9)
     makers = {
@@ -423,6 +426,10 @@ def main() -> None:
         ),
         MUON_ATTENTION: ("matrices", lambda ps: torch_muon(split(ps)[0])),
         QUOTIENT_MUON_ATTENTION: ("sectors", lambda ps: quotient_muon(split(ps)[0], [])),
+        QUOTIENT_MUON_PER_HEAD: (
+            "sectors",
+            lambda ps: quotient_muon(split(ps)[0], [], head_norm="per-head"),
+        ),
         MUON_WHOLE: (
             "matrices",
             lambda ps: muon_and_adamw(torch_muon(split(ps)[0] + split(ps)[1]), ps),

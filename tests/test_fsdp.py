@@ -88,10 +88,19 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return QuotientHamiltonian(
             [{"params": heads, "lr": 0.05}, {"params": rest, "lr": 0.05}], friction=0.1
         )
-    if name == "muon":  # QuotientMuon on the heads, AdamW on the rest (muon_and_adamw's split,
-        # without its torch-Muon hidden matrices: Newton-Schulz needs whole matrices)
+    if name.startswith("muon"):  # QuotientMuon on the heads, AdamW on the rest (muon_and_adamw's
+        # split, without its torch-Muon hidden matrices: Newton-Schulz needs whole matrices)
+        # all-heads couples the heads of a tensor, so not of one split on its head axis: here
+        # the sectors whose rows split evenly (_row_placement shards them on the rows)
+        coupled = [name == "muon-all-heads" and p.shape[-2] % WORLD == 0 for p in heads]
+        assert name != "muon-all-heads" or any(coupled)
+        groups = [
+            {"params": [p for p, c in zip(heads, coupled, strict=True) if c == flag]}
+            | ({"head_norm": "all-heads"} if flag else {})
+            for flag in (False, True)
+        ]
         return HybridOptimizer(
-            QuotientMuon(heads, lr=0.01, weight_decay=0.1),
+            QuotientMuon([g for g in groups if g["params"]], lr=0.01, weight_decay=0.1),
             torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
         )
     return QuotientAdam(
@@ -220,13 +229,16 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
         ("gpt", "sgd-lazy", "hsdp"),
         ("gpt", "adam", "hsdp"),
         ("gpt", "muon", "hsdp"),
+        ("gpt", "muon-all-heads", "rows"),
+        ("tiny", "muon-all-heads", "rows"),
+        ("gpt", "muon-all-heads", "hsdp"),
         ("gpt", "hamiltonian", "heads"),
         ("gpt", "hamiltonian", "rows"),
     ],
 )
 def test_fsdp_matches_one_process(tmp_path, kind, optimizer_name, placement):
     """5 steps sharded over 2 ranks (each on half of every batch) end on the parameters of one
-    process that sees the whole batches, to 1e-5 in float32: heads sharded on the head axis
+    process that sees the whole batches, to 1e-5 in float32 (1e-4: see below): heads sharded on the head axis
     (FSDP2's Shard(0), no communication in the step), on the rows (Shard(1), Grams all-reduced), or
     replicated on a 2 x 1 HSDP mesh."""
     out = tmp_path / "params.pt"
@@ -234,7 +246,11 @@ def test_fsdp_matches_one_process(tmp_path, kind, optimizer_name, placement):
     want = single_process(kind, optimizer_name, 5)
     start = full_params(make_model(kind))
     got = torch.load(out)
-    assert_close(got, want, 1e-5)
+    # the all-heads polar of the GPT's nearly square X (33 x 32: all 4 heads side by side) has
+    # a small singular value and so amplifies the rounding of the averaged gradients (2.3e-5,
+    # with or without row sharding); the per-head X (33 x 8) and the tiny sector's do not
+    coupled_square = (kind, optimizer_name) == ("gpt", "muon-all-heads")
+    assert_close(got, want, 1e-4 if coupled_square else 1e-5)
     moved = max(float((want[k] - start[k]).abs().max()) for k in want)
     assert moved > 1e-3, "nothing was trained"
 
@@ -363,6 +379,8 @@ def _nonfinite_worker(rank: int, init_file: str, out: str) -> None:
     model = _sharded_model("gpt", "heads")
     with pytest.raises(ValueError, match="Newton-Schulz needs the whole matrix"):
         QuotientMuon([model.h[0].mlp.c_fc.weight])  # a plain matrix, sharded
+    with pytest.raises(ValueError, match="sharded on its head axis"):  # heads split over ranks
+        QuotientMuon([model.h[0].attn.attn.qk], head_norm="all-heads")
     for build in (QuotientECD, lambda ps: QuotientHamiltonian(ps, mode="ecd")):
         with pytest.raises(ValueError, match="cannot step FSDP2-sharded"):
             build(list(model.parameters()))  # ECD needs the whole group's loss and norms

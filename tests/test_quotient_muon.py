@@ -160,22 +160,32 @@ class PerHeadMuon(torch.optim.Optimizer):
 # ------------------------------------------------------------------------------ invariance
 @pytest.mark.parametrize("kind", ["gl", "rope", "qk-norm"])
 @pytest.mark.parametrize(
-    "polar, step", [("newton-schulz", "block"), ("eigh", "block"), ("newton-schulz", "tangent")]
+    "polar, step, head_norm",
+    [
+        ("newton-schulz", "block", "per-head"),
+        ("eigh", "block", "per-head"),
+        ("newton-schulz", "tangent", "per-head"),
+        ("newton-schulz", "block", "all-heads"),
+        ("eigh", "block", "all-heads"),
+    ],
 )
-def test_products_do_not_depend_on_the_factorization(kind, polar, step):
-    """200 float64 steps from Z and from Z G (G in the geometry's group, cond(G) = 1000 where
-    the group has such elements): the products agree to 1e-10."""
+def test_products_do_not_depend_on_the_factorization(kind, polar, step, head_norm):
+    """200 float64 steps from Z and from Z G (G in the geometry's group, one element per head,
+    cond(G) = 1000 where the group has such elements): the products agree to 1e-10."""
     z0, loss = problem(kind)
     g = group_element(kind, 1000.0, rng(1))
     manifold = geometry(kind)
 
     def make(ps):
-        return QuotientMuon(ps, lr=0.003, polar=polar, step=step)
+        return QuotientMuon(ps, lr=0.003, polar=polar, step=step, head_norm=head_norm)
 
     w0 = train(z0, loss, make, 200, manifold)
     w1 = train(act(z0, g), loss, make, 200, manifold)
-    # the tangent step subtracts Grams (S_A = X^T X - C^T C), which costs it one digit: 1e-9
-    tol = 1e-10 if step == "block" else 1e-9
+    # the tangent step subtracts Grams (S_A = X^T X - C^T C), which costs it one digit: 1e-9;
+    # so does eigh on the all-heads Gram, singular here (N < HEADS K: rank 10 of 12), whose
+    # regularized inverse root scales the rounding in its null space by eps^(-1/2)
+    exact = step == "block" and (polar, head_norm) != ("eigh", "all-heads")
+    tol = 1e-10 if exact else 1e-9
     assert torch.linalg.matrix_norm(w0 - w1).max() < tol * torch.linalg.matrix_norm(w0).max()
     assert torch.isfinite(w0).all() and float(loss(torch.cat((z0,), 0))) > 0
 
@@ -195,8 +205,12 @@ def test_torch_muon_and_per_head_muon_depend_on_the_factorization(kind, baseline
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["gl", "rope", "qk-norm"]))
-def test_one_step_is_equivariant_under_the_group(seed, kind):
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["gl", "rope", "qk-norm"]),
+    head_norm=st.sampled_from(["per-head", "all-heads"]),
+)
+def test_one_step_is_equivariant_under_the_group(seed, kind, head_norm):
     """step(Z G) = step(Z) G for any start and any group element (here: random ones)."""
     z0, loss = problem(kind, seed % 1000)
     g = group_element(kind, 30.0, rng(seed))
@@ -204,22 +218,23 @@ def test_one_step_is_equivariant_under_the_group(seed, kind):
     points = []
     for start in (z0, act(z0, g)):
         p = geoopt.ManifoldParameter(start.clone(), manifold=manifold)
-        opt = QuotientMuon([p], lr=0.01, weight_decay=0.05)
+        opt = QuotientMuon([p], lr=0.01, weight_decay=0.05, head_norm=head_norm)
         loss(p).backward()
         opt.step()
         points.append(p.detach())
     assert torch.allclose(act(points[0], g), points[1], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("head_norm", ["per-head", "all-heads"])
 @pytest.mark.parametrize("kind", ["gl", "rope", "qk-norm"])
-def test_no_move_without_a_gradient(kind):
+def test_no_move_without_a_gradient(kind, head_norm):
     """Nothing but the gradient moves a head: a zero gradient (no weight decay) or lr 0 leaves
     an unbalanced point bitwise in place, so no GL(k) move outside the group can happen."""
     manifold = geometry(kind)
     z0 = act(torch.randn(HEADS, N + M, K, dtype=torch.float64), group_element(kind, 100.0, rng(2)))
     for lr, grad in ((0.01, torch.zeros_like(z0)), (0.0, torch.randn_like(z0))):
         p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
-        opt = QuotientMuon([p], lr=lr, weight_decay=0.0)
+        opt = QuotientMuon([p], lr=lr, weight_decay=0.0, head_norm=head_norm)
         for _ in range(3):
             p.grad = grad.clone()
             opt.step()
@@ -251,6 +266,7 @@ def test_first_step_is_the_spectral_steepest_descent_of_the_product(head_scale):
         polar="eigh",
         eps=1e-30,
         head_scale=head_scale,
+        head_norm="per-head",
     )
     p.grad = grad
     opt.step()
@@ -305,6 +321,7 @@ def test_tangent_step_is_the_polar_of_the_tangent_projection():
         polar="eigh",
         eps=1e-14,
         step="tangent",
+        head_norm="per-head",
     )
     p.grad = torch.cat((e @ b, e.mT @ a), dim=-2)
     opt.step()
@@ -320,6 +337,78 @@ def test_tangent_step_is_the_polar_of_the_tangent_projection():
     generic = manifold.momentum_map(z0, torch.randn(dz.shape, generator=gen, dtype=dz.dtype))
     relative = manifold.momentum_map(z0, dz).abs().max() / dz.abs().max()
     assert relative < 1e-6 * generic.abs().max()  # rounding of z0 + dz only
+
+
+def whitened_concatenation(grad_side, partner):
+    """X = [G_1 L_1^{-T}, ..., G_H L_H^{-T}] (rows x H k) and the Cholesky factors L_h of the
+    partners' Grams."""
+    chol = torch.linalg.cholesky(partner.mT @ partner)
+    x = torch.linalg.solve_triangular(chol.mT, grad_side, upper=True, left=False)
+    return x.transpose(0, 1).flatten(1), chol
+
+
+@pytest.mark.parametrize("rows", [N, 3 * K + 1])
+def test_all_heads_step_is_the_spectral_steepest_descent_of_the_heads_side_by_side(rows):
+    """head_norm="all-heads", eigh, no momentum: [dA_h L_h]_h = -c polar(X) with X the whitened
+    gradients of all heads side by side, so the concatenated product change
+    [dA_1 B_1^T, ..., dA_H B_H^T] has min(n, H k) singular values, all equal to c (rows = N < H k:
+    wide X; rows = H k + 1: tall X)."""
+    gen = rng(7)
+    manifold = FactorQuotient(rows, M)
+    z0 = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
+    lr = 0.01
+    opt = QuotientMuon(
+        [p],
+        lr=lr,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        polar="eigh",
+        eps=1e-12,
+        head_norm="all-heads",
+    )  # eps: X X^T is singular when X is wide; eps = 0 would scale the rounding without bound
+    p.grad = grad
+    opt.step()
+    a, b = z0[..., :rows, :], z0[..., rows:, :]
+    for side, partner, side_grad, n_side in (
+        (slice(None, rows), b, grad[..., :rows, :], rows),
+        (slice(rows, None), a, grad[..., rows:, :], M),
+    ):
+        c = 0.2 * math.sqrt(HEADS * rows * M / min(n_side, HEADS * K))
+        x, chol = whitened_concatenation(side_grad, partner)
+        y = polar_svd(x).unflatten(1, (HEADS, K)).transpose(0, 1)  # (H, n_side, K)
+        expected = -lr * c * torch.linalg.solve_triangular(chol, y, upper=False, left=False)
+        moved = p.detach()[..., side, :] - z0[..., side, :]
+        assert torch.allclose(moved, expected, rtol=1e-8, atol=1e-11)
+        side_by_side = (moved @ partner.mT).transpose(0, 1).flatten(1)  # (n_side, H x rows)
+        sv = torch.linalg.svdvals(side_by_side)
+        count = min(n_side, HEADS * K)
+        assert torch.allclose(sv[:count], torch.full((count,), lr * c, dtype=sv.dtype), rtol=1e-8)
+        assert torch.cat((sv[count:], sv.new_zeros(1))).max() < 1e-9 * lr * c  # rank min(n, Hk)
+
+
+def test_all_heads_step_is_split_muon_where_the_partners_are_orthonormal():
+    """Where every B_h has orthonormal columns (L_P = I), the all-heads step of A is Muon's
+    polar of the concatenated W_Q gradient [G_1, ..., G_H] (torch Muon on the d x d query
+    matrix, modded-nanogpt's split layout), with Muon's Newton-Schulz iteration."""
+    gen = rng(8)
+    rows = HEADS * K + 2
+    b = torch.linalg.qr(torch.randn(HEADS, M, K, generator=gen, dtype=torch.float64))[0]
+    a = torch.randn(HEADS, rows, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(torch.cat((a, b), -2), manifold=FactorQuotient(rows, M))
+    opt = QuotientMuon(
+        [p], lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, head_norm="all-heads"
+    )
+    p.grad = grad
+    opt.step()
+    concatenated = grad[..., :rows, :].transpose(0, 1).flatten(1)  # (rows, H K)
+    direction = newton_schulz_reference(concatenated)
+    c = 0.2 * math.sqrt(HEADS * rows * M / min(rows, HEADS * K))
+    expected = -0.01 * c * direction.unflatten(1, (HEADS, K)).transpose(0, 1)
+    assert torch.allclose(p.detach()[..., :rows, :] - a, expected, rtol=1e-7, atol=1e-10)
 
 
 def newton_schulz_reference(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -351,12 +440,14 @@ def test_k_by_k_newton_schulz_equals_muons_iteration(seed, rows, k, log_cond):
     )
 
 
-def test_heads_step_independently():
-    """Batching over heads couples nothing: one head's gradient moves only that head."""
+@pytest.mark.parametrize("head_norm", ["per-head", "all-heads"])
+def test_one_heads_gradient_moves_only_that_head(head_norm):
+    """Batching over heads couples nothing, and the all-heads polar of [0, X_h, 0] is
+    [0, polar(X_h), 0]: either way one head's gradient moves only that head."""
     manifold = FactorQuotient(N, M)
     z0 = torch.randn(HEADS, N + M, K, dtype=torch.float64)
     p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
-    opt = QuotientMuon([p], lr=0.01, weight_decay=0.0)
+    opt = QuotientMuon([p], lr=0.01, weight_decay=0.0, head_norm=head_norm)
     grad = torch.zeros_like(z0)
     grad[1] = torch.randn(N + M, K, dtype=torch.float64)
     p.grad = grad
@@ -433,6 +524,9 @@ def test_unsupported_parameters_and_options_name_the_fix():
         ({"momentum": 1.0}, "invalid momentum"),
         ({"polar": "svd"}, "invalid polar"),
         ({"head_scale": "x"}, "invalid head_scale"),
+        ({"head_norm": "x"}, "invalid head_norm"),
+        ({"step": "tangent"}, "pass head_norm='per-head' with them"),
+        ({"head_norm": "all-heads", "head_scale": "balanced"}, "pass head_norm='per-head'"),
         ({"adjust_lr_fn": "x"}, "invalid adjust_lr_fn"),
         ({"ns_steps": 0}, "invalid ns_steps"),
         ({"on_nonfinite": "x"}, "invalid on_nonfinite"),
@@ -452,9 +546,17 @@ def test_unsupported_parameters_and_options_name_the_fix():
         muon_and_adamw(torch.nn.Embedding(3, 2))
 
 
-@pytest.mark.parametrize("step", ["block", "tangent"])
-@pytest.mark.parametrize("head_scale", ["rms", "balanced"])
-def test_a_sector_of_one_row_shard_steps_like_the_whole_sector(step, head_scale):
+@pytest.mark.parametrize(
+    "step, head_scale, head_norm",
+    [
+        ("block", "rms", "per-head"),
+        ("block", "balanced", "per-head"),
+        ("tangent", "rms", "per-head"),
+        ("tangent", "balanced", "per-head"),
+        ("block", "rms", "all-heads"),
+    ],
+)
+def test_a_sector_of_one_row_shard_steps_like_the_whole_sector(step, head_scale, head_norm):
     """A row-sharded geometry (one shard: ``row_reduce`` the identity, the sector's rows given as
     ``sector_rows``) takes the whole sector's step; 2 processes: tests/test_fsdp.py."""
     z = torch.randn(HEADS, N + M, K, generator=rng(3), dtype=torch.float64)
@@ -468,7 +570,9 @@ def test_a_sector_of_one_row_shard_steps_like_the_whole_sector(step, head_scale)
     points = []
     for manifold in manifolds:
         point = geoopt.ManifoldParameter(z.clone(), manifold=manifold)
-        optimizer = QuotientMuon([point], lr=0.05, step=step, head_scale=head_scale)
+        optimizer = QuotientMuon(
+            [point], lr=0.05, step=step, head_scale=head_scale, head_norm=head_norm
+        )
         for grad in grads:
             point.grad = grad.clone()
             optimizer.step()
@@ -663,7 +767,13 @@ def test_a_healthy_head_that_would_lose_rank_is_left_where_it_is():
     grad[1] = 0.0
     grad[1, :N] = frame @ root.mT  # G_A = U R^T, G_B = 0
     before = z.detach().clone()
-    options = dict(lr=1.0 / (0.2 * math.sqrt(N * M / K)), polar="eigh", eps=1e-30, weight_decay=0)
+    options = dict(
+        lr=1.0 / (0.2 * math.sqrt(N * M / K)),
+        polar="eigh",
+        eps=1e-30,
+        weight_decay=0,
+        head_norm="per-head",  # the construction is per head; the guard is the same for both
+    )
     opt = QuotientMuon([z], **options)
     z.grad = grad.clone()
     opt.step()
@@ -682,3 +792,19 @@ def test_a_healthy_head_that_would_lose_rank_is_left_where_it_is():
     with pytest.raises(ValueError, match="lose rank"):
         strict.step()
     assert torch.equal(z.detach(), before)
+
+
+def test_a_head_without_a_head_axis_takes_the_per_head_step():
+    """A single (n + m, k) sector: side by side with no other head, the all-heads step is the
+    per-head one."""
+    gen = rng(12)
+    z0 = torch.randn(N + M, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(N + M, K, generator=gen, dtype=torch.float64)
+    points = []
+    for head_norm in ("all-heads", "per-head"):
+        p = geoopt.ManifoldParameter(z0.clone(), manifold=FactorQuotient(N, M))
+        opt = QuotientMuon([p], lr=0.05, head_norm=head_norm)
+        p.grad = grad.clone()
+        opt.step()
+        points.append(p.detach())
+    assert torch.equal(points[0], points[1]) and not torch.equal(points[0], z0)

@@ -32,6 +32,25 @@ the iteration :math:`X_{t+1} = X_t\, p(S_t)`, :math:`p(s) = a + b s + c s^2`, be
 :math:`M_{t+1} = M_t\, p(S_t)`, :math:`S_{t+1} = S_t\, p(S_t)^2`, all polynomials of
 :math:`S_0`; no host synchronisation, unlike ``eigh`` on CUDA).
 
+**All heads in one norm** (``head_norm="all-heads"``, the default). The formula above is the
+steepest descent of each head in its own spectral norm. Measured in the spectral norm of the heads'
+product changes side by side, :math:`\|[\Delta W_1, \dots, \Delta W_H]\|_2` (``n x Hm``; with
+every :math:`U_{B,h}` orthonormal it equals :math:`\|[\Delta A_1 L_{P,1}, \dots, \Delta A_H
+L_{P,H}]\|_2`), the steepest descent is
+
+.. math::
+
+    [\Delta A_1 L_{P,1}, \dots, \Delta A_H L_{P,H}] = -\operatorname{polar}(X), \qquad
+    X = [G_{A,1} L_{P,1}^{-\top}, \dots, G_{A,H} L_{P,H}^{-\top}] \quad (n \times Hk),
+
+one ``Hk x Hk`` polar per side and tensor instead of :math:`H` of size ``k x k``: where every
+:math:`B_h` has orthonormal columns this is torch Muon on the ``n x Hk`` query (value) matrix of
+the split layout, so the step is the :math:`GL(k)^H`-invariant form of Muon on separate Q, K, V
+and O matrices. Each head's re-factorization acts on its own block of :math:`X` by an orthogonal
+matrix, block-diagonal on the whole, which commutes with the polar: the step stays exactly
+equivariant head by head. It won on the benchmark (``docs/quotient_muon.md``); ``"per-head"`` is
+the cheaper step above.
+
 **Invariance.** Under :math:`(A, B) \mapsto (A G, B G^{-\top})` the gradient maps to
 :math:`G_A G^{-\top}`, the Cholesky factor to :math:`G^{-1} L_P O` (:math:`O` orthogonal), so
 :math:`X \mapsto X O`, :math:`S \mapsto O^\top S O`, :math:`M \mapsto O^\top M O` (any spectral
@@ -46,7 +65,10 @@ only along the gradient: with a zero gradient nothing moves (no balancing or oth
 **Scale.** ``head_scale="rms"`` (default, the prototype's rule) multiplies both sides by
 :math:`0.2 \sqrt{n m / k}`: the product change :math:`\Delta A\, B^\top` (rank :math:`k`, all
 singular values equal) has RMS 0.2 per unit lr, as torch Muon's ``match_rms_adamw`` update of a
-matrix. ``head_scale="balanced"`` multiplies :math:`\Delta A` by
+matrix. With ``head_norm="all-heads"`` the side-by-side change has :math:`\min(n, Hk)` unit
+singular values, and the factor :math:`0.2 \sqrt{H n m / \min(n, Hk)}` (:math:`B`:
+:math:`\min(m, Hk)`) gives it the same RMS (both are :math:`0.2\sqrt{nm/k}` when
+:math:`n, m \ge Hk`). ``head_scale="balanced"`` multiplies :math:`\Delta A` by
 :math:`0.2 \sqrt{\max(n, k)}\, s` and :math:`\Delta B` by :math:`0.2 \sqrt{\max(m, k)}\, s`,
 :math:`s = (\|W\|_F^2 / k)^{1/4} = (\operatorname{tr}(PQ)/k)^{1/4}`: the product change that
 torch Muon's ``match_rms_adamw`` update of a *balanced* factor (singular values
@@ -70,7 +92,8 @@ unchanged); a non-finite gradient skips them too, device-side.
 
 **Distributed (FSDP2).** The step runs on each rank's local shard
 (:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on its head axis
-(``Shard(0)``) steps whole heads with no communication. One sharded along its rows gets every
+(``Shard(0)``) steps whole heads with no communication, with ``head_norm="per-head"`` only
+(the all-heads polar needs every head of the tensor; it is refused there with a ``ValueError``). One sharded along its rows gets every
 sum over rows from the geometry, summed over the row shards: the Grams (``grams``), the
 gradient and cross products (``cross``) and the per-head finiteness flag (``row_sum``); the
 ``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
@@ -104,6 +127,7 @@ from quotientopt.optim.hybrid import HybridOptimizer
 __all__ = ["QuotientMuon", "muon_and_adamw", "polar_right_factor"]
 
 STEP_KINDS = ("block", "tangent")
+HEAD_NORMS = ("per-head", "all-heads")
 POLAR_METHODS = ("newton-schulz", "eigh")
 HEAD_SCALES = ("balanced", "rms")
 HEAD_LR_RATIO = (
@@ -182,6 +206,34 @@ def _block_matrices(geometry, update: torch.Tensor, grams, polar: dict) -> torch
     return _rsolve(torch.linalg.solve_triangular(chol.mT, m, upper=True), chol)
 
 
+def _across_heads_block_step(
+    geometry, update: torch.Tensor, grams, polar: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The block step in the spectral norm of all heads' product changes side by side
+    (``head_norm="all-heads"``): the directions :math:`(D_A, D_B)`, :math:`\Delta A = -\eta c_A
+    D_A`, of a head tensor ``(..., H, n + m, k)``, the heads on axis -3.
+
+    With :math:`X = [G_{A,1} L_{P,1}^{-\top}, \dots, G_{A,H} L_{P,H}^{-\top}]` (``n x Hk``) and
+    :math:`M = (X^\top X)^{-1/2}` (``Hk x Hk``, from the blocks
+    :math:`L_{P,h}^{-1} G_{A,h}^\top G_{A,g} L_{P,g}^{-\top}`), :math:`X M = [D_{A,h} L_{P,h}]_h`:
+    :math:`D_{A,g} = \sum_h G_{A,h} K_{hg}`, :math:`K_{hg} = L_{P,h}^{-\top} M_{hg}
+    L_{P,g}^{-1}`; symmetrically for :math:`B` with :math:`L_Q`."""
+    heads, k = update.shape[-3], update.shape[-1]
+    dtype = grams.p.dtype
+    sides = []
+    for g, chol in zip(geometry.factors(update), (grams.chol_p, grams.chol_q), strict=True):
+        g = g.to(dtype)
+        rows, cols = chol[..., :, None, :, :], chol[..., None, :, :, :]  # L_h, L_g
+        c = geometry.row_sum(torch.einsum("...hri,...grj->...hgij", g, g))  # G_h^T G_g
+        s = _lsolve(rows, _rsolve(c, cols, transpose=True))  # (..., H, H, k, k)
+        s = sym(s.transpose(-3, -2).flatten(-2, -1).flatten(-3, -2))  # (..., Hk, Hk)
+        m = polar_right_factor(s, **polar)
+        m = m.unflatten(-1, (heads, k)).unflatten(-3, (heads, k)).transpose(-3, -2)
+        kernel = _rsolve(torch.linalg.solve_triangular(rows.mT, m, upper=True), cols)
+        sides.append(torch.einsum("...hri,...hgij->...grj", g, kernel))
+    return sides[0], sides[1]
+
+
 def _root_and_pinv(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`S^{1/2}` and the regularized :math:`S^{+1/2}` (:math:`\sqrt\lambda/(\lambda +
     \text{eps}\,\operatorname{tr} S)`) of symmetric PSD ``s``, through ``eigh`` (spectral
@@ -252,10 +304,15 @@ class QuotientMuon(QuotientOptimizer):
             ``"balanced"`` (module docs). Measured on the benchmark GPT, heads want about 0.2x
             the lr of the MLP matrices with ``"rms"`` (:func:`muon_and_adamw`'s default).
         polar: ``"newton-schulz"`` (default, no host synchronisation) or ``"eigh"`` (exact).
+        head_norm: ``"all-heads"`` (default: the polar of all heads of a tensor side by side,
+            axis -3 the heads; one ``Hk x Hk`` polar per side) or ``"per-head"`` (each head's own
+            ``k x k`` polar: cheaper, lost on the benchmark). A tensor sharded on its head axis
+            (FSDP2's default ``Shard(0)``) needs ``"per-head"`` or row sharding.
         step: ``"block"`` (default: each factor's own polar, both from the same point) or
             ``"tangent"`` (the polar of the product gradient's projection onto the tangent space
             of the rank-k matrices, lifted horizontally; uses ``eigh``, which synchronises on
-            CUDA). See ``docs/quotient_muon.md`` for the comparison.
+            CUDA; with ``head_norm="per-head"``). See ``docs/quotient_muon.md`` for the
+            comparison.
         ns_coefficients: the quintic Newton-Schulz coefficients :math:`(a, b, c)` (torch Muon's).
         ns_steps: Newton-Schulz iterations (torch Muon's 5).
         eps: regularization of the polar factor (torch Muon's 1e-7; module docs).
@@ -279,6 +336,7 @@ class QuotientMuon(QuotientOptimizer):
         head_scale: str = "rms",
         polar: str = "newton-schulz",
         step: str = "block",
+        head_norm: str = "all-heads",
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_steps: int = 5,
         eps: float = torch_muon_module.EPS,
@@ -298,6 +356,7 @@ class QuotientMuon(QuotientOptimizer):
         check_choice("head_scale", head_scale, HEAD_SCALES)
         check_choice("polar", polar, POLAR_METHODS)
         check_choice("step", step, STEP_KINDS)
+        check_choice("head_norm", head_norm, HEAD_NORMS)
         if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
             raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
         if len(tuple(ns_coefficients)) != 3:
@@ -313,6 +372,7 @@ class QuotientMuon(QuotientOptimizer):
             head_scale=head_scale,
             polar=polar,
             step=step,
+            head_norm=head_norm,
             ns_coefficients=tuple(ns_coefficients),
             ns_steps=ns_steps,
             eps=eps,
@@ -342,6 +402,32 @@ class QuotientMuon(QuotientOptimizer):
                 "shards, so it would orthogonalize each shard alone. Give sharded plain matrices "
                 "to AdamW (head sectors are fine: their k x k algebra is reduced over the shards)"
             )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_choice("head_norm", group["head_norm"], HEAD_NORMS)
+        if group["head_norm"] != "all-heads":
+            return
+        if group["step"] != "block" or group["head_scale"] != "rms":
+            raise ValueError(
+                "QuotientMuon: head_norm='all-heads' (the default) is a block step with the "
+                f"'rms' scale; step={group['step']!r} and head_scale={group['head_scale']!r} are "
+                "per-head steps: pass head_norm='per-head' with them"
+            )
+        for p in group["params"]:
+            if geometry_of(p) is not None and is_dtensor(p) and p.dim() > 2:
+                mesh = p.device_mesh
+                if any(
+                    pl.is_shard(p.dim() - 3) and mesh.size(axis) > 1
+                    for axis, pl in enumerate(p.placements)
+                ):
+                    raise ValueError(
+                        "QuotientMuon: head_norm='all-heads' couples the heads of a tensor, but "
+                        f"this one is sharded on its head axis ({p.placements}) and the step "
+                        "runs on local shards; shard it on its rows (quotientopt.distributed."
+                        "fully_shard(..., shard_placement_fn=...)) or pass head_norm='per-head'"
+                    )
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         """The momentum buffer at ``p``: the running average of Euclidean gradients, a covector
@@ -374,12 +460,45 @@ class QuotientMuon(QuotientOptimizer):
             ns_coefficients=group["ns_coefficients"],
             ns_steps=group["ns_steps"],
         )
+        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
+        (n, m_rows), k = geometry.sector_rows, z.shape[-1]
+        decay = 1.0 - lr * group["weight_decay"]
+        if decay < 0:
+            raise ValueError(
+                f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
+                "the sign of the products; lower the learning rate or the weight decay"
+            )
+        # one head alone (no head axis): the all-heads step is the per-head one
+        if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
+            heads = z.shape[-3]
+            direction_a, direction_b = _across_heads_block_step(geometry, update, grams, polar)
+            # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
+            scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
+            scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
+            step = torch.cat((direction_a * scale_a, direction_b * scale_b), dim=-2)
+            step = (step * -lr).to(z.dtype)
+        else:
+            step = self._per_head_step(geometry, z, update, grams, polar, group)
+        new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
+        new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
+        new_grams = geometry.grams(new, check=False, reference=grams)
+        finite = torch.isfinite(new).flatten(-2).all(-1)
+        if geometry.is_row_sharded:  # a head is finite when all of its row shards are
+            finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
+        # a healthy head must stay healthy; one that starts rank-deficient (the regularized
+        # metric, P + delta I) only has to stay finite on its way to full rank
+        ok = torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
+        return new, buf, ok
+
+    @staticmethod
+    def _per_head_step(geometry, z, update, grams, polar: dict, group: dict) -> torch.Tensor:
+        """The step of ``head_norm="per-head"`` (each head in its own spectral norm): block or
+        tangent kernels, scaled by ``head_scale``, applied with the geometry's
+        ``right_multiply``."""
         if group["step"] == "tangent":
             on_update, on_point = _tangent_matrices(geometry, z, update, grams, polar)
         else:
             on_update, on_point = _block_matrices(geometry, update, grams, polar), None
-
-        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
         (n, m_rows), k = geometry.sector_rows, z.shape[-1]
         if group["head_scale"] == "rms":
             scale = torch.full(
@@ -397,27 +516,13 @@ class QuotientMuon(QuotientOptimizer):
                 device=z.device,
             )
             scale = root[..., None] * sides
-        factor = (-lr * scale)[..., None, None]
+        factor = (-group["lr"] * scale)[..., None, None]
         on_update = on_update * factor
         step = geometry.right_multiply(update, on_update[..., 0, :, :], on_update[..., 1, :, :])
         if on_point is not None:
             on_point = on_point * factor
             step = step + geometry.right_multiply(z, on_point[..., 0, :, :], on_point[..., 1, :, :])
-        decay = 1.0 - lr * group["weight_decay"]
-        if decay < 0:
-            raise ValueError(
-                f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
-                "the sign of the products; lower the learning rate or the weight decay"
-            )
-        new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
-        new_grams = geometry.grams(new, check=False, reference=grams)
-        finite = torch.isfinite(new).flatten(-2).all(-1)
-        if geometry.is_row_sharded:  # a head is finite when all of its row shards are
-            finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
-        # a healthy head must stay healthy; one that starts rank-deficient (the regularized
-        # metric, P + delta I) only has to stay finite on its way to full rank
-        ok = torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
-        return new, buf, ok
+        return step
 
     # ---------------------------------------------------------------------------- the step
     def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:

@@ -107,7 +107,8 @@ CONTENDERS = {
         ),
         Contender(
             "quotient-muon",
-            "QuotientMuon on the heads at 0.2 lr, torch Muon's step on the MLP matrices and AdamW "
+            "QuotientMuon (all heads in one spectral norm) on the heads at 0.2 lr, torch Muon's step "
+            "on the MLP matrices and AdamW "
             "(betas (0.9, 0.99), weight decay 0.1) on the rest at lr (optim.muon_and_adamw)",
             True,
             False,

@@ -808,3 +808,28 @@ def test_a_head_without_a_head_axis_takes_the_per_head_step():
         opt.step()
         points.append(p.detach())
     assert torch.equal(points[0], points[1]) and not torch.equal(points[0], z0)
+
+
+@pytest.mark.parametrize("head_norm", ["per-head", "all-heads"])
+def test_a_head_with_non_finite_factors_is_skipped_alone(head_norm):
+    """A NaN in one head's factors (its gradient finite) skips that head only: the all-heads
+    polar takes the others without it (as beside a finite head with no gradient)."""
+    gen = rng(13)
+    z0 = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    z0[1, 2, 0] = float("nan")
+    p = geoopt.ManifoldParameter(z0.clone(), manifold=FactorQuotient(N, M))
+    opt = QuotientMuon([p], lr=0.05, head_norm=head_norm)
+    p.grad = grad.clone()
+    opt.step()
+    moved = p.detach()
+    assert torch.equal(moved[1].nan_to_num(), z0[1].nan_to_num()) and opt.rank_skips() == 1
+    healthy = z0.clone()  # the same heads beside a finite head 1 that has no gradient
+    healthy[1] = torch.randn(N + M, K, generator=gen, dtype=torch.float64)
+    beside = geoopt.ManifoldParameter(healthy, manifold=FactorQuotient(N, M))
+    reference = QuotientMuon([beside], lr=0.05, head_norm=head_norm)
+    beside.grad = grad.clone()
+    beside.grad[1] = 0.0
+    reference.step()
+    assert torch.allclose(moved[[0, 2]], beside.detach()[[0, 2]], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(moved[0], z0[0])

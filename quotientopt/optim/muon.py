@@ -222,11 +222,15 @@ def _across_heads_block_step(
     dtype = grams.p.dtype
     sides = []
     eye = torch.eye(k, dtype=dtype, device=update.device)
+    usable = grams.ok if grams.regularized is None else grams.ok | grams.regularized
     for g, chol in zip(geometry.factors(update), (grams.chol_p, grams.chol_q), strict=True):
         # L_h^{-1} (k x k per head) once: (rows x k) @ (k x k) products are several times
         # faster than right-sided triangular solves on the CPU
         inverse = _lsolve(chol, eye)
         x = g.to(dtype) @ inverse.mT  # X_h = G_h L_h^{-T}, (..., H, rows, k)
+        # a head the step cannot use (non-finite factors: its Cholesky factors are stand-ins)
+        # must not steer the others' polar: it enters as X_h = 0 (and is skipped itself)
+        x = torch.where(usable[..., None, None], x, 0.0)
         s = geometry.row_sum(torch.einsum("...hri,...grj->...hgij", x, x))  # X_h^T X_g
         s = sym(s.transpose(-3, -2).flatten(-2, -1).flatten(-3, -2))  # (..., Hk, Hk)
         m = polar_right_factor(s, **polar)
@@ -481,7 +485,6 @@ class QuotientMuon(QuotientOptimizer):
             step = (step * -lr).to(z.dtype)
         else:
             step = self._per_head_step(geometry, z, update, grams, polar, group)
-        new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
         new_grams = geometry.grams(new, check=False, reference=grams)
         finite = torch.isfinite(new).flatten(-2).all(-1)

@@ -96,7 +96,7 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         assert name != "muon-all-heads" or any(coupled)
         groups = [
             {"params": [p for p, c in zip(heads, coupled, strict=True) if c == flag]}
-            | ({"head_norm": "all-heads"} if flag else {})
+            | {"head_norm": "all-heads" if flag else "per-head"}
             for flag in (False, True)
         ]
         return HybridOptimizer(

@@ -247,29 +247,27 @@ def polar_svd(x: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def plain_eigh_step(rows: int, seed: int, lr: float, **options):
+    """One step with eigh and no momentum or decay from a random (HEADS, rows + M, K) start:
+    the start, the gradient and the parameter after the step."""
+    gen = rng(seed)
+    z0 = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(z0.clone(), manifold=FactorQuotient(rows, M))
+    opt = QuotientMuon(
+        [p], lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0, polar="eigh", **options
+    )
+    p.grad = grad.clone()
+    opt.step()
+    return z0, grad, p
+
+
 @pytest.mark.parametrize("head_scale", ["balanced", "rms"])
 def test_first_step_is_the_spectral_steepest_descent_of_the_product(head_scale):
     """With eigh and no momentum: dA = -c_A polar(G_A L_P^{-T}) L_P^{-1}; the product change
     dA B^T has every nonzero singular value equal to c_A (spectral norm c_A, rank k)."""
-    gen = rng(3)
-    manifold = FactorQuotient(N, M)
-    z0 = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
-    grad = torch.randn(HEADS, N + M, K, generator=gen, dtype=torch.float64)
-    p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
     lr = 0.01
-    opt = QuotientMuon(
-        [p],
-        lr=lr,
-        momentum=0.0,
-        nesterov=False,
-        weight_decay=0.0,
-        polar="eigh",
-        eps=1e-30,
-        head_scale=head_scale,
-        head_norm="per-head",
-    )
-    p.grad = grad
-    opt.step()
+    z0, grad, p = plain_eigh_step(N, 3, lr, eps=1e-30, head_scale=head_scale, head_norm="per-head")
     a, b = z0[..., :N, :], z0[..., N:, :]
     w = a @ b.mT
     if head_scale == "rms":
@@ -353,24 +351,9 @@ def test_all_heads_step_is_the_spectral_steepest_descent_of_the_heads_side_by_si
     gradients of all heads side by side, so the concatenated product change
     [dA_1 B_1^T, ..., dA_H B_H^T] has min(n, H k) singular values, all equal to c (rows = N < H k:
     wide X; rows = H k + 1: tall X)."""
-    gen = rng(7)
-    manifold = FactorQuotient(rows, M)
-    z0 = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
-    grad = torch.randn(HEADS, rows + M, K, generator=gen, dtype=torch.float64)
-    p = geoopt.ManifoldParameter(z0.clone(), manifold=manifold)
     lr = 0.01
-    opt = QuotientMuon(
-        [p],
-        lr=lr,
-        momentum=0.0,
-        nesterov=False,
-        weight_decay=0.0,
-        polar="eigh",
-        eps=1e-12,
-        head_norm="all-heads",
-    )  # eps: X X^T is singular when X is wide; eps = 0 would scale the rounding without bound
-    p.grad = grad
-    opt.step()
+    # eps: X X^T is singular when X is wide; eps = 0 would scale the rounding without bound
+    z0, grad, p = plain_eigh_step(rows, 7, lr, eps=1e-12, head_norm="all-heads")
     a, b = z0[..., :rows, :], z0[..., rows:, :]
     for side, partner, side_grad, n_side in (
         (slice(None, rows), b, grad[..., :rows, :], rows),

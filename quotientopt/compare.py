@@ -50,7 +50,7 @@ MUON_OPTIONS = dict(weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn
 
 
 MUON_DEFAULT_LR = 0.02  # 200-step grid on the default corpus, seed 0: see docs/symmetry.md
-QUOTIENT_MUON_DEFAULT_LR = 0.01  # the same grid
+QUOTIENT_MUON_DEFAULT_LR = 0.02  # the same grid, for the all-heads step (per-head: 0.01)
 
 
 def muon_and_torch_adamw(model: torch.nn.Module, lr: float) -> HybridOptimizer:

@@ -13,7 +13,7 @@ NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batc
 ``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-split-qkv``, ``muon-per-head``,
 ``quotient-muon``; defaults 1, 1, 1, 0.2), ``--ratio-grid NAME=R,R,...`` (tune that ratio jointly
 with the lr: every (lr, ratio) pair runs on seed 0), ``--option KEY=VALUE`` (QuotientMuon options of
-``quotient-muon``, e.g. ``step=tangent``, ``polar=eigh``) and ``--first-seed`` (ablations on the
+``quotient-muon``, e.g. ``polar=eigh``, ``head_norm=per-head step=tangent``) and ``--first-seed`` (ablations on the
 tuning seed 0).
 
 **Default.** The embedded corpus (the Python standard library's own sources, 2 MB, UTF-8 bytes,
@@ -382,7 +382,7 @@ METHODS = {
         Method(
             "quotient-muon",
             "QuotientMuon (momentum 0.95, Nesterov, weight decay 0.1, rms head scale, "
-            "Newton-Schulz polar) on the heads at the table's ratio x lr (default 0.2), torch Muon's step on the blocks' other "
+            "Newton-Schulz polar, all heads in one spectral norm) on the heads at the table's ratio x lr (default 0.2), torch Muon's step on the blocks' other "
             f"2-D matrices and {ADAMW_TEXT} on the rest at lr (quotientopt.optim.muon_and_adamw)",
             True,
             False,

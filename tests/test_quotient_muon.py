@@ -816,3 +816,35 @@ def test_a_head_with_non_finite_factors_is_skipped_alone(head_norm):
     reference.step()
     assert torch.allclose(moved[[0, 2]], beside.detach()[[0, 2]], rtol=1e-12, atol=1e-14)
     assert not torch.equal(moved[0], z0[0])
+
+
+def test_all_heads_couples_the_heads_of_a_layer_and_nothing_else():
+    """Leading dims before the head axis (layers stacked in one tensor) are a batch: stepping
+    (2, HEADS, N + M, K) at once equals stepping each layer's (HEADS, N + M, K) alone."""
+    gen = rng(14)
+    z0 = torch.randn(2, HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, HEADS, N + M, K, generator=gen, dtype=torch.float64)
+    points = []
+    for z, g in ((z0, grad), *zip(z0, grad, strict=True)):
+        p = geoopt.ManifoldParameter(z.clone(), manifold=FactorQuotient(N, M))
+        opt = QuotientMuon([p], lr=0.05, head_norm="all-heads")
+        p.grad = g.clone()
+        opt.step()
+        points.append(p.detach())
+    assert torch.allclose(points[0], torch.stack(points[1:]), rtol=1e-12, atol=1e-14)
+    assert not torch.equal(points[0], z0)
+
+
+def test_per_head_options_are_refused_with_all_heads_also_when_set_later():
+    """step="tangent" or head_scale="balanced" written into a group of an all-heads optimizer
+    after construction is refused at the next step, nothing moved."""
+    p = geoopt.ManifoldParameter(
+        torch.randn(HEADS, N + M, K, dtype=torch.float64), manifold=FactorQuotient(N, M)
+    )
+    before = p.detach().clone()
+    opt = QuotientMuon([p], lr=0.05)
+    opt.param_groups[0]["step"] = "tangent"
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="pass head_norm='per-head'"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

@@ -288,6 +288,35 @@ def _tangent_matrices(geometry, z, update, grams, polar: dict):
     return torch.stack((k1, k3), dim=-3), torch.stack((k2, k4), dim=-3)
 
 
+def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
+    """Refuse a group whose ``head_norm="all-heads"`` meets a per-head option (``step="tangent"``,
+    ``head_scale="balanced"``) or, with ``placements``, a head tensor sharded on its head axis
+    (the step runs on local shards and would couple only the local heads)."""
+    head_norm = group.get("head_norm", "per-head")  # groups saved before head_norm: per-head
+    check_choice("head_norm", head_norm, HEAD_NORMS)
+    if head_norm != "all-heads":
+        return
+    if group["step"] != "block" or group["head_scale"] != "rms":
+        raise ValueError(
+            "QuotientMuon: head_norm='all-heads' (the default) is a block step with the "
+            f"'rms' scale; step={group['step']!r} and head_scale={group['head_scale']!r} are "
+            "per-head steps: pass head_norm='per-head' with them"
+        )
+    for p in group["params"] if placements else ():
+        if geometry_of(p) is not None and is_dtensor(p) and p.dim() > 2:
+            mesh = p.device_mesh
+            if any(
+                pl.is_shard(p.dim() - 3) and mesh.size(axis) > 1
+                for axis, pl in enumerate(p.placements)
+            ):
+                raise ValueError(
+                    "QuotientMuon: head_norm='all-heads' couples the heads of a tensor, but "
+                    f"this one is sharded on its head axis ({p.placements}) and the step "
+                    "runs on local shards; shard it on its rows (quotientopt.distributed."
+                    "fully_shard(..., shard_placement_fn=...)) or pass head_norm='per-head'"
+                )
+
+
 class QuotientMuon(QuotientOptimizer):
     r"""Muon on the head quotients (see the module docs), ``torch.optim.Muon`` on plain matrices.
 
@@ -411,29 +440,14 @@ class QuotientMuon(QuotientOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_choice("head_norm", group["head_norm"], HEAD_NORMS)
-        if group["head_norm"] != "all-heads":
-            return
-        if group["step"] != "block" or group["head_scale"] != "rms":
-            raise ValueError(
-                "QuotientMuon: head_norm='all-heads' (the default) is a block step with the "
-                f"'rms' scale; step={group['step']!r} and head_scale={group['head_scale']!r} are "
-                "per-head steps: pass head_norm='per-head' with them"
-            )
-        for p in group["params"]:
-            if geometry_of(p) is not None and is_dtensor(p) and p.dim() > 2:
-                mesh = p.device_mesh
-                if any(
-                    pl.is_shard(p.dim() - 3) and mesh.size(axis) > 1
-                    for axis, pl in enumerate(p.placements)
-                ):
-                    raise ValueError(
-                        "QuotientMuon: head_norm='all-heads' couples the heads of a tensor, but "
-                        f"this one is sharded on its head axis ({p.placements}) and the step "
-                        "runs on local shards; shard it on its rows (quotientopt.distributed."
-                        "fully_shard(..., shard_placement_fn=...)) or pass head_norm='per-head'"
-                    )
+        _check_head_norm(self.param_groups[-1], placements=True)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; then the loaded groups' ``head_norm`` is checked against
+        their options and parameters (as for a new group)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _check_head_norm(group, placements=True)
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
         """The momentum buffer at ``p``: the running average of Euclidean gradients, a covector
@@ -474,6 +488,7 @@ class QuotientMuon(QuotientOptimizer):
                 f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
                 "the sign of the products; lower the learning rate or the weight decay"
             )
+        _check_head_norm(group)  # options changed in param_groups after construction
         # one head alone (no head axis): the all-heads step is the per-head one
         if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
             heads = z.shape[-3]

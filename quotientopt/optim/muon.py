@@ -93,8 +93,8 @@ unchanged); a non-finite gradient skips them too, device-side.
 **Distributed (FSDP2).** The step runs on each rank's local shard
 (:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on its head axis
 (``Shard(0)``) steps whole heads with no communication, with ``head_norm="per-head"`` only
-(the all-heads polar needs every head of the tensor; it is refused there with a ``ValueError``). One sharded along its rows gets every
-sum over rows from the geometry, summed over the row shards: the Grams (``grams``), the
+(the all-heads polar needs every head of the tensor; it is refused there with a
+``ValueError``). One sharded along its rows gets every sum over rows from the geometry, summed over the row shards: the Grams (``grams``), the
 gradient and cross products (``cross``) and the per-head finiteness flag (``row_sum``); the
 ``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
 local, and the ``"rms"`` and ``"balanced"`` scales use the whole sector's row counts
@@ -480,18 +480,16 @@ class QuotientMuon(QuotientOptimizer):
             ns_coefficients=group["ns_coefficients"],
             ns_steps=group["ns_steps"],
         )
-        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
-        (n, m_rows), k = geometry.sector_rows, z.shape[-1]
         decay = 1.0 - lr * group["weight_decay"]
         if decay < 0:
             raise ValueError(
                 f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
                 "the sign of the products; lower the learning rate or the weight decay"
             )
-        _check_head_norm(group)  # options changed in param_groups after construction
         # one head alone (no head axis): the all-heads step is the per-head one
         if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
-            heads = z.shape[-3]
+            # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
+            (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
             direction_a, direction_b = _across_heads_block_step(geometry, update, grams, polar)
             # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
             scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
@@ -549,6 +547,7 @@ class QuotientMuon(QuotientOptimizer):
 
         pending = []  # phase 1: every head update computed and checked, nothing written
         for group in self.param_groups:
+            _check_head_norm(group)  # options may have been written into param_groups since
             for p in group["params"]:
                 if p.grad is not None and geometry_of(p) is not None:
                     keep = nonfinite[p.device] == 0

@@ -344,6 +344,36 @@ def test_a_branch_loaded_from_the_state_dict_leaves_the_source_alone(name):
         assert torch.equal(p.detach(), r)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_loading_its_own_state_dict_in_place_keeps_the_state_tensors(name):
+    """torch.distributed.checkpoint loads into the tensors of ``optimizer.state_dict()`` and
+    passes that dict back to ``load_state_dict``: the state is the optimizer's own already, so no
+    tensor is copied (a copy would double the state's memory at load time), and the run goes on
+    bitwise as if uninterrupted."""
+    params, loss_fn = two_shape_problem()
+    optimizer = OPTIMIZERS[name](params)
+    _steps(optimizer, params, loss_fn, 2)
+    before = {
+        (i, key): value
+        for i, state in enumerate(optimizer.state.values())
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    optimizer.load_state_dict(optimizer.state_dict())
+    after = {
+        (i, key): value
+        for i, state in enumerate(optimizer.state.values())
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    assert before.keys() == after.keys()
+    assert before or name == "sgd"  # plain QuotientSGD keeps no tensor state
+    assert all(after[slot] is tensor for slot, tensor in before.items())
+    _steps(optimizer, params, loss_fn, 2)
+    for p, r in zip(params, _reference(name, 4), strict=True):
+        assert torch.equal(p.detach(), r)
+
+
 def _manifold_kwargs(p: torch.Tensor) -> dict:
     return {"manifold": p.manifold} if isinstance(p, geoopt.ManifoldParameter) else {}
 

@@ -326,6 +326,18 @@ def _restore(saved: Any, dtype: torch.dtype, device: torch.device, exact: bool =
     return saved
 
 
+def _restored_already(
+    saved: Any, dtype: torch.dtype, device: torch.device, exact: bool = False
+) -> bool:
+    """Whether ``saved`` is a tensor that ``_restore`` would only copy (already on ``device``, in
+    the dtype it would be restored in)."""
+    if not isinstance(saved, torch.Tensor) or saved.device != device:
+        return False
+    if not saved.is_floating_point():
+        return True
+    return saved.dtype == (dtype if exact else torch.promote_types(saved.dtype, dtype))
+
+
 class KeepStateDtypes:
     """``load_state_dict`` that keeps the quotient parameters' full-precision state in full
     precision.
@@ -347,6 +359,9 @@ class KeepStateDtypes:
         return self.full_precision_state if is_quotient_parameter(p) else ()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # what each slot held before: a saved entry that is that very object (the state_dict
+        # passed back in place, as torch.distributed.checkpoint does) is already ours
+        held = {p: dict(entries) for p, entries in self.state.items()}  # type: ignore[attr-defined]
         super().load_state_dict(state_dict)  # type: ignore[misc]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
@@ -356,15 +371,25 @@ class KeepStateDtypes:
             if p is None:
                 continue
             state = self.state[p]  # type: ignore[attr-defined]
+            ours = held.get(p, {})
             dtype = compute_dtype(p.dtype)
             for key in self._full_precision_keys(p):
                 if key in entries:
-                    state[key] = _restore(
-                        entries[key], dtype, p.device, self.state_in_compute_dtype
-                    )
+                    saved = entries[key]
+                    exact = self.state_in_compute_dtype
+                    if not (
+                        saved is ours.get(key) and _restored_already(saved, dtype, p.device, exact)
+                    ):
+                        saved = _restore(saved, dtype, p.device, exact)
+                    state[key] = saved
             for key, value in state.items():  # torch's loader keeps the tensors it need not
-                # cast, and the steps update their state in place or recycle its memory
-                if isinstance(value, torch.Tensor) and value is entries.get(key):  # own them
+                # cast, and the steps update their state in place or recycle its memory: own
+                # them, unless they are this slot's own already (no second copy of the state)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value is entries.get(key)
+                    and value is not ours.get(key)
+                ):
                     state[key] = value.clone()
 
 

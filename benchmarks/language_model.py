@@ -276,8 +276,17 @@ def _build_quotient_muon(model: GPT, lr: float, setup: Setup) -> torch.optim.Opt
         lr,
         head_lr=setup.ratio("quotient-muon") * lr,
         adamw_betas=(0.9, 0.99),
-        **dict(setup.options),
+        **{key: _option_value(value) for key, value in setup.options},
     )
+
+
+def _option_value(text: str) -> Any:
+    """An ``--option`` value: a number where the text is one (``head_weight_decay=1``), else the
+    text (``head_norm=per-head``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 QSGD_ADAMW_RATIO = 0.3  # AdamW's lr for the rest / QuotientSGD's lr for the heads
@@ -936,7 +945,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         metavar="KEY=VALUE",
         default=[],
-        help="QuotientMuon options of quotient-muon (head_scale=rms, polar=eigh)",
+        help="options of quotient-muon's muon_and_adamw (head_norm=per-head, polar=eigh, "
+        "head_weight_decay=1)",
     )
     add("--workers", type=int, default=min(2, os.cpu_count() or 1))
     add("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")

@@ -495,6 +495,31 @@ def test_muon_and_adamw_splits_a_model_and_trains_it():
     assert all(opt.momentum(p).kind == "covector" for p in head_group["params"])
 
 
+@pytest.mark.parametrize("head_weight_decay", [None, 2.0])
+def test_muon_and_adamw_decays_heads_and_matrices_at_their_own_rates(head_weight_decay):
+    """With zero gradients a step only decays: each head's product by 1 - head_lr * head decay
+    (``head_weight_decay``, default ``weight_decay``), each hidden matrix by 1 - lr *
+    weight_decay."""
+    model = tiny_gpt().double()
+    opt = muon_and_adamw(
+        model, lr=0.01, head_lr=0.005, weight_decay=0.1, head_weight_decay=head_weight_decay
+    )
+    head_group, matrix_group = opt.heads.param_groups
+    before = [p.detach().clone() for g in (head_group, matrix_group) for p in g["params"]]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    head_decay = 1 - 0.005 * (0.1 if head_weight_decay is None else head_weight_decay)
+    after = [p.detach() for g in (head_group, matrix_group) for p in g["params"]]
+    for p, z0, z1 in zip(head_group["params"], before, after, strict=False):
+        product = p.manifold.product
+        assert torch.allclose(product(z1), head_decay * product(z0), rtol=1e-12, atol=0)
+    for w0, w1 in zip(before[len(head_group["params"]) :], after[len(head_group["params"]) :]):
+        assert torch.allclose(w1, (1 - 0.01 * 0.1) * w0, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="invalid head_weight_decay"):
+        muon_and_adamw(tiny_gpt(), head_weight_decay=-1.0)
+
+
 def test_unsupported_parameters_and_options_name_the_fix():
     with pytest.raises(ValueError, match="give embeddings, gains and biases to AdamW"):
         QuotientMuon([torch.nn.Parameter(torch.zeros(3))])

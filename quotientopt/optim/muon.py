@@ -618,6 +618,7 @@ def muon_and_adamw(
     head_lr: float | None = None,
     adamw_lr: float | None = None,
     weight_decay: float = 0.1,
+    head_weight_decay: float | None = None,
     adamw_betas: tuple[float, float] = (0.9, 0.95),
     adamw_weight_decay: float = 0.1,
     hidden: Callable[[str, torch.Tensor], bool] | None = None,
@@ -632,6 +633,10 @@ def muon_and_adamw(
       (``adjust_lr_fn="match_rms_adamw"`` unless given);
     * everything else (embeddings, the output layer, gains, biases) -> ``torch.optim.AdamW`` at
       ``adamw_lr`` (default ``lr``: the AdamW-matched scaling makes one lr serve all three).
+
+    ``weight_decay`` is QuotientMuon's decoupled decay (the hidden matrices', and the heads'
+    unless ``head_weight_decay`` is given: each step scales a head's product by
+    ``1 - head_lr * head_weight_decay``, a matrix by ``1 - lr * weight_decay``).
 
     ``hidden(name, p)`` decides which plain 2-D parameters are hidden matrices; the default takes
     those of ``torch.nn.Linear`` layers, not of ``torch.nn.Embedding`` (nor tied to one), and not
@@ -669,11 +674,11 @@ def muon_and_adamw(
         raise ValueError(
             "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"
         )
-    groups = [
-        {"params": g, "lr": rate}
-        for g, rate in ((heads, HEAD_LR_RATIO * lr if head_lr is None else head_lr), (matrices, lr))
-        if g
-    ]
+    head_group = {"params": heads, "lr": HEAD_LR_RATIO * lr if head_lr is None else head_lr}
+    if head_weight_decay is not None:
+        check_number("head_weight_decay", head_weight_decay, 0.0, float("inf"))
+        head_group["weight_decay"] = head_weight_decay
+    groups = [g for g in (head_group, {"params": matrices, "lr": lr}) if g["params"]]
     muon_options.setdefault("adjust_lr_fn", "match_rms_adamw")
     muon = QuotientMuon(groups, lr=lr, weight_decay=weight_decay, **muon_options)
     adamw = torch.optim.AdamW(

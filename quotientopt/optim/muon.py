@@ -77,7 +77,8 @@ transfers across widths as Muon's does (it lost to ``"rms"`` at 0.2x head lr on 
 see ``docs/quotient_muon.md``).
 
 **Weight decay** scales both factors by :math:`\sqrt{1 - \eta\lambda}`, i.e. the product by
-:math:`1 - \eta\lambda`, exactly what torch Muon does to a matrix (a scalar: equivariant).
+:math:`1 - \eta\lambda`, exactly what torch Muon does to a matrix (a scalar: equivariant). torch
+Muon on ``W_Q`` and ``W_K`` scales each, so their product by :math:`(1 - \eta\lambda)^2`.
 
 **Rank loss.** A head whose Grams are singular or non-finite (or would become so after the step)
 is skipped (its factors and momentum kept) and counted in :meth:`rank_skips`; with a damped

@@ -15,7 +15,10 @@ raises, the crash the FSDP2 issue reported, which the table shows); QuotientSGD
 (``refresh_every`` 1 and 8) and QuotientAdam with the head axis sharded (FSDP2's default
 ``Shard(0)``: no communication in the step), and QuotientSGD with the sector rows sharded
 (``Shard(1)``: the ``k x k`` Grams are all-reduced). The quotient optimizers step the plain
-tensors too (torch's fused kernels on the local shards). A last row times
+tensors too (torch's fused kernels on the local shards). QuotientMuon steps the heads with fused
+AdamW on the rest: ``head_norm="per-head"`` with the head axis sharded, its default
+``"all-heads"`` with the rows sharded (the ``Hk x Hk`` Gram is all-reduced; a sharded head axis
+is refused). A last row times
 :func:`quotientopt.distributed.local_shards` alone (local views in, DTensor state out).
 
     python benchmarks/fsdp_overhead.py                           # spawns 2 gloo ranks
@@ -45,7 +48,13 @@ from torch.distributed.tensor import DTensor, Shard
 
 from quotientopt.distributed import fully_shard, local_shards
 from quotientopt.manifolds import FactorQuotient
-from quotientopt.optim import QuotientAdam, QuotientSGD, split_parameters
+from quotientopt.optim import (
+    HybridOptimizer,
+    QuotientAdam,
+    QuotientMuon,
+    QuotientSGD,
+    split_parameters,
+)
 
 WIDTH, HEADS, HEAD_DIM = 768, 12, 64
 
@@ -81,6 +90,15 @@ def rows(p: nn.Parameter) -> Shard | None:
     return Shard(1) if getattr(p, "manifold", None) is not None else None
 
 
+def muon_heads(head_norm: str):
+    """QuotientMuon on the heads, torch's fused AdamW on the rest: under FSDP2 the plain matrices
+    go to AdamW (torch Muon's Newton-Schulz needs whole matrices, QuotientMuon refuses shards)."""
+    return lambda groups: HybridOptimizer(
+        QuotientMuon(groups[0]["params"], lr=4e-3, head_norm=head_norm),
+        torch.optim.AdamW(groups[1]["params"], lr=1e-3, fused=True),
+    )
+
+
 CONTENDERS = {
     "sgd-momentum (foreach)": (
         "heads",
@@ -94,6 +112,8 @@ CONTENDERS = {
     ),
     "quotient-adam": ("heads", lambda ps: QuotientAdam(ps, lr=1e-3)),
     "quotient-sgd, rows sharded": ("rows", lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9)),
+    "quotient-muon per-head + adamw (fused)": ("heads", muon_heads("per-head")),
+    "quotient-muon all-heads + adamw (fused), rows sharded": ("rows", muon_heads("all-heads")),
 }
 FUSED = {
     "sgd-momentum (fused)": (

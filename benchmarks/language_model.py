@@ -12,9 +12,10 @@ NAME=LR,LR,...`` / ``--lr NAME=LR`` (replace a grid / pin an lr), model and batc
 ``--schedule``, ``--workers``, ``--out`` (default ``benchmarks/results``); for the Muon family
 ``--ratio NAME=R`` (attention/head lr over MLP lr of ``muon``, ``muon-split-qkv``, ``muon-per-head``,
 ``quotient-muon``; defaults 1, 1, 1, 0.2), ``--ratio-grid NAME=R,R,...`` (tune that ratio jointly
-with the lr: every (lr, ratio) pair runs on seed 0), ``--option KEY=VALUE`` (QuotientMuon options of
-``quotient-muon``, e.g. ``polar=eigh``, ``head_norm=per-head step=tangent``) and ``--first-seed`` (ablations on the
-tuning seed 0).
+with the lr: every (lr, ratio) pair runs on seed 0), ``--option KEY=VALUE`` (options of
+``quotient-muon``'s ``muon_and_adamw``, e.g. ``polar=eigh``, ``head_norm=per-head step=tangent``,
+``head_weight_decay=1.0``; listed in the report) and ``--first-seed`` (ablations on the tuning seed
+0).
 
 **Default.** The embedded corpus (the Python standard library's own sources, 2 MB, UTF-8 bytes,
 vocabulary 256; :func:`quotientopt.data.stdlib_text`), 90/10 train/validation split by position;
@@ -281,12 +282,14 @@ def _build_quotient_muon(model: GPT, lr: float, setup: Setup) -> torch.optim.Opt
 
 
 def _option_value(text: str) -> Any:
-    """An ``--option`` value: a number where the text is one (``head_weight_decay=1``), else the
-    text (``head_norm=per-head``)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """An ``--option`` value: an int or float where the text is one (``ns_steps=6``,
+    ``head_weight_decay=1.0``), else the text (``head_norm=per-head``)."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
 
 
 QSGD_ADAMW_RATIO = 0.3  # AdamW's lr for the rest / QuotientSGD's lr for the heads
@@ -630,6 +633,8 @@ def describe(name: str, setup: Setup) -> str:
     text = METHODS[name].description
     if METHODS[name].build is _build_adamw and setup.nanogpt_adamw:
         text += " on tensors of >= 2 dims only, none on biases and gains (nanoGPT)"
+    if name == "quotient-muon" and setup.options:  # --option overrides the text above
+        text += "; options: " + ", ".join(f"{key}={value}" for key, value in setup.options)
     return text
 
 

@@ -91,6 +91,29 @@ def test_ratio_grid_tunes_lr_and_ratio_jointly(language_model, tmp_path):
     assert f"{row['best_lr']:g} x {row['ratio']:g}: " in table
 
 
+def test_options_reach_quotient_muon_as_numbers_and_are_described(language_model):
+    """--option KEY=VALUE: ints, floats and words reach muon_and_adamw as such (QuotientMuon
+    refuses ns_steps=6.0), and the report's description lists them."""
+    args = language_model.parse_args(
+        ["--option", "ns_steps=6", "head_weight_decay=0.5", "head_norm=per-head"]
+    )
+    setup = language_model.Setup(
+        n_layer=1, n_embd=32, block_size=32, batch_size=8, options=args.options
+    )
+    config = language_model.GPTConfig(
+        block_size=32, vocab_size=256, n_layer=1, n_head=4, n_embd=32, quotient=True
+    )
+    optimizer = language_model.METHODS["quotient-muon"].build(
+        language_model.GPT(config), 0.01, setup
+    )
+    heads = optimizer.heads.param_groups[0]
+    assert heads["ns_steps"] == 6 and isinstance(heads["ns_steps"], int)
+    assert heads["weight_decay"] == 0.5 and heads["head_norm"] == "per-head"
+    assert optimizer.heads.param_groups[1]["weight_decay"] == 0.1  # the matrices keep theirs
+    text = language_model.describe("quotient-muon", setup)
+    assert text.endswith("options: ns_steps=6, head_weight_decay=0.5, head_norm=per-head")
+
+
 def test_block_muon_on_thirds_is_torch_muon_on_three_matrices(language_model):
     """muon-split-qkv's BlockMuon steps a fused (3d x d) projection exactly as torch Muon steps
     its query, key and value blocks given as three d x d parameters."""

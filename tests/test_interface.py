@@ -21,6 +21,7 @@ from quotientopt.manifolds import FactorQuotient
 from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
 from quotientopt.nn import QuotientMultiheadAttention
 from quotientopt.optim import (
+    HybridOptimizer,
     QuotientAdam,
     QuotientHamiltonian,
     QuotientMuon,
@@ -353,25 +354,67 @@ def test_loading_its_own_state_dict_in_place_keeps_the_state_tensors(name):
     params, loss_fn = two_shape_problem()
     optimizer = OPTIMIZERS[name](params)
     _steps(optimizer, params, loss_fn, 2)
-    before = {
-        (i, key): value
-        for i, state in enumerate(optimizer.state.values())
-        for key, value in state.items()
-        if isinstance(value, torch.Tensor)
-    }
+    before = _state_tensors(optimizer)
     optimizer.load_state_dict(optimizer.state_dict())
-    after = {
-        (i, key): value
-        for i, state in enumerate(optimizer.state.values())
-        for key, value in state.items()
-        if isinstance(value, torch.Tensor)
-    }
+    after = _state_tensors(optimizer)
     assert before.keys() == after.keys()
     assert before or name == "sgd"  # plain QuotientSGD keeps no tensor state
     assert all(after[slot] is tensor for slot, tensor in before.items())
     _steps(optimizer, params, loss_fn, 2)
     for p, r in zip(params, _reference(name, 4), strict=True):
         assert torch.equal(p.detach(), r)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple, torch.Tensor]:
+    """Every tensor of the optimizer's state, nested ones (cached Grams) too, by its place."""
+    found = {}
+
+    def visit(place: tuple, value) -> None:
+        if isinstance(value, torch.Tensor):
+            found[place] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit((*place, key), item)
+        elif isinstance(value, (tuple, list)):
+            for index, item in enumerate(value):
+                visit((*place, index), item)
+
+    for i, state in enumerate(optimizer.state.values()):
+        visit((i,), state)
+    return found
+
+
+def test_a_hybrid_loaded_from_another_hybrid_shares_no_state():
+    """HybridOptimizer's torch part (AdamW here) keeps the tensors torch's loader need not cast:
+    a hybrid loaded from another one's state_dict must not step the other's AdamW state, and a
+    hybrid loaded from its own state_dict keeps its tensors."""
+
+    def hybrid(ps):
+        return HybridOptimizer.for_parameters(
+            ps,
+            heads=lambda hs: QuotientSGD(hs, lr=0.05, momentum=0.9),
+            rest=lambda rs: torch.optim.AdamW(rs, lr=0.01),
+        )
+
+    params, loss_fn = two_shape_problem()
+    first = hybrid(params)
+    _steps(first, params, loss_fn, 2)
+    twin_params = [type(p)(p.detach().clone(), **_manifold_kwargs(p)) for p in params]
+    twin = hybrid(twin_params)
+    twin.load_state_dict(first.state_dict())
+    snapshot = {place: t.clone() for place, t in _state_tensors(first.rest).items()}
+    _steps(twin, twin_params, loss_fn, 1)
+    assert snapshot and all(
+        torch.equal(t, snapshot[place]) for place, t in _state_tensors(first.rest).items()
+    )
+    own = {
+        place: t for part in (first.heads, first.rest) for place, t in _state_tensors(part).items()
+    }
+    first.load_state_dict(first.state_dict())
+    again = {
+        place: t for part in (first.heads, first.rest) for place, t in _state_tensors(part).items()
+    }
+    assert all(again[place] is t for place, t in own.items())
 
 
 def _manifold_kwargs(p: torch.Tensor) -> dict:

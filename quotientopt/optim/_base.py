@@ -329,13 +329,49 @@ def _restore(saved: Any, dtype: torch.dtype, device: torch.device, exact: bool =
 def _restored_already(
     saved: Any, dtype: torch.dtype, device: torch.device, exact: bool = False
 ) -> bool:
-    """Whether ``saved`` is a tensor that ``_restore`` would only copy (already on ``device``, in
-    the dtype it would be restored in)."""
-    if not isinstance(saved, torch.Tensor) or saved.device != device:
+    """Whether ``_restore`` would only copy ``saved``: every tensor in it already on ``device``,
+    in the dtype it would be restored in."""
+    if isinstance(saved, dict):
+        return all(_restored_already(item, dtype, device, exact) for item in saved.values())
+    if isinstance(saved, (tuple, list)):
+        return all(_restored_already(item, dtype, device, exact) for item in saved)
+    if not isinstance(saved, torch.Tensor):
+        return True
+    if saved.device != device:
         return False
     if not saved.is_floating_point():
         return True
     return saved.dtype == (dtype if exact else torch.promote_types(saved.dtype, dtype))
+
+
+def held_state(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, dict[str, Any]]:
+    """What each parameter's state slots hold now (taken before a ``load_state_dict``)."""
+    return {p: dict(entries) for p, entries in optimizer.state.items()}
+
+
+def own_loaded_state(
+    optimizer: torch.optim.Optimizer,
+    state_dict: dict[str, Any],
+    held: dict[torch.Tensor, dict[str, Any]],
+) -> None:
+    """After torch's ``load_state_dict``: copy each state tensor that the loader kept from
+    ``state_dict`` (torch keeps the tensors it need not cast, so two optimizers would share and
+    update them), unless it is the very tensor that slot ``held`` before the load (the
+    optimizer's own state passed back, as ``torch.distributed.checkpoint`` does)."""
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    for param_id, p in zip(saved_ids, params, strict=True):
+        entries = state_dict["state"].get(param_id)
+        if entries is None:
+            continue
+        state, ours = optimizer.state[p], held.get(p, {})
+        for key, value in state.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value is entries.get(key)
+                and value is not ours.get(key)
+            ):
+                state[key] = value.clone()
 
 
 class KeepStateDtypes:
@@ -361,7 +397,7 @@ class KeepStateDtypes:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # what each slot held before: a saved entry that is that very object (the state_dict
         # passed back in place, as torch.distributed.checkpoint does) is already ours
-        held = {p: dict(entries) for p, entries in self.state.items()}  # type: ignore[attr-defined]
+        held = held_state(self)  # type: ignore[arg-type]
         super().load_state_dict(state_dict)  # type: ignore[misc]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
@@ -382,15 +418,8 @@ class KeepStateDtypes:
                     ):
                         saved = _restore(saved, dtype, p.device, exact)
                     state[key] = saved
-            for key, value in state.items():  # torch's loader keeps the tensors it need not
-                # cast, and the steps update their state in place or recycle its memory: own
-                # them, unless they are this slot's own already (no second copy of the state)
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value is entries.get(key)
-                    and value is not ours.get(key)
-                ):
-                    state[key] = value.clone()
+        # the steps update their state in place and recycle its memory: own what was kept
+        own_loaded_state(self, state_dict, held)  # type: ignore[arg-type]
 
 
 class HealthMixin:

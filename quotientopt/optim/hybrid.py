@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from quotientopt.optim._base import Momentum, manifold_of, momentum_of
+from quotientopt.optim._base import (
+    KeepStateDtypes,
+    Momentum,
+    held_state,
+    manifold_of,
+    momentum_of,
+    own_loaded_state,
+)
 
 
 def split_parameters(
@@ -187,5 +194,14 @@ class HybridOptimizer(torch.optim.Optimizer):
                 "HybridOptimizer.load_state_dict: expected a dict with keys 'heads' and 'rest' "
                 f"(from HybridOptimizer.state_dict()), got keys {sorted(state_dict)}"
             )
-        self.heads.load_state_dict(state_dict["heads"])
-        self.rest.load_state_dict(state_dict["rest"])
+        for child, saved in ((self.heads, state_dict["heads"]), (self.rest, state_dict["rest"])):
+            if isinstance(child, (HybridOptimizer, KeepStateDtypes)) or not isinstance(
+                child, torch.optim.Optimizer
+            ):
+                child.load_state_dict(saved)  # copies what it must itself
+                continue
+            # a torch optimizer keeps the loaded tensors it need not cast: a hybrid loaded from
+            # another's state_dict would share (and update) the other's state
+            held = held_state(child)
+            child.load_state_dict(saved)
+            own_loaded_state(child, saved, held)

@@ -394,7 +394,8 @@ METHODS = {
         Method(
             "quotient-muon",
             "QuotientMuon (momentum 0.95, Nesterov, weight decay 0.1, rms head scale, "
-            "Newton-Schulz polar, all heads in one spectral norm) on the heads at the table's ratio x lr (default 0.2), torch Muon's step on the blocks' other "
+            "Newton-Schulz polar, all heads in one spectral norm) on the heads at the table's "
+            "ratio x lr (default 0.2), torch Muon's step on the blocks' other "
             f"2-D matrices and {ADAMW_TEXT} on the rest at lr (quotientopt.optim.muon_and_adamw)",
             True,
             False,

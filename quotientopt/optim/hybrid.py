@@ -195,13 +195,13 @@ class HybridOptimizer(torch.optim.Optimizer):
                 f"(from HybridOptimizer.state_dict()), got keys {sorted(state_dict)}"
             )
         for child, saved in ((self.heads, state_dict["heads"]), (self.rest, state_dict["rest"])):
-            if isinstance(child, (HybridOptimizer, KeepStateDtypes)) or not isinstance(
-                child, torch.optim.Optimizer
-            ):
-                child.load_state_dict(saved)  # copies what it must itself
-                continue
-            # a torch optimizer keeps the loaded tensors it need not cast: a hybrid loaded from
-            # another's state_dict would share (and update) the other's state
-            held = held_state(child)
+            # a torch optimizer's loader keeps the tensors it need not cast: a hybrid loaded
+            # from another's state_dict would share (and update) the other's state; ours and a
+            # nested hybrid copy what they must themselves
+            torch_loader = isinstance(child, torch.optim.Optimizer) and not isinstance(
+                child, (HybridOptimizer, KeepStateDtypes)
+            )
+            held = held_state(child) if torch_loader else {}
             child.load_state_dict(saved)
-            own_loaded_state(child, saved, held)
+            if torch_loader:
+                own_loaded_state(child, saved, held)

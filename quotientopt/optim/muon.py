@@ -95,12 +95,12 @@ unchanged); a non-finite gradient skips them too, device-side.
 (:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on its head axis
 (``Shard(0)``) steps whole heads with no communication, with ``head_norm="per-head"`` only
 (the all-heads polar needs every head of the tensor; it is refused there with a
-``ValueError``). One sharded along its rows gets every sum over rows from the geometry, summed over the row shards: the Grams (``grams``), the
-gradient and cross products (``cross``) and the per-head finiteness flag (``row_sum``); the
-``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
-local, and the ``"rms"`` and ``"balanced"`` scales use the whole sector's row counts
-(``sector_rows``). Plain matrices sharded by FSDP2 are refused (Newton-Schulz needs the whole
-matrix): give them to AdamW.
+``ValueError``). One sharded along its rows gets every sum over rows from the geometry, summed
+over the row shards: the Grams (``grams``), the gradient and cross products (``cross``) and the
+per-head finiteness flag (``row_sum``); the ``k x k`` algebra is then identical on every rank,
+the ``(rows x k) @ (k x k)`` products stay local, and the ``"rms"`` and ``"balanced"`` scales use
+the whole sector's row counts (``sector_rows``). Plain matrices sharded by FSDP2 are refused
+(Newton-Schulz needs the whole matrix): give them to AdamW.
 """
 
 from __future__ import annotations

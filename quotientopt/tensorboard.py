@@ -132,9 +132,9 @@ def metric_momentum_alignment(
         (``geometry.momentum_map``, the ``k x k`` matrix with :math:`g(v, V(E)) = \langle J,
         E
     angle_F`): the cosine in the metric between ``v`` and the orbit direction
-        :math:`V(J) = (A J, -B J^	op)` that :math:`J` points along,
+        :math:`V(J) = (A J, -B J^\top)` that :math:`J` points along,
 
-        .. math:: rac{g(v, V(J))}{\|v\|_g \|V(J)\|_g} = rac{\|J\|_F^2}{\|v\|_g \|V(J)\|_g}.
+        .. math:: \frac{g(v, V(J))}{\|v\|_g \|V(J)\|_g} = \frac{\|J\|_F^2}{\|v\|_g \|V(J)\|_g}.
 
         It is 0 exactly when ``v`` is horizontal, scale-free (relative to the size of ``v`` and of
         the orbit) and unchanged by the group. Groups with ``v = 0`` give 0. Computed in ``z``'s

@@ -1,10 +1,10 @@
-"""Griffe extension for the documentation site: renders the reStructuredText markup of the
+r"""Griffe extension for the documentation site: renders the reStructuredText markup of the
 package's docstrings as the Markdown that mkdocstrings and pymdownx.arithmatex understand.
 
 Formatting only, applied to the docstrings griffe reads; the package is not touched:
 
-* ``:math:`x``` becomes ``\\(x\\)`` and a ``.. math::`` directive a ``$$ ... $$`` block (several
-  equations separated by blank lines become several blocks; ``&`` and ``\\\\`` put an equation in an
+* ``:math:`x``` becomes ``\(x\)`` and a ``.. math::`` directive a ``$$ ... $$`` block (several
+  equations separated by blank lines become several blocks; ``&`` and ``\\`` put an equation in an
   ``aligned`` environment, as Sphinx does);
 * ``:class:`~pkg.Name``` and the other cross-reference roles become optional cross-references
   (a link where the target is rendered on the site, plain code otherwise, never a warning);

@@ -1,10 +1,10 @@
-"""Which group acts on a QK sector, by architecture, as a basis of its Lie algebra.
+r"""Which group acts on a QK sector, by architecture, as a basis of its Lie algebra.
 
 * plain dot-product attention: GL(k) (all of it; use :class:`FactorQuotient`);
 * RoPE on q and k: the scaled rotations :math:`a I + b J` on each rotated pair, which commute with
   every RoPE rotation: ``k`` dimensions (a scaling and a rotation per pair);
 * QK-norm (RMSNorm over the head dimension, no gain): the normalization forgets the scale of q
-  and k, so inside the GL(k) family the conformal group :math:`\\mathbb{R}_{>0} \times O(k)`
+  and k, so inside the GL(k) family the conformal group :math:`\mathbb{R}_{>0} \times O(k)`
   acts, ``k (k - 1) / 2 + 1`` dimensions. (The joint scaling ``(c A, c B)``, which is not of the
   form ``(A G, B G^{-T})``, is a further flat direction that this family does not divide out.)
 * RoPE and QK-norm: a common scaling and the rotations that commute with RoPE, one per pair:

@@ -11,7 +11,7 @@ import torch
 
 
 def rope_angles(length: int, head_dim: int, base: float, device=None, dtype=None) -> torch.Tensor:
-    """``(length, head_dim / 2)`` angles :math:`t\\, \\theta_i`."""
+    r"""``(length, head_dim / 2)`` angles :math:`t\, \theta_i`."""
     inv_freq = base ** (
         -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     )

@@ -204,7 +204,7 @@ class Basis(NamedTuple):
 
     @classmethod
     def restore(cls, r: torch.Tensor, r_inv: torch.Tensor) -> Basis:
-        """From stored factors; ``ok`` as in :meth:`Frames.of`: finite, and every pivot
+        r"""From stored factors; ``ok`` as in :meth:`Frames.of`: finite, and every pivot
         :math:`R_{ii}^2` above :math:`4 k \varepsilon` times the largest squared column norm."""
         k = r.shape[-1]
         pivots = torch.diagonal(r, dim1=-2, dim2=-1) ** 2
@@ -222,21 +222,21 @@ def advance_bases(
 
     With :math:`X = U R` the old factor, :math:`X_+` the new one and
     :math:`W = X_+ R^{-1}` (orthonormal up to the step), the caller supplies
-    :math:`H = W^	op W` and :math:`K = W^	op X`. With :math:`H = L L^	op` (Cholesky):
+    :math:`H = W^\top W` and :math:`K = W^\top X`. With :math:`H = L L^\top` (Cholesky):
 
-    .. math:: R_+ = L^	op R, \qquad R_+^{-1} = R^{-1} L^{-	op}, \qquad
-              T = U_+^	op U = L^{-1} K R^{-1},
+    .. math:: R_+ = L^\top R, \qquad R_+^{-1} = R^{-1} L^{-\top}, \qquad
+              T = U_+^\top U = L^{-1} K R^{-1},
 
-    since :math:`U_+ = W L^{-	op}` and :math:`U = X R^{-1}`. This is Cholesky QR of :math:`W`,
-    not of :math:`X_+`: its Gram has condition number :math:`\kappa(W)^2 pprox 1`, so the
-    factors keep the accuracy of Householder QR (error :math:`arepsilon\,\kappa(X)`, from
-    forming :math:`W`) instead of Cholesky QR's :math:`arepsilon\,\kappa(X)^2`. Under a
+    since :math:`U_+ = W L^{-\top}` and :math:`U = X R^{-1}`. This is Cholesky QR of :math:`W`,
+    not of :math:`X_+`: its Gram has condition number :math:`\kappa(W)^2 \approx 1`, so the
+    factors keep the accuracy of Householder QR (error :math:`\varepsilon\,\kappa(X)`, from
+    forming :math:`W`) instead of Cholesky QR's :math:`\varepsilon\,\kappa(X)^2`. Under a
     re-factorization every output rotates: :math:`W \mapsto W O`,
-    :math:`L \mapsto O^	op L O_+`, :math:`R_+ \mapsto O_+^	op R_+ G`, :math:`T \mapsto O_+^	op T O`.
+    :math:`L \mapsto O^\top L O_+`, :math:`R_+ \mapsto O_+^\top R_+ G`, :math:`T \mapsto O_+^\top T O`.
 
     Returns ``(r_new, r_inv_new, t, ok)``, ``ok`` of shape ``(...)``: the Cholesky factorization
     succeeded, everything is finite and the smallest pivot :math:`L_{ii}^2` is above
-    :math:`4 k arepsilon \max(1, \max_i H_{ii})` (the old frame has unit columns, so a factor
+    :math:`4 k \varepsilon \max(1, \max_i H_{ii})` (the old frame has unit columns, so a factor
     that collapsed in one step counts as rank loss too).
     """
     k = h.shape[-1]

@@ -326,9 +326,9 @@ class QuotientHamiltonian(QuotientOptimizer):
             )
 
     def momentum(self, p: torch.Tensor) -> Momentum | None:
-        """The momentum at ``p``: for head parameters the velocity (a tangent vector,
-        :math:`\\tilde p\\,G^{-1}` at the current point) of the momentum the next step starts from,
-        for the others the Euclidean momentum :math:`\\tilde p` (a covector); None before the
+        r"""The momentum at ``p``: for head parameters the velocity (a tangent vector,
+        :math:`\tilde p\,G^{-1}` at the current point) of the momentum the next step starts from,
+        for the others the Euclidean momentum :math:`\tilde p` (a covector); None before the
         first step."""
         state = self.state[p] if p in self.state else {}
         if "velocity" in state:  # ECD and the implicit integrator keep a velocity

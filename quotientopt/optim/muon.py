@@ -190,7 +190,7 @@ def _lsolve(chol: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rsolve(x: torch.Tensor, chol: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """:math:`X L^{-1}` (or :math:`X L^{-\\top}` with ``transpose``) for lower triangular ``chol``."""
+    r""":math:`X L^{-1}` (or :math:`X L^{-\top}` with ``transpose``) for lower triangular ``chol``."""
     if transpose:
         return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
     return torch.linalg.solve_triangular(chol, x, upper=False, left=False)

@@ -28,6 +28,15 @@ def apply_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last (head) dimension without a gain: only rotations commute with it."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    r"""RMSNorm over the last (head) dimension without a gain,
+    :math:`x / \sqrt{\max(\overline{x^2}, t)}` with :math:`t` the dtype's smallest normal number.
+
+    It is exactly scale-invariant, :math:`n(c x) = n(x)` for :math:`c > 0` (up to rounding), so
+    the common scaling of the QK-norm group (:func:`quotientopt.nn.groups.qk_group_generators`) is
+    a symmetry of the head and not only nearly one. The usual :math:`\overline{x^2} + \epsilon`
+    is not: with :math:`\epsilon = 10^{-6}` a rebalance in float64 moved the output by 6e-8
+    (issue 26). The clamp at :math:`t` only keeps :math:`x = 0` at 0. Only rotations and this
+    scaling commute with it."""
+    mean_square = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(mean_square.clamp_min(torch.finfo(x.dtype).tiny))

@@ -474,7 +474,8 @@ def markdown(info: dict[str, Any], summary: dict[str, Any]) -> str:
             best = min((r["mean"] for r in done), default=None)
             for r in rows:
                 if r["seeds"]:
-                    loss = f"{r['mean']:.4f} ± {r['std']:.4f}"
+                    spread = f" ± {r['std']:.4f}" if len(r["seeds"]) > 1 else " (1 seed, no std)"
+                    loss = f"{r['mean']:.4f}{spread}"
                     if r["mean"] == best:
                         loss = f"**{loss}**"
                 else:
@@ -534,6 +535,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=HERE / "results" / "protocol")
     add("--resume", action="store_true")
     add("--estimate-only", action="store_true", help="print the cost estimate and stop")
+    add("--rewrite", action="store_true", help="rewrite protocol.md from --out's json and stop")
     return parser.parse_args(argv)
 
 
@@ -552,6 +554,10 @@ def estimate(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.rewrite:
+        data = json.loads((args.out / "protocol.json").read_text())
+        write(args.out, data["info"], data["runs"])
+        return data
     proto = Protocol(eval_batches=args.eval_batches)
     files = stdlib_files()
     train, val, n_val = one_pass_corpus(files, args.val_bytes)

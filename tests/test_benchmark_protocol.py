@@ -197,3 +197,6 @@ def test_main_writes_after_runs_and_resume_skips_them(tmp_path, capsys):
     assert again["runs"] == data["runs"]
     assert "0 runs (2 already done)" in capsys.readouterr().out
     assert "passes" in (tmp_path / "protocol.md").read_text()
+    (tmp_path / "protocol.md").unlink()
+    protocol.main(["--rewrite", "--out", str(tmp_path)])
+    assert "(1 seed, no std)" in (tmp_path / "protocol.md").read_text()

@@ -396,6 +396,7 @@ def summarize(
                     "step_ms": statistics.median(r["step_ms_median"] for r in finals)
                     if finals else float("nan"),
                     "wall_s": [round(r["wall_s"], 1) for r in finals],
+                    "grid": grid,
                 }  # fmt: skip
         ours = [table.get(f"{OURS}:w{width}:b{b}") for b in budgets]
         if all(o and o["seeds"] for o in ours):
@@ -465,8 +466,9 @@ def markdown(info: dict[str, Any], summary: dict[str, Any]) -> str:
         lines += [
             f"## Width {width}",
             "",
-            "| optimizer | budget | tuned lr | val loss (mean ± std) | seeds | passes | ms/step |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| optimizer | budget | tuned lr | val loss (mean ± std) | seeds | passes | ms/step "
+            "| seed-0 grid (lr: loss) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for budget in info["budgets"]:
             rows = [table[k] for m in info["methods"] if (k := f"{m}:w{width}:b{budget}") in table]
@@ -483,7 +485,9 @@ def markdown(info: dict[str, Any], summary: dict[str, Any]) -> str:
                 edge = " (edge)" if r["at_edge"] else ""
                 lines.append(
                     f"| {r['method']} | {budget} | {r['lr']:g}{edge} | {loss} | "
-                    f"{len(r['seeds'])} | {r['passes']:.3f} | {r['step_ms']:.1f} |"
+                    f"{len(r['seeds'])} | {r['passes']:.3f} | {r['step_ms']:.1f} | "
+                    + ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in r["grid"])
+                    + " |"
                 )
         lines.append("")
         speed = [s for s in summary["speedups"].values() if s["width"] == width]

@@ -398,9 +398,11 @@ def summarize(
                     "wall_s": [round(r["wall_s"], 1) for r in finals],
                     "grid": grid,
                 }  # fmt: skip
-        ours = [table.get(f"{OURS}:w{width}:b{b}") for b in budgets]
-        if all(o and o["seeds"] for o in ours):
-            for budget in budgets:
+        # the ladder: the budgets where ours has final runs (all of them once the script is done)
+        ladder = [b for b in budgets if table.get(f"{OURS}:w{width}:b{b}", {}).get("seeds")]
+        ours = [table[f"{OURS}:w{width}:b{b}"] for b in ladder]
+        if ladder:
+            for budget in ladder:
                 peers = [
                     table[k]
                     for m in methods
@@ -409,11 +411,11 @@ def summarize(
                 if not peers:
                     continue
                 best = min(peers, key=lambda t: t["mean"])
-                at, how = steps_to_target(budgets, [o["mean"] for o in ours], best["mean"])
+                at, how = steps_to_target(ladder, [o["mean"] for o in ours], best["mean"])
                 speedups[f"w{width}:b{budget}"] = {
                     "width": width, "budget": budget, "best_peer": best["method"],
                     "target": best["mean"], "ours_steps": at, "relation": how,
-                    "speedup": budget / at,
+                    "speedup": budget / at, "ladder": ladder,
                 }  # fmt: skip
     return {"table": table, "speedups": speedups}
 
@@ -494,7 +496,7 @@ def markdown(info: dict[str, Any], summary: dict[str, Any]) -> str:
         if speed:
             lines += [
                 f"Steps to target ({OURS} against the best peer at each budget, interpolated in "
-                "log steps on the ladder):",
+                f"log steps on the ladder {speed[0]['ladder']} of finished budgets):",
                 "",
                 "| budget | best peer | target loss | quotient-muon reaches it at | speedup |",
                 "|---:|---|---:|---:|---:|",

@@ -200,3 +200,17 @@ def test_main_writes_after_runs_and_resume_skips_them(tmp_path, capsys):
     (tmp_path / "protocol.md").unlink()
     protocol.main(["--rewrite", "--out", str(tmp_path)])
     assert "(1 seed, no std)" in (tmp_path / "protocol.md").read_text()
+
+
+def test_steps_to_target_uses_the_finished_rungs_of_the_ladder():
+    results = [
+        _result(kind, method, budget, 0.01, seed, loss)
+        for method, losses in {"muon": (3.0, 2.0, 1.0), "quotient-muon": (2.5, 1.5, None)}.items()
+        for budget, loss in zip((100, 200, 400), losses, strict=True)
+        if loss is not None
+        for kind, seed in (("tune", 0), ("final", 1))
+    ]
+    summary = protocol.summarize(results, ["quotient-muon", "muon"], [64], [100, 200, 400])
+    assert set(summary["speedups"]) == {"w64:b100", "w64:b200"}
+    s = summary["speedups"]["w64:b200"]  # target 2.0, ours 2.5 at 100 and 1.5 at 200
+    assert s["ladder"] == [100, 200] and s["ours_steps"] == pytest.approx(100 * math.sqrt(2))

@@ -29,5 +29,13 @@ def apply_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last (head) dimension without a gain: only rotations commute with it."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    r"""RMSNorm over the last (head) dimension without a gain: :math:`x / \max(r, \epsilon)`,
+    :math:`r = (\mathrm{mean}\, x^2)^{1/2}` over the last dimension (any shape ``(..., k)``).
+
+    Exactly invariant under :math:`x \mapsto c x` (:math:`c > 0`) and rotations wherever
+    :math:`r > \epsilon`, so QK-norm's conformal group (scalings times
+    :math:`O(k)`) is an exact symmetry; the clamp (as in ``torch.nn.functional.normalize``) only
+    guards zero vectors. (The usual :math:`x / (\mathrm{mean}\, x^2 + \epsilon)^{1/2}` breaks
+    the scalings by :math:`O(\epsilon / r^2)`, 6e-8 in a float64 test.)
+    """
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps)

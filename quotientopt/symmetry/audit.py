@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from quotientopt.nn.adapters import AttentionSpec, attention_modules
+from quotientopt.nn.adapters import AttentionSpec, attention_modules, no_attention_error
 
 __all__ = ["AuditReport", "AuditRow", "audit"]
 
@@ -350,5 +350,7 @@ def audit(model: nn.Module) -> AuditReport:
         spec = adapter.spec(module)
         rows += _count(path, spec)
         permutations[path], formulas[path] = _permutations(spec)
+    if not rows:
+        raise no_attention_error("audit", model, "spec")
     total = sum(p.numel() for p in model.parameters())
     return AuditReport(rows, total, permutations, formulas)

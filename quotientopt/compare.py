@@ -630,7 +630,8 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     logdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in settings.optimizers:
+    for i, name in enumerate(settings.optimizers, start=1):
+        print(f"optimizer {i} of {len(settings.optimizers)}: {name}", file=sys.stderr)
         lr, lr_source, trials = None, None, None
         if settings.tune:
             lr, trials = tune_lr(name, train, settings, device)

@@ -49,8 +49,12 @@ def corpus(tmp_path):
 def test_compare_writes_runs_tables_and_plots(tmp_path, capsys):
     logdir = tmp_path / "runs"
     assert main(["compare", "--data", str(corpus(tmp_path)), "--logdir", str(logdir), *TINY]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert f"tensorboard --logdir {logdir}" in out
+    names = list(CONTENDERS)  # issue 26: the overall progress names the optimizer of how many
+    for i, name in enumerate(names, start=1):
+        assert f"optimizer {i} of {len(names)}: {name}" in captured.err
     for name in CONTENDERS:
         events = EventAccumulator(str(logdir / name))
         events.Reload()

@@ -84,7 +84,10 @@ def test_compare_writes_runs_tables_and_plots(tmp_path, capsys):
     [
         (["--optimizers", "sgd,lion"], "unknown optimizer 'lion'"),
         (["--lr", "adamw"], "--lr expects NAME=VALUE"),
-        (["--lr", "adamw=-1"], "must be a positive number"),
+        (
+            ["--lr", "adamw=-1"],
+            "invalid --lr for adamw: -1.0; expected a finite number in [0, inf)",
+        ),
         (["--n-embd", "10", "--n-head", "3"], "must be divisible"),
         (["--steps", "0"], "positive integer"),
         (["--data", "/no/such/file.txt"], "does not exist"),

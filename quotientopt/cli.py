@@ -35,6 +35,23 @@ class _Parser(argparse.ArgumentParser):
         fail(message)
 
 
+def tensorboard_command(logdir: Path) -> str:
+    """A command that starts TensorBoard on ``logdir`` as printed: ``tensorboard`` when it is on
+    PATH, else the one next to this Python (a venv that is not activated), else
+    ``python -m tensorboard.main``."""
+    import shlex
+    import shutil
+
+    beside = Path(sys.executable).parent / "tensorboard"
+    if shutil.which("tensorboard"):
+        program = "tensorboard"
+    elif beside.is_file():
+        program = shlex.quote(str(beside))
+    else:
+        program = f"{shlex.quote(sys.executable)} -m tensorboard.main"
+    return f"{program} --logdir {shlex.quote(str(logdir))}"
+
+
 def fail(message: str):
     """Print the one-line error ``quotientopt: error: <message>`` and exit with status 2."""
     sys.stderr.write(f"quotientopt: error: {message}\n")
@@ -239,7 +256,7 @@ def _compare(args, parser) -> int:
         name for name in ("losses.png", "charges.png") if (logdir / name).is_file()
     ]
     print(f"Wrote {len(results)} TensorBoard runs, {', '.join(files)} to {logdir}")
-    print(f"Open TensorBoard with:  tensorboard --logdir {logdir}")
+    print(f"Open TensorBoard with:  {tensorboard_command(logdir)}")
     return 0
 
 

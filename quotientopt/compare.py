@@ -29,6 +29,7 @@ from quotientopt.optim import (
     muon_and_adamw,
     split_parameters,
 )
+from quotientopt.optim._base import check_number
 from quotientopt.tensorboard import SymmetryMonitor
 
 
@@ -216,8 +217,7 @@ class Settings:
                 raise ValueError(
                     f"--lr names unknown optimizer {name!r}; choose from {', '.join(CONTENDERS)}"
                 )
-            if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lr for {name} must be a positive number, got {lr!r}")
+            check_number(f"--lr for {name}", lr, 0.0, math.inf)  # the optimizers' own rule
 
 
 def split_corpus(text: str, block_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -630,7 +630,8 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     logdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in settings.optimizers:
+    for i, name in enumerate(settings.optimizers, start=1):
+        print(f"optimizer {i} of {len(settings.optimizers)}: {name}", file=sys.stderr)
         lr, lr_source, trials = None, None, None
         if settings.tune:
             lr, trials = tune_lr(name, train, settings, device)

@@ -49,8 +49,12 @@ def corpus(tmp_path):
 def test_compare_writes_runs_tables_and_plots(tmp_path, capsys):
     logdir = tmp_path / "runs"
     assert main(["compare", "--data", str(corpus(tmp_path)), "--logdir", str(logdir), *TINY]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert f"tensorboard --logdir {logdir}" in out
+    names = list(CONTENDERS)  # issue 26: the overall progress names the optimizer of how many
+    for i, name in enumerate(names, start=1):
+        assert f"optimizer {i} of {len(names)}: {name}" in captured.err
     for name in CONTENDERS:
         events = EventAccumulator(str(logdir / name))
         events.Reload()
@@ -80,7 +84,10 @@ def test_compare_writes_runs_tables_and_plots(tmp_path, capsys):
     [
         (["--optimizers", "sgd,lion"], "unknown optimizer 'lion'"),
         (["--lr", "adamw"], "--lr expects NAME=VALUE"),
-        (["--lr", "adamw=-1"], "must be a positive number"),
+        (
+            ["--lr", "adamw=-1"],
+            "invalid --lr for adamw: -1.0; expected a finite number in [0, inf)",
+        ),
         (["--n-embd", "10", "--n-head", "3"], "must be divisible"),
         (["--steps", "0"], "positive integer"),
         (["--data", "/no/such/file.txt"], "does not exist"),

@@ -1,14 +1,13 @@
-"""float64 runs are exact: a rebalance (a group action, ``lr=0``) leaves every head's output
-unchanged to float64 rounding, for plain, RoPE and QK-norm heads (issue 26, point 4: the QK-norm
-head moved by 6.3e-8, because its RMS normalization added an epsilon and so was only nearly
-invariant under the common scaling its group contains)."""
+r"""Issue 26.4: a float64 run keeps the model function to float64 precision.
 
-from __future__ import annotations
+``QuotientSGD(lr=0, rebalance_every=1)`` only moves each head along its group orbit, so the
+output must not change beyond rounding. QK-norm's group contains the common scaling of the
+head dimensions, which RMSNorm's ``+ eps`` inside the square root used to break by
+:math:`O(\epsilon / \mathrm{rms}^2)` (6e-8 measured).
+"""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from quotientopt.nn import QuotientMultiheadAttention
 from quotientopt.nn.rope import rms_normalize
@@ -16,36 +15,33 @@ from quotientopt.optim import QuotientSGD
 
 
 @pytest.fixture
-def float64_default():
+def float64():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("options", [{}, {"rope": True}, {"qk_norm": True}], ids=str)
-def test_a_rebalance_keeps_a_float64_head_exact(float64_default, options):
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"rope": True}, {"qk_norm": True}, {"rope": True, "qk_norm": True}]
+)
+def test_rebalance_keeps_float64_function(float64, kwargs):
     torch.manual_seed(0)
-    attention = QuotientMultiheadAttention(16, 2, batch_first=True, **options)
+    attn = QuotientMultiheadAttention(16, 2, batch_first=True, **kwargs)
+    with torch.no_grad():  # unbalance the heads so that rebalancing moves them far
+        for p in attn.parameters():
+            p.mul_(torch.linspace(0.2, 5.0, p.shape[-1]))
     x = torch.randn(3, 5, 16)
-    before = attention(x, x, x)[0].detach()
-    optimizer = QuotientSGD(attention.parameters(), lr=0, rebalance_every=1)
-    attention(x, x, x)[0].sum().backward()
-    optimizer.step()
-    moved = [p for p in attention.parameters() if getattr(p, "manifold", None) is not None]
-    assert moved, "no sector was rebalanced"
-    assert (attention(x, x, x)[0] - before).abs().max() <= 1e-12
+    before = attn(x, x, x)[0].detach().clone()
+    opt = QuotientSGD(attn.parameters(), lr=0, rebalance_every=1)
+    attn(x, x, x)[0].square().sum().backward()
+    opt.step()
+    after = attn(x, x, x)[0].detach()
+    assert (after - before).abs().max().item() <= 1e-12
 
 
-@settings(max_examples=30, deadline=None)
-@given(scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
-def test_rms_normalize_forgets_the_scale_exactly(scale, seed):
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    assert torch.allclose(rms_normalize(scale * x), rms_normalize(x), rtol=0, atol=1e-14)
-
-
-def test_rms_normalize_keeps_zero_at_zero():
-    x = torch.zeros(2, 4, requires_grad=True)
-    y = rms_normalize(x)
-    y.sum().backward()
-    assert torch.equal(y, torch.zeros(2, 4)) and torch.isfinite(x.grad).all()
+def test_rms_normalize_is_scale_invariant(float64):
+    x = torch.randn(7, 8)
+    c = torch.logspace(-2, 2, 7)[:, None]
+    torch.testing.assert_close(rms_normalize(c * x), rms_normalize(x), rtol=1e-15, atol=1e-15)
+    assert torch.isfinite(rms_normalize(torch.zeros(3, 8))).all()

@@ -58,6 +58,7 @@ __all__ = [
     "adapter_of",
     "add_deferred_registration",
     "attention_modules",
+    "no_attention_error",
     "quotient_patterns",
     "quotient_sectors",
     "quotient_spec",
@@ -242,6 +243,27 @@ def attention_modules(
         if adapter is not None and getattr(adapter, capability) is not None:
             taken.append(path)
             yield path, module, adapter
+
+
+def no_attention_error(where: str, model: nn.Module, capability: str = "sectors") -> ValueError:
+    """The one error every entry point raises on a model in which it finds no attention (issue
+    26.8: ``convert``, ``audit``, ``muon_and_adamw``, ``SymmetryMonitor``,
+    ``HybridOptimizer.for_parameters``): it names the model, the registered types, and the fix."""
+    standard = next(attention_modules(model, "to_quotient"), None)
+    if standard is not None and capability == "sectors":
+        return ValueError(
+            f"{where}: the attention of the model ({type(standard[1]).__name__} at "
+            f"'{standard[0] or '<root>'}') has no quotient heads; convert it first: "
+            "model = quotientopt.nn.convert(model)"
+        )
+    supported = ", ".join(t.__name__ for t in registered_types(capability)) or "none"
+    return ValueError(
+        f"{where}: found no attention module in the model ({type(model).__name__}; registered "
+        f"attention types: {supported}). Import the module that registers yours (quotientopt.models "
+        "for the reference GPT) or register its type with quotientopt.nn.register_attention; a "
+        "model without attention needs no quotientopt (use torch.optim, e.g. torch.optim.Muon "
+        "with AdamW)"
+    )
 
 
 # ------------------------------------------------------------------ helpers for adapter authors

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from quotientopt.nn.adapters import attention_modules, register_conversion
+from quotientopt.nn.adapters import attention_modules, no_attention_error, register_conversion
 
 __all__ = ["convert", "export", "register_conversion"]
 
@@ -34,7 +34,9 @@ def _swap(model: nn.Module, direction: str, what: str, **options) -> nn.Module:
             ) from None
         replacements.append((path, new))
     if not replacements:
-        return model
+        if direction == "to_quotient" and next(attention_modules(model, "spec"), None) is not None:
+            return model  # already quotient modules: nothing left to convert
+        raise no_attention_error(what, model, direction)
     if replacements[0][0] == "":
         return replacements[0][1]  # the model itself is an attention module
     for path, new in replacements:

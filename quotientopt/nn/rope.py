@@ -28,15 +28,14 @@ def apply_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def rms_normalize(x: torch.Tensor) -> torch.Tensor:
-    r"""RMSNorm over the last (head) dimension without a gain,
-    :math:`x / \sqrt{\max(\overline{x^2}, t)}` with :math:`t` the dtype's smallest normal number.
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    r"""RMSNorm over the last (head) dimension without a gain: :math:`x / \max(r, \epsilon)`,
+    :math:`r = (\mathrm{mean}\, x^2)^{1/2}` over the last dimension (any shape ``(..., k)``).
 
-    It is exactly scale-invariant, :math:`n(c x) = n(x)` for :math:`c > 0` (up to rounding), so
-    the common scaling of the QK-norm group (:func:`quotientopt.nn.groups.qk_group_generators`) is
-    a symmetry of the head and not only nearly one. The usual :math:`\overline{x^2} + \epsilon`
-    is not: with :math:`\epsilon = 10^{-6}` a rebalance in float64 moved the output by 6e-8
-    (issue 26). The clamp at :math:`t` only keeps :math:`x = 0` at 0. Only rotations and this
-    scaling commute with it."""
-    mean_square = x.pow(2).mean(-1, keepdim=True)
-    return x * torch.rsqrt(mean_square.clamp_min(torch.finfo(x.dtype).tiny))
+    Exactly invariant under :math:`x \mapsto c x` (:math:`c > 0`) and rotations wherever
+    :math:`r > \epsilon`, so QK-norm's conformal group (scalings times
+    :math:`O(k)`) is an exact symmetry; the clamp (as in ``torch.nn.functional.normalize``) only
+    guards zero vectors. (The usual :math:`x / (\mathrm{mean}\, x^2 + \epsilon)^{1/2}` breaks
+    the scalings by :math:`O(\epsilon / r^2)`, 6e-8 in a float64 test.)
+    """
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps)

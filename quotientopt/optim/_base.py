@@ -39,7 +39,7 @@ def check_number(
             value < high if high_open else value <= high
         )
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
         raise ValueError(f"invalid {name}: {value!r}; expected a finite number in {interval}")
 
 

@@ -114,6 +114,7 @@ from torch.optim import _muon as torch_muon_module
 
 from quotientopt.distributed import is_dtensor
 from quotientopt.linalg import sym
+from quotientopt.nn.adapters import no_attention_error
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,
@@ -671,6 +672,8 @@ def muon_and_adamw(
             "muon_and_adamw: no head parameters and no hidden 2-D matrices found; declare the "
             "heads as quotient parameters (quotientopt.nn) or pass hidden=... to choose matrices"
         )
+    if not heads:  # issue 26.8: no attention is an error, as in SymmetryMonitor
+        raise no_attention_error("muon_and_adamw", model)
     if not rest:
         raise ValueError(
             "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"

@@ -18,7 +18,7 @@ rank of the module's Jacobian in ``tests/test_audit.py``:
 ====================================  ==========================================================
 QK, plain dot product                 ``k^2`` (GL(k): ``(A G, B G^{-T})``)
 QK, RoPE                              ``k`` (a scaled rotation ``a I + b J`` per rotated pair)
-QK, QK-norm (no gain, eps -> 0)       ``k (k - 1) / 2 + r + 1`` (O(k), and every query head's
+QK, QK-norm (no gain)                 ``k (k - 1) / 2 + r + 1`` (O(k), and every query head's
                                       and the key head's own scale: the conformal scale of the
                                       family plus the joint scaling ``(c A, c B)`` for ``r = 1``)
 QK, RoPE and QK-norm                  ``k / 2 + r + 1`` (a rotation per pair and the scales)
@@ -49,8 +49,9 @@ add more: a pre-LayerNorm confines the inputs to a hyperplane (then ``W_K`` alon
 as a key bias, and without LayerNorm biases ``W_Q``, ``W_K``, ``W_V`` each have ``k`` dead
 directions per head), and a mean-subtracting LayerNorm after the residual stream hides ``W_O``
 and ``b_O`` along the all-ones vector; LayerNorm gains rescale neighbouring weights. The model's
-``function_space_dim`` here is therefore an upper bound. With QK-norm the scalings are exact only
-as the normalization's ``eps`` goes to 0 (flat to ``eps / |q|^2``). Unsupported here:
+``function_space_dim`` here is therefore an upper bound. With QK-norm the scalings are exact
+(the normalization is ``x / max(rms(x), eps)``, scale-invariant wherever ``rms(x) > eps``).
+Unsupported here:
 relative-position variants of BERT attention (their extra embeddings are not counted).
 """
 
@@ -61,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from quotientopt.nn.adapters import AttentionSpec, attention_modules
+from quotientopt.nn.adapters import AttentionSpec, attention_modules, no_attention_error
 
 __all__ = ["AuditReport", "AuditRow", "audit"]
 
@@ -349,5 +350,7 @@ def audit(model: nn.Module) -> AuditReport:
         spec = adapter.spec(module)
         rows += _count(path, spec)
         permutations[path], formulas[path] = _permutations(spec)
+    if not rows:
+        raise no_attention_error("audit", model, "spec")
     total = sum(p.numel() for p in model.parameters())
     return AuditReport(rows, total, permutations, formulas)

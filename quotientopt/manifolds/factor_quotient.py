@@ -604,6 +604,12 @@ class FactorQuotient(MatrixManifold):
         va_va, vb_vb = self.cross(v, v)
         return self.right_multiply(z, -vb_vb, -va_va)
 
+    def quotient_dimension(self, k: int) -> int:
+        r"""Dimension of one head's quotient by :math:`GL(k)`: :math:`(n + m) k - k^2 =
+        (n + m - k) k`, with the whole sector's rows :math:`(n, m)` (:attr:`sector_rows`)."""
+        n, m = self.sector_rows
+        return (n + m - k) * k
+
     @property
     def is_row_sharded(self) -> bool:
         """Whether the rows are sharded across processes (``row_reduce`` is set)."""

@@ -39,6 +39,8 @@ method                         meaning (shapes: ``z``, ``u``, ``v`` ``(..., n + 
                                shards; ``t`` itself when not row-sharded
 ``sector_rows``                the row counts ``(n, m)`` of the whole sector (``n``, ``m`` are the
                                local shard's under row sharding)
+``quotient_dimension(k)``      one head's quotient dimension, :math:`(n + m) k - \dim H` (whole
+                               sector)
 =============================  ========================================================================
 
 :class:`~quotientopt.manifolds.FactorQuotient` implements the protocol for :math:`GL(k)` and
@@ -93,6 +95,7 @@ class HeadGeometry(Protocol):
     def row_sum(self, t: T) -> T: ...
     @property
     def sector_rows(self) -> tuple[int, int]: ...
+    def quotient_dimension(self, k: int) -> int: ...
 
 
 _METHODS = (
@@ -114,6 +117,7 @@ _METHODS = (
     "is_row_sharded",
     "row_sum",
     "sector_rows",
+    "quotient_dimension",
 )
 
 

@@ -86,7 +86,7 @@ def test_quotient_dimension_is_the_factor_space_minus_the_group(which: str, grou
 
 @pytest.mark.parametrize("which", ["gl", "rope", "conformal"])
 def test_ecd_turns_with_the_geometrys_quotient_dimension(which: str) -> None:
-    r"""One QuotientECD step equals the formula of its module docs written out with
+    r"""The second QuotientECD step (the first to turn) equals the formula of its module docs written out with
     :math:`d = \text{heads} \cdot ((n + m) k - \dim H)` (GL(k)'s :math:`(n + m - k) k` was used
     for every geometry before)."""
     gen = torch.Generator().manual_seed(0)
@@ -104,6 +104,9 @@ def test_ecd_turns_with_the_geometrys_quotient_dimension(which: str) -> None:
         loss.backward()
         return loss
 
+    optimizer.step(closure)  # the first step starts along -g: no turn, d does not enter
+    z0 = point.detach().clone()
+    v0 = optimizer.state[point]["velocity"].clone()
     loss = closure().detach()
     grad = point.grad.clone()
     optimizer.step(closure)
@@ -112,8 +115,16 @@ def test_ecd_turns_with_the_geometrys_quotient_dimension(which: str) -> None:
     dt = lr / math.sqrt(eta)
     delta = dt * eta * d / (2 * (d - 1)) / loss
     g = geometry.egrad2rgrad(z0, grad)
-    v = -g / geometry.inner(z0, g, g).sum().sqrt()
-    v = v - delta * (g - v * geometry.inner(z0, v, g).sum())
+    v = v0 - delta * (g - v0 * geometry.inner(z0, v0, g).sum())
     v = v / geometry.inner(z0, v, v).sum().sqrt()
     expected = geometry.retr(z0, dt * v)
     torch.testing.assert_close(point.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grams_is_defined_beside_the_protocol_and_still_importable_from_factor_quotient() -> None:
+    """Issue 27: ``Grams`` lives in ``quotientopt.manifolds.protocol``; the old import path is the
+    same class (checkpoints and user code that name ``factor_quotient.Grams`` keep working)."""
+    from quotientopt.manifolds import factor_quotient, protocol
+
+    assert protocol.Grams is factor_quotient.Grams
+    assert protocol.Grams.__module__ == "quotientopt.manifolds.protocol"

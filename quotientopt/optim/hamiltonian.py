@@ -88,8 +88,7 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
-from quotientopt.manifolds.factor_quotient import Grams
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,

@@ -71,8 +71,8 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.distributed import max_over_head_shards
-from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.factor_quotient import product_decay_egrad
+from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,

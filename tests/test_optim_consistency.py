@@ -86,9 +86,10 @@ def test_quotient_dimension_is_the_factor_space_minus_the_group(which: str, grou
 
 @pytest.mark.parametrize("which", ["gl", "rope", "conformal"])
 def test_ecd_turns_with_the_geometrys_quotient_dimension(which: str) -> None:
-    r"""The second QuotientECD step (the first to turn) equals the formula of its module docs written out with
+    r"""The second QuotientECD step equals the formula of its module docs written out with
     :math:`d = \text{heads} \cdot ((n + m) k - \dim H)` (GL(k)'s :math:`(n + m - k) k` was used
-    for every geometry before)."""
+    for every geometry before). The first step starts along :math:`-g`, where the turn
+    :math:`g - v \langle v, g\rangle` vanishes and :math:`d` does not enter."""
     gen = torch.Generator().manual_seed(0)
     n, m, k, heads = 5, 3, 2, 3
     geometry = FactorQuotient(n, m) if which == "gl" else _subgroup(n, m, k, which)

@@ -23,7 +23,7 @@ vectors" of this manifold are horizontal vectors, and ``proju`` is the horizonta
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
@@ -44,6 +44,7 @@ from quotientopt.manifolds._common import (
     check_stacked_rows,
     stack_factor_pair,
 )
+from quotientopt.manifolds.protocol import Grams  # defined beside the protocol; re-exported
 
 __all__ = [
     "FactorQuotient",
@@ -62,23 +63,6 @@ _RANK_FIX = (
     "re-balance with FactorQuotient.balance(), or build FactorQuotient(..., damping=1e-6) to "
     "floor the Gram matrices."
 )
-
-
-class Grams(NamedTuple):
-    """The k x k data of a point that every metric operation needs (see :meth:`FactorQuotient.grams`)."""
-
-    p: torch.Tensor  # damped B^T B, (..., k, k), float32 or better
-    q: torch.Tensor  # damped A^T A
-    chol_p: torch.Tensor  # lower Cholesky factor of p; the identity for heads that are not ok
-    chol_q: torch.Tensor  # lower Cholesky factor of q; the identity for heads that are not ok
-    ok: torch.Tensor  # (...,) bool: both Grams positive definite, finite and regular
-    # optional inverses P^{-1}, Q^{-1} (from the Cholesky factors): with them X P^{-1} is one
-    # matmul instead of two triangular solves (faster, slightly less accurate at high condition)
-    p_inv: torch.Tensor | None = None
-    q_inv: torch.Tensor | None = None
-    # with grams(..., regularize=True): (...,) bool, heads that are not ok but finite, whose
-    # p, q and Cholesky factors are the regularized P + delta I, Q + delta I (see grams())
-    regularized: torch.Tensor | None = None
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -603,6 +587,12 @@ class FactorQuotient(MatrixManifold):
             )
         va_va, vb_vb = self.cross(v, v)
         return self.right_multiply(z, -vb_vb, -va_va)
+
+    def quotient_dimension(self, k: int) -> int:
+        r"""Dimension of one head's quotient by :math:`GL(k)`: :math:`(n + m) k - k^2 =
+        (n + m - k) k`, with the whole sector's rows :math:`(n, m)` (:attr:`sector_rows`)."""
+        n, m = self.sector_rows
+        return (n + m - k) * k
 
     @property
     def is_row_sharded(self) -> bool:

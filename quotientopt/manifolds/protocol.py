@@ -39,6 +39,8 @@ method                         meaning (shapes: ``z``, ``u``, ``v`` ``(..., n + 
                                shards; ``t`` itself when not row-sharded
 ``sector_rows``                the row counts ``(n, m)`` of the whole sector (``n``, ``m`` are the
                                local shard's under row sharding)
+``quotient_dimension(k)``      one head's quotient dimension, :math:`(n + m) k - \dim H` (whole
+                               sector)
 =============================  ========================================================================
 
 :class:`~quotientopt.manifolds.FactorQuotient` implements the protocol for :math:`GL(k)` and
@@ -50,24 +52,41 @@ its own vertical space, momentum map and balancing instead of inheriting :math:`
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from quotientopt.manifolds.factor_quotient import Grams as G  # noqa: N817
+__all__ = ["Grams", "HeadGeometry", "is_head_geometry"]
 
-__all__ = ["HeadGeometry", "is_head_geometry"]
+
+class Grams(NamedTuple):
+    """The k x k data of a point that every metric operation needs (see
+    :meth:`~quotientopt.manifolds.FactorQuotient.grams`; defined beside the protocol that
+    returns it, re-exported by ``quotientopt.manifolds.factor_quotient``)."""
+
+    p: torch.Tensor  # damped B^T B, (..., k, k), float32 or better
+    q: torch.Tensor  # damped A^T A
+    chol_p: torch.Tensor  # lower Cholesky factor of p; the identity for heads that are not ok
+    chol_q: torch.Tensor  # lower Cholesky factor of q; the identity for heads that are not ok
+    ok: torch.Tensor  # (...,) bool: both Grams positive definite, finite and regular
+    # optional inverses P^{-1}, Q^{-1} (from the Cholesky factors): with them X P^{-1} is one
+    # matmul instead of two triangular solves (faster, slightly less accurate at high condition)
+    p_inv: torch.Tensor | None = None
+    q_inv: torch.Tensor | None = None
+    # with grams(..., regularize=True): (...,) bool, heads that are not ok but finite, whose
+    # p, q and Cholesky factors are the regularized P + delta I, Q + delta I (see grams())
+    regularized: torch.Tensor | None = None
 
 
 T = torch.Tensor
+G = Grams
 
 
 @runtime_checkable
 class HeadGeometry(Protocol):
     """The interface between the quotient optimizers and a head manifold (see the module docs).
 
-    ``T`` is ``torch.Tensor``; ``G`` is :class:`~quotientopt.manifolds.factor_quotient.Grams`."""
+    ``T`` is ``torch.Tensor``; ``G`` is :class:`Grams`."""
 
     n: int
     m: int
@@ -93,6 +112,7 @@ class HeadGeometry(Protocol):
     def row_sum(self, t: T) -> T: ...
     @property
     def sector_rows(self) -> tuple[int, int]: ...
+    def quotient_dimension(self, k: int) -> int: ...
 
 
 _METHODS = (
@@ -114,6 +134,7 @@ _METHODS = (
     "is_row_sharded",
     "row_sum",
     "sector_rows",
+    "quotient_dimension",
 )
 
 

@@ -231,6 +231,13 @@ class SubgroupFactorQuotient(FactorQuotient):
         """Dimension ``r`` of :math:`H` (the number of generators)."""
         return int(self.generators.shape[0])
 
+    def quotient_dimension(self, k: int) -> int:
+        r"""Dimension of one head's quotient by :math:`H`: :math:`(n + m) k - r`, with
+        :math:`r` = :attr:`group_dimension` and the whole sector's rows :math:`(n, m)`
+        (:attr:`sector_rows`)."""
+        n, m = self.sector_rows
+        return (n + m) * k - self.group_dimension
+
     def extra_repr(self) -> str:
         label = "" if self.group_name is None else f", name={self.group_name!r}"
         return (

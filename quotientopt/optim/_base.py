@@ -297,6 +297,16 @@ def work_buffers(
     return buffers
 
 
+def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
+    """Whether torch's fused SGD kernel (``torch.optim.sgd.sgd(..., fused=True)``) computes
+    torch.optim.SGD's step for ``p``: for float32/float64 everywhere, and for every dtype on CUDA.
+    torch 2.13's fused CPU kernel writes wrong momentum buffers for bfloat16/float16
+    (``tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd``), and
+    no other device's reduced-precision kernel is tested here, so those tensors take the
+    single-tensor step, which is exact by construction (the same operations, the same roundings)."""
+    return p.device.type == "cuda" or p.dtype in (torch.float32, torch.float64)
+
+
 def where_heads(
     ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -78,8 +78,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from quotientopt.linalg import compute_dtype, sym_funm, tril_inverse
-from quotientopt.manifolds.factor_quotient import Grams
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,

@@ -5,7 +5,8 @@ The parameters move at unit speed in the metric, and the direction of motion tur
 negative gradient at a rate inversely proportional to the loss gap :math:`F - F_0`. For the
 velocity :math:`v` (one tangent vector per parameter; all parameters of a group form one point
 :math:`\theta` and share one speed), the Riemannian gradient :math:`g` (horizontal for head
-parameters), :math:`d` the dimension of the group's quotient (``(n + m - k) k`` per head,
+parameters), :math:`d` the dimension of the group's quotient (``geometry.quotient_dimension(k)``
+per head: :math:`(n + m - k) k` for GL(k), :math:`(n + m) k - \dim H` for a subgroup :math:`H`;
 ``numel`` per plain tensor) and :math:`\Delta t = \mathrm{lr} / \sqrt{\eta}`:
 
 .. math::
@@ -82,7 +83,7 @@ def ecd_group(group: dict, loss: torch.Tensor, nonfinite: dict, state: dict) -> 
     for p, geometry in zip(params, geometries, strict=True):
         if geometry is not None:
             heads = p[..., 0, 0].numel()
-            dims += heads * (p.shape[-2] - p.shape[-1]) * p.shape[-1]
+            dims += heads * geometry.quotient_dimension(p.shape[-1])
         else:
             dims += p.numel()
     gap = (loss.double() - group["loss_floor"]).clamp_min(1e-12)

@@ -88,12 +88,12 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
-from quotientopt.manifolds.factor_quotient import Grams
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,
     WriteLog,
+    _fused_kernel_is_exact,
     check_choice,
     check_number,
     geometry_of,
@@ -182,12 +182,6 @@ def spd_inverse(
 
 
 INTEGRATORS = ("splitting", "implicit")
-
-
-def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
-    """torch's fused SGD kernel is exact for float32/float64, and for every dtype on CUDA (its CPU
-    kernel mishandles bfloat16/float16 momentum buffers in torch 2.13)."""
-    return p.device.type == "cuda" or p.dtype in (torch.float32, torch.float64)
 
 
 def _add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, alpha: float) -> None:

@@ -71,12 +71,13 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from quotientopt.distributed import max_over_head_shards
-from quotientopt.manifolds.factor_quotient import Grams, product_decay_egrad
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.factor_quotient import product_decay_egrad
+from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     Momentum,
     QuotientOptimizer,
     WriteLog,
+    _fused_kernel_is_exact,
     check_choice,
     check_number,
     geometry_of,
@@ -391,11 +392,6 @@ class LazyMetric(ExactMetric):
 # tensors take _single_tensor_sgd, torch's single-tensor step written out operation for operation
 # (the same roundings) with a device-side skip mask, which torch's own single-tensor kernel lacks
 # (it rejects found_inf, and skipping on the host would synchronise).
-def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
-    """Whether torch's fused SGD kernel computes torch.optim.SGD's step for ``p``."""
-    return p.device.type != "cpu" or p.dtype in (torch.float32, torch.float64)
-
-
 def _single_tensor_sgd(
     param: torch.Tensor,
     grad: torch.Tensor,

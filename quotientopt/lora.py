@@ -41,9 +41,24 @@ import torch
 from torch import nn
 
 from quotientopt.manifolds import FactorQuotient
-from quotientopt.optim import HybridOptimizer, Momentum, momentum_of
+from quotientopt.optim import (
+    HybridOptimizer,
+    Momentum,
+    QuotientAdam,
+    QuotientMuon,
+    QuotientSGD,
+    momentum_of,
+)
 
-__all__ = ["LoraPair", "QuotientLoraOptimizer", "create_quotient_optimizer", "lora_pairs"]
+__all__ = [
+    "LoraPair",
+    "QuotientLoraOptimizer",
+    "create_quotient_optimizer",
+    "lora_pairs",
+    "lora_sectors",
+]
+
+QUOTIENT_OPTIMIZERS = (QuotientMuon, QuotientAdam, QuotientSGD)
 
 
 @dataclass(frozen=True)
@@ -87,13 +102,24 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
     pairs = []
     for path, module in model.named_modules():
         for adapter, a, b in _pair_dicts(module):
-            if not (a.requires_grad and b.requires_grad):
+            if not (a.requires_grad or b.requires_grad):
                 continue
+            if not (a.requires_grad and b.requires_grad):
+                raise ValueError(
+                    f"create_quotient_optimizer: {path} (adapter {adapter!r}) has one factor "
+                    "frozen; the quotient steps both factors: make both trainable or neither"
+                )
             if b.shape[1] != a.shape[0] or any(d != 1 for d in b.shape[2:]):
                 raise ValueError(
                     f"create_quotient_optimizer: {path} adapter {adapter!r} has lora_A "
                     f"{tuple(a.shape)} and lora_B {tuple(b.shape)}, which are not a rank-r pair "
                     "(B: out x r, A: r x in); only LoRA layers whose update is B @ A are supported"
+                )
+            if getattr(module, "use_dora", {}).get(adapter, False):
+                raise ValueError(
+                    f"create_quotient_optimizer: {path} (adapter {adapter!r}) uses DoRA, whose "
+                    "magnitude vector breaks the GL(r) symmetry of the pair; build the LoRA "
+                    "config with use_dora=False, or train this model with a torch optimizer"
                 )
             if a.dtype != b.dtype or a.device != b.device:
                 raise ValueError(
@@ -297,10 +323,11 @@ def create_quotient_optimizer(
             "create_quotient_optimizer: the model has no trainable LoRA pair (lora_A/lora_B); "
             "pass a model made by peft.get_peft_model(model, LoraConfig(...))"
         )
-    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, QUOTIENT_OPTIMIZERS)):
         raise ValueError(
-            f"create_quotient_optimizer: optimizer_cls must be an optimizer class such as "
-            f"QuotientMuon, got {optimizer_cls!r}"
+            f"create_quotient_optimizer: optimizer_cls must be one of QuotientMuon, QuotientAdam, "
+            f"QuotientSGD (quotientopt.optim), got {optimizer_cls!r}; for a torch optimizer use "
+            "PEFT's create_loraplus_optimizer or optimizer_cls(model.parameters()) directly"
         )
     groups: dict[tuple, list[LoraPair]] = {}
     for pair in pairs:
@@ -316,3 +343,37 @@ def create_quotient_optimizer(
             others, lr=lr if rest_lr is None else rest_lr, **(rest_kwargs or {})
         )
     return QuotientLoraOptimizer(bundles, quotient, rest)
+
+
+# ------------------------------------------------------------------ diagnostics (SymmetryMonitor)
+def lora_sectors(path: str, module: nn.Module) -> list:
+    r"""The sectors of a PEFT LoRA layer for :class:`~quotientopt.tensorboard.SymmetryMonitor`:
+    one per adapter, named ``"<path>.LoRA.<adapter>"``, read as the pair
+    :math:`(B, A^\top)` (shapes ``(1, out, r)``, ``(1, in, r)``), whose symmetry
+    :math:`(B G, A^\top G^{-\top})` is the adapter's."""
+    from quotientopt.nn.adapters import Sector
+
+    sectors = []
+    for adapter, a, b in _pair_dicts(module):
+        out, rank = b.shape[0], a.shape[0]
+
+        def read(values, out=out, rank=rank):
+            vb, va = values
+            return vb.reshape(out, rank)[None], va.reshape(rank, -1).mT[None]
+
+        sectors.append(Sector(path, f"LoRA.{adapter}", 1, rank, (b, a), read))
+    return sectors
+
+
+def _register_lora_layers() -> None:
+    from peft.tuners.lora import layer
+
+    from quotientopt.nn.adapters import register_attention
+
+    for name in ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"):
+        module_type = getattr(layer, name, None)
+        if isinstance(module_type, type):
+            register_attention(module_type, sectors=lora_sectors)
+
+
+_register_lora_layers()

@@ -146,6 +146,9 @@ class _Bundle:
         )
         self.versions: list[tuple[int, int] | None] = [None] * len(pairs)
         self.pull()
+        # the factors as given: a resume (load_state_dict before any step) restores them, since
+        # the loaded state belongs to them and not to the balanced representative
+        self.unbalanced = self.sector.detach().clone() if balance else None
         if balance:
             self.balance()
             self.push()
@@ -253,6 +256,7 @@ class QuotientLoraOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for bundle in self.bundles:
+            bundle.unbalanced = None
             bundle.pull()
             bundle.gather_grad()
         self.inner.step(None if loss is None else (lambda: loss))
@@ -301,6 +305,11 @@ class QuotientLoraOptimizer(torch.optim.Optimizer):
             )
         for bundle in self.bundles:
             bundle.pull()
+            if bundle.unbalanced is not None and not self.quotient.state:
+                with torch.no_grad():
+                    bundle.sector.copy_(bundle.unbalanced)
+                bundle.push()
+            bundle.unbalanced = None
         self.inner.load_state_dict(state_dict["inner"])
 
     def __repr__(self) -> str:

@@ -64,3 +64,12 @@ def test_monitor_adamw_writes_the_symmetry_scalars(tmp_path):
     # Adam's per-coordinate scaling moves along the orbits; SGD's update is the (horizontal) gradient
     assert fractions["adamw"] > 1e-3, fractions
     assert fractions["sgd"] < 1e-5, fractions
+
+
+def test_lora_finetune_trains_is_invariant_and_merges():
+    r = load("lora_finetune.py")["main"](steps=8)
+    for name in ("QuotientAdam", "AdamW"):
+        assert r[f"{name} last loss"] < r[f"{name} first loss"], r
+    assert r["QuotientAdam invariance gap"] < 1e-8, r  # float64, cond-1000 re-factorization
+    assert r["AdamW invariance gap"] > 1e-3, r
+    assert r["merge_and_unload diff"] < 1e-5, r

@@ -16,10 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from quotientopt import __version__
-from quotientopt.compare import CONTENDERS, TUNE_FACTORS
+from quotientopt.contenders import SPECS, TUNE_FACTORS
 
 DESCRIPTION = (
     "Train transformer attention heads on the quotient of their factor space by GL(k). "
@@ -137,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="learning rate of one optimizer (repeatable); defaults, tuned on the default corpus "
-        "(not on --data): "
-        + ", ".join(f"{name}={c.default_lr:g}" for name, c in CONTENDERS.items()),
+        "(not on --data): " + ", ".join(f"{name}={c.default_lr:g}" for name, c in SPECS.items()),
     )
     compare.add_argument(
         "--tune",
@@ -190,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _contenders() -> list[str]:
-    return list(CONTENDERS)
+    return list(SPECS)
 
 
 def _learning_rates(items: list[str], parser: argparse.ArgumentParser) -> dict[str, float]:
@@ -238,6 +235,8 @@ def _compare(args, parser) -> int:
         tune=args.tune,
         tune_steps=args.tune_steps,
     )
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available; pass --device cpu")
     try:

@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+from quotientopt.contenders import (
+    SPECS,
+    TUNE_FACTORS,
+    ContenderSpec,
+)
 from quotientopt.models import GPT, GPTConfig
 from quotientopt.optim import (
     HybridOptimizer,
@@ -50,10 +55,6 @@ def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
 MUON_OPTIONS = dict(weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
 
 
-MUON_DEFAULT_LR = 0.02  # 200-step grid on the default corpus, seed 0: see docs/symmetry.md
-QUOTIENT_MUON_DEFAULT_LR = 0.02  # the same grid, for the all-heads step (per-head: 0.01)
-
-
 def muon_and_torch_adamw(model: torch.nn.Module, lr: float) -> HybridOptimizer:
     """``torch.optim.Muon`` on the 2-D matrices inside the transformer blocks (attention and MLP),
     the comparison's AdamW on the rest (embeddings, LayerNorms, biases), both at ``lr``."""
@@ -65,103 +66,45 @@ def muon_and_torch_adamw(model: torch.nn.Module, lr: float) -> HybridOptimizer:
 
 
 @dataclass(frozen=True)
-class Contender:
-    """One optimizer of the comparison: the model layout it trains and how it is built."""
+class Contender(ContenderSpec):
+    """One optimizer of the comparison: its :class:`~quotientopt.contenders.ContenderSpec` and how
+    it is built."""
 
-    name: str
-    description: str
-    quotient: bool  # heads on the quotient (True) or the standard layout
-    symmetry_breaking: bool
-    default_lr: float
     build: Callable[[torch.nn.Module, float], torch.optim.Optimizer] = field(repr=False)
 
 
-CONTENDERS = {
-    c.name: c
-    for c in (
-        Contender(
-            "sgd",
-            "SGD, Nesterov momentum 0.9",
-            False,
-            False,
-            0.3,
-            lambda model, lr: torch.optim.SGD(
-                model.parameters(), lr=lr, momentum=0.9, nesterov=True
-            ),
-        ),
-        Contender(
-            "adamw",
-            "AdamW, betas (0.9, 0.99), weight decay 0.1",
-            False,
-            False,
-            3e-3,
-            lambda model, lr: adamw(model.parameters(), lr),
-        ),
-        Contender(
-            "muon",
-            "torch Muon (Nesterov 0.95, weight decay 0.1, AdamW-matched RMS) on the blocks' "
-            "matrices, AdamW on the rest, both at lr",
-            False,
-            False,
-            MUON_DEFAULT_LR,
-            muon_and_torch_adamw,
-        ),
-        Contender(
-            "quotient-muon",
-            "QuotientMuon (all heads in one spectral norm) on the heads at 0.2 lr, torch Muon's step "
-            "on the MLP matrices and AdamW "
-            "(betas (0.9, 0.99), weight decay 0.1) on the rest at lr (optim.muon_and_adamw)",
-            True,
-            False,
-            QUOTIENT_MUON_DEFAULT_LR,
-            lambda model, lr: muon_and_adamw(model, lr, adamw_betas=(0.9, 0.99)),
-        ),
-        Contender(
-            "quotient-sgd",
-            "QuotientSGD, Nesterov momentum 0.9; heads on the quotient at lr, the rest at 30 lr",
-            True,
-            False,
-            0.01,
-            lambda model, lr: QuotientSGD(
-                _groups(model, lr, 30 * lr), lr=lr, momentum=0.9, nesterov=True
-            ),
-        ),
-        Contender(
-            "quotient-adam",
-            "QuotientAdam, betas (0.9, 0.99), on the heads at lr (no decay); AdamW on the rest at "
-            "lr (its fused step inside QuotientAdam; weight decay 0.1)",
-            True,
-            False,
-            3e-3,
-            lambda model, lr: QuotientAdam(
-                [
-                    {"params": group["params"], "weight_decay": decay}
-                    for group, decay in zip(_groups(model, lr, lr), (0.0, 0.1), strict=True)
-                ],
-                lr=lr,
-                betas=(0.9, 0.99),
-            ),
-        ),
-        Contender(
-            "quotient-hamiltonian",
-            "QuotientHamiltonian, friction 3; heads on the quotient at step lr, the rest at 10 lr",
-            True,
-            False,
-            0.03,
-            lambda model, lr: QuotientHamiltonian(_groups(model, lr, 10 * lr), lr=lr, friction=3.0),
-        ),
-        Contender(
-            "breaking-sgd",
-            "SGD, Nesterov momentum 0.9, paper 003's symmetry-breaking biases",
-            False,
-            True,
-            0.3,
-            lambda model, lr: torch.optim.SGD(
-                model.parameters(), lr=lr, momentum=0.9, nesterov=True
-            ),
-        ),
+def _quotient_adam(model: torch.nn.Module, lr: float) -> QuotientAdam:
+    heads, rest = _groups(model, lr, lr)
+    return QuotientAdam(
+        [
+            {"params": heads["params"], "weight_decay": 0.0},
+            {"params": rest["params"], "weight_decay": 0.1},
+        ],
+        lr=lr,
+        betas=(0.9, 0.99),
     )
+
+
+def _sgd(model: torch.nn.Module, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+
+
+BUILDERS: dict[str, Callable[[torch.nn.Module, float], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adamw": lambda model, lr: adamw(model.parameters(), lr),
+    "muon": muon_and_torch_adamw,
+    "quotient-muon": lambda model, lr: muon_and_adamw(model, lr, adamw_betas=(0.9, 0.99)),
+    "quotient-sgd": lambda model, lr: QuotientSGD(
+        _groups(model, lr, 30 * lr), lr=lr, momentum=0.9, nesterov=True
+    ),
+    "quotient-adam": _quotient_adam,
+    "quotient-hamiltonian": lambda model, lr: QuotientHamiltonian(
+        _groups(model, lr, 10 * lr), lr=lr, friction=3.0
+    ),
+    "breaking-sgd": _sgd,  # the biases are in the model (Contender.symmetry_breaking)
 }
+
+CONTENDERS = {name: Contender(**asdict(spec), build=BUILDERS[name]) for name, spec in SPECS.items()}
 
 
 @dataclass
@@ -255,8 +198,6 @@ def evaluate(model: GPT, val: torch.Tensor, settings: Settings, device) -> float
 
 #: The ``source`` of the default corpus, as the report names it.
 DEFAULT_SOURCE = "the Python standard library's sources"
-#: ``--tune``: each optimizer's grid is its starting lr (default or ``--lr``) times these factors.
-TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0)
 #: A run has diverged when its training loss is non-finite or exceeds this many times its first
 #: value (the loss of the initialization, about ln 256 = 5.5 for bytes).
 DIVERGENCE_FACTOR = 3.0

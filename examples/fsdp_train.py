@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,9 +113,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.checkpoint is not None:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "progress": {"step": args.steps}}
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(args.checkpoint, overwrite=True))
+        replacing = (Path(args.checkpoint) / ".metadata").exists()
+        with warnings.catch_warnings():
+            # torch warns on every rank that it overwrites; we say it once, below
+            warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(args.checkpoint, overwrite=True))
         if rank == 0:
-            print(f"saved {args.checkpoint} at step {args.steps}")
+            replaced = " (replaced the checkpoint that was there)" if replacing else ""
+            print(f"saved {args.checkpoint} at step {args.steps}{replaced}")
     dist.barrier()
     dist.destroy_process_group()
     return {"loss": float(loss), "start": start}

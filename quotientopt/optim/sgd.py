@@ -46,44 +46,54 @@ the :math:`\mu_i` do not depend on the representative). The next interval double
 :math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
 it does not, or when the step was withheld (a non-finite gradient).
 
-How the code is laid out: each kind of parameter has its update in one function, and ``step``
-only routes parameters to them and writes the checked results.
+How the code is laid out: the step is :class:`~quotientopt.optim._base.QuotientOptimizer`'s
+one loop; this module gives its kernels.
 
 * head parameters, a refresh step (every step with ``refresh_every=1``):
   :func:`quotient_sgd_update`, the exact Riemannian heavy ball above, with the Grams of the
   current point; it returns the candidate point, momentum and Grams of the point it reaches;
-* head parameters between two refreshes: :func:`riemannian_gradient` with the stale Grams, then
-  torch's SGD kernel (:meth:`QuotientSGD._torch_sgd_step`);
+* head parameters between two refreshes: the direction :func:`riemannian_gradient` with the
+  stale Grams, which the loop hands to torch's SGD kernel with the plain tensors;
 * other geoopt manifolds: :func:`manifold_sgd_update` (geoopt's RiemannianSGD);
-* plain tensors: torch's own functional SGD kernels (:meth:`QuotientSGD._torch_sgd_step`).
+* plain tensors: torch's own functional SGD kernel
+  (:func:`~quotientopt.optim._torch_kernels.torch_sgd_step`).
 
-Where the Grams come from is a *metric provider* (:class:`MetricProvider`), chosen per parameter
-group from ``refresh_every``: :class:`ExactMetric` (the Grams of the current point on every step,
-which the previous step computed at the point it reached) or :class:`LazyMetric` (the cached
-Grams, refreshed on the adaptive schedule above)."""
+Where the Grams come from is a *metric provider* (:class:`~quotientopt.optim.sgd_metric.MetricProvider`),
+chosen per parameter group from ``refresh_every``: :class:`~quotientopt.optim.sgd_metric.ExactMetric`
+(the Grams of the current point on every step, which the previous step computed at the point it
+reached) or :class:`~quotientopt.optim.sgd_metric.LazyMetric` (the cached Grams, refreshed on the
+adaptive schedule above)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
-from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.distributed import max_over_head_shards
 from quotientopt.manifolds.factor_quotient import product_decay_egrad
 from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
+    Direction,
+    HeadUpdate,
     Momentum,
     QuotientOptimizer,
     WriteLog,
-    _fused_kernel_is_exact,
+    _fused_kernel_is_exact,  # noqa: F401  (kept importable here)
     check_choice,
     check_number,
     geometry_of,
-    manifold_of,
     where_heads,
     work_buffers,
+)
+from quotientopt.optim._torch_kernels import single_tensor_sgd as _single_tensor_sgd  # noqa: F401
+from quotientopt.optim._torch_kernels import torch_sgd_step
+from quotientopt.optim.sgd_metric import (
+    ExactMetric,
+    LazyMetric,
+    MetricProvider,
+    frozen_where_unhealthy,
+    metric_drift,
 )
 
 WEIGHT_DECAY_MODES = ("product", "nuclear")
@@ -217,18 +227,6 @@ def quotient_sgd_update(
     return QuotientSGDUpdate(new, buf, new_grams, ok)
 
 
-def frozen_where_unhealthy(grams: Grams) -> Grams:
-    """The Grams with a zero preconditioner for heads flagged unhealthy, so that the steps
-    between refreshes leave their gradient out as the refresh steps do."""
-    mask = grams.ok[..., None, None]
-    zero = torch.zeros((), dtype=grams.p.dtype, device=grams.p.device)
-    fields = grams._asdict()
-    for name in ("p", "q", "p_inv", "q_inv"):
-        if fields[name] is not None:
-            fields[name] = torch.where(mask, fields[name], zero)
-    return Grams(**fields)
-
-
 def manifold_sgd_update(
     point: torch.Tensor,
     grad: torch.Tensor,
@@ -260,168 +258,6 @@ def manifold_sgd_update(
     )
     direction = rgrad.add(buf, alpha=momentum) if nesterov else buf
     return manifold.retr_transp(point, -lr * direction, buf)
-
-
-# ----------------------------------------------------------------------------- metric providers
-def metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
-    r"""How far the metric moved between two refreshes, largest over the heads that moved
-    (0-dim; ``inf`` when the step was withheld, for a non-finite gradient or a healthy head's rank
-    loss): :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with
-    :math:`P_{\text{old}} = L L^\top`, the larger of the P and Q values. The matrix is symmetric
-    and similar to :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so
-    :math:`\delta^2 = \sum_i (\mu_i - 1)^2` over its eigenvalues, computed as a sum of squares (the
-    trace form cancels badly when the factors are ill-conditioned)."""
-    chol = torch.stack((old.chol_p, old.chol_q), dim=-3)
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
-    squared = (similar - eye).square().sum((-1, -2)).amax(-1)
-    squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
-    # a withheld step (non-finite gradient), or a healthy head whose update was withheld for
-    # rank loss, is not a calm interval (heads unhealthy since earlier do not count)
-    calm_to_judge = moved.any() & ~(old.ok & ~moved).any()
-    return torch.where(calm_to_judge, squared.amax().sqrt(), torch.inf)
-
-
-class MetricProvider(Protocol):
-    """Where a head tensor's Grams come from on each step (see the module docstring)."""
-
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        """The Grams this step uses at ``p``, and whether the step refreshes them: then they are
-        the Grams of the current point and the step is :func:`quotient_sgd_update`, which
-        computes those of the point it reaches; otherwise they are stale."""
-        ...
-
-    def record(self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor):
-        """After a refresh step was written: keep ``reached`` (the Grams of the new point; the
-        ``used`` ones for heads whose update was withheld, ``ok`` False) for the next steps."""
-        ...
-
-
-class ExactMetric:
-    """The Grams of the current point on every step: those the previous step computed at the
-    point it reached, kept in ``state["grams"]`` (so that a resumed run is bitwise identical);
-    computed afresh when missing, or when something other than the optimizer modified ``p``."""
-
-    refresh_every = 1
-
-    def __init__(self, log: WriteLog, warn_if_rank_deficient: Callable[[torch.Tensor], None]):
-        self.log = log
-        self.warn_if_rank_deficient = warn_if_rank_deficient
-
-    @torch.compiler.disable  # reads the write log; the stored Grams enter a graph as inputs
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        return self.current(p, state)[0], True
-
-    def current(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        """The stored Grams, or those of ``p`` computed now; and whether they were computed now."""
-        stored = state.get("grams")
-        if stored is not None and not self.log.modified_elsewhere(p):
-            return Grams(**stored), False
-        grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
-        if "step" not in state:
-            self.warn_if_rank_deficient(~grams.ok)
-        buf = state.get("momentum_buffer")
-        if buf is not None:  # edited elsewhere: a head that lost rank does not coast
-            where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
-        return grams, True
-
-    def record(
-        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        # heads whose update was withheld keep the Grams they stepped with
-        stored = state["grams"] = {
-            name: where_heads(ok, fresh, kept)
-            for name, fresh, kept in zip(Grams._fields, reached, used, strict=True)
-            if fresh is not None and kept is not None
-        }
-        return stored
-
-
-class LazyMetric(ExactMetric):
-    """The Grams of the last refresh step, refreshed at most every ``refresh_every`` steps: the
-    interval doubles (up to ``refresh_every``) while the metric moved less than
-    ``refresh_tolerance`` over the last one (:func:`metric_drift`), else it restarts at 1. Each
-    refresh reads the drift on the host. Keeps ``refresh_interval`` and ``next_refresh`` in the
-    state."""
-
-    def __init__(
-        self,
-        log: WriteLog,
-        warn_if_rank_deficient: Callable[[torch.Tensor], None],
-        refresh_every: int,
-        refresh_tolerance: float,
-    ):
-        super().__init__(log, warn_if_rank_deficient)
-        self.refresh_every = refresh_every
-        self.refresh_tolerance = refresh_tolerance
-
-    @torch.compiler.disable
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        grams, computed_now = self.current(p, state)
-        if computed_now:
-            return grams, True
-        step, due = state.get("step", 0), state.get("next_refresh", 0)
-        # a refresh_every lowered since the last refresh shortens the current interval
-        due = min(due, due - state.get("refresh_interval", 1) + self.refresh_every)
-        return grams, step >= due
-
-    def record(
-        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        drift = max_over_head_shards(p, metric_drift(used, reached, ok))
-        calm = float(drift) <= self.refresh_tolerance  # NaN counts as not calm
-        interval = min(2 * state.get("refresh_interval", 1), self.refresh_every) if calm else 1
-        state["refresh_interval"] = interval
-        state["next_refresh"] = state.get("step", 0) + interval
-        stored = super().record(p, state, used, reached, ok)
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            # a head left at a rank-deficient point must not coast on its momentum through the
-            # steps until the next refresh (with the exact metric it never moves anyway)
-            zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-            where_heads(stored["ok"], buf, zero, out=buf)
-        return stored
-
-
-# ----------------------------------------------------------------------------- plain tensors
-# Plain tensors (and head tensors between two refreshes) step through torch's functional SGD
-# (torch.optim.sgd.sgd, fused=True), not a copy of it. The one exception: torch 2.13's fused CPU
-# kernel writes wrong momentum buffers for bfloat16/float16 (its test:
-# tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd), so those
-# tensors take _single_tensor_sgd, torch's single-tensor step written out operation for operation
-# (the same roundings) with a device-side skip mask, which torch's own single-tensor kernel lacks
-# (it rejects found_inf, and skipping on the host would synchronise).
-def _single_tensor_sgd(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    buf: torch.Tensor | None,
-    found_inf: torch.Tensor,
-    *,
-    weight_decay: float,
-    momentum: float,
-    lr: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> torch.Tensor | None:
-    """torch.optim.SGD's single-tensor step, operation for operation (so with its roundings),
-    written into ``param`` and ``buf`` only where ``found_inf`` is 0 (no synchronisation).
-    Returns the momentum buffer (new on the first step)."""
-    skip = found_inf > 0
-    grad = -grad if maximize else grad
-    if weight_decay:
-        grad = grad.add(param, alpha=weight_decay)
-    if momentum:
-        if buf is None:
-            new_buf = torch.clone(grad).detach()
-            buf = torch.where(skip, torch.zeros_like(new_buf), new_buf)
-        else:
-            new_buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
-            torch.where(skip, buf, new_buf, out=buf)
-        grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
-    torch.where(skip, param, param.add(grad, alpha=-lr), out=param)
-    return buf
 
 
 class QuotientSGD(QuotientOptimizer):
@@ -574,168 +410,87 @@ class QuotientSGD(QuotientOptimizer):
             "weight_decay_mode": group["weight_decay_mode"]
         }
 
-    # -------------------------------------------------------------------------------- step
-    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-
-        # phase 1: every update computed and checked, nothing written
-        refreshed, manifold_updates = [], []
-        between: dict[tuple[int, torch.device], list] = {}  # quotient steps between refreshes
-        for index, group in enumerate(self.param_groups):
-            metric = self._metric_provider(group)
-            options = self._options(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if geometry_of(p) is not None:
-                    grams, refresh = metric.grams(p, state)
-                    if refresh:  # the exact step, with the Grams of the current point
-                        work = self._work_buffers(p, 3 if group["nesterov"] else 2)
-                        update = quotient_sgd_update(
-                            p.detach(),
-                            p.grad,
-                            state.get("momentum_buffer"),
-                            grams,
-                            geometry_of(p),
-                            keep=nonfinite[p.device] == 0,
-                            work=work,
-                            **options,
-                        )
-                        refreshed.append((p, metric, grams, update))
-                    else:  # between two refreshes: torch's SGD kernel along the stale gradient
-                        rgrad = riemannian_gradient(
-                            p.detach(),
-                            p.grad,
-                            frozen_where_unhealthy(grams),
-                            geometry_of(p),
-                            weight_decay=group["weight_decay"],
-                            weight_decay_mode=group["weight_decay_mode"],
-                            maximize=group["maximize"],
-                            frozen=True,
-                            out=self._work_buffers(p)[0],
-                        )
-                        between.setdefault((index, p.device), []).append((p, rgrad))
-                elif manifold_of(p) is not None:
-                    new, buf = manifold_sgd_update(
-                        p.detach(),
-                        p.grad,
-                        state.get("momentum_buffer"),
-                        p.manifold,
-                        **{k: v for k, v in options.items() if k != "weight_decay_mode"},
-                    )
-                    manifold_updates.append((p, new, buf))
-        self._enforce_policy(nonfinite, [update.ok for *_, update in refreshed])
-
-        # phase 2: write
-        for p, metric, grams, update in refreshed:
-            self._write(p, update.point, update.momentum_buffer, update.ok)
-            metric.record(p, self.state[p], grams, update.grams, update.ok)
-            flag = nonfinite[p.device] == 0
-            self._count(self._rank_skips, p.device, (~update.ok & flag).sum())
-        for p, new, buf in manifold_updates:
-            self._write(p, new, buf, nonfinite[p.device] == 0)
-        for (index, device), entries in between.items():
-            self._torch_sgd_step(
-                self.param_groups[index],
-                [p.detach() for p, _ in entries],
-                [rgrad for _, rgrad in entries],
-                [self.state[p] for p, _ in entries],
-                nonfinite[device],
-            )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or geometry_of(p) is None:
-                    continue
-                state = self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                every = group["rebalance_every"]
-                if every and state["step"] % every == 0:
-                    self._rebalance(p)
-                self._log.record(p)
-
-        for group in self.param_groups:
-            plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]
-            for device in {p.device for p in plain}:
-                params = [p for p in plain if p.device == device]
-                self._torch_sgd_step(
-                    group,
-                    params,
-                    [p.grad for p in params],
-                    [self.state[p] for p in params],
-                    nonfinite[device],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                )
-
-    def _write(
-        self, p: torch.Tensor, new: torch.Tensor, buf: torch.Tensor | None, ok: torch.Tensor
-    ) -> None:
-        """Write a checked candidate point and momentum, head by head where ``ok`` holds."""
+    # ------------------------------------------------------------------------------ the kernels
+    def _head_update(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict, keep: torch.Tensor
+    ) -> HeadUpdate | Direction:
+        """A refresh step (every step of :class:`ExactMetric`) is :func:`quotient_sgd_update`
+        with the Grams of the current point; a step between two refreshes is the direction
+        :func:`riemannian_gradient` with the stale Grams, for torch's SGD kernel."""
+        metric = self._metric_provider(group)
         state = self.state[p]
-        if buf is not None:
-            old_buf = state.get("momentum_buffer")
-            if old_buf is None:
-                state["momentum_buffer"] = where_heads(ok, buf, torch.zeros_like(buf), out=buf)
-            else:
-                where_heads(ok, buf, old_buf, out=old_buf)
-        where_heads(ok, new, p.detach(), out=p.detach())
+        grams, refresh = metric.grams(p, state)
+        if not refresh:
+            rgrad = riemannian_gradient(
+                p.detach(),
+                p.grad,
+                frozen_where_unhealthy(grams),
+                geometry,
+                weight_decay=group["weight_decay"],
+                weight_decay_mode=group["weight_decay_mode"],
+                maximize=group["maximize"],
+                frozen=True,
+                out=self._work_buffers(p)[0],
+            )
+            return Direction(rgrad)
+        work = self._work_buffers(p, 3 if group["nesterov"] else 2)
+        update = quotient_sgd_update(
+            p.detach(), p.grad, state.get("momentum_buffer"), grams, geometry,
+            keep=keep, work=work, **self._options(group),
+        )  # fmt: skip
+        return HeadUpdate(
+            update.point,
+            {"momentum_buffer": update.momentum_buffer},
+            update.ok,
+            aux=(metric, grams, update.grams),
+        )
 
-    def _torch_sgd_step(
+    def _manifold_update(self, p: torch.Tensor, group: dict, keep: torch.Tensor) -> HeadUpdate:
+        options = {k: v for k, v in self._options(group).items() if k != "weight_decay_mode"}
+        buf = self.state[p].get("momentum_buffer")
+        new, buf = manifold_sgd_update(p.detach(), p.grad, buf, p.manifold, **options)
+        return HeadUpdate(new, {"momentum_buffer": buf}, keep)
+
+    def _plain_step(
         self,
         group: dict,
         params: list[torch.Tensor],
-        directions: list[torch.Tensor],
-        states: list[dict],
+        directions: list[torch.Tensor] | None,
         found_inf: torch.Tensor,
-        *,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
     ) -> None:
-        """torch's fused SGD kernel on ``params`` along ``directions`` (gradients, or Riemannian
-        gradients with weight decay and sign already applied), skipping everything on the device
-        when ``found_inf`` is set; momentum buffers are read from and stored in ``states``.
-
-        torch 2.13's fused CPU kernel writes wrong momentum buffers for bfloat16 and float16
-        (``tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd``),
-        so reduced-precision tensors on a CPU take :func:`_single_tensor_sgd` instead."""
-        buffers = [state.get("momentum_buffer") for state in states]
-        options = dict(
-            weight_decay=weight_decay,
+        """torch's fused SGD (:func:`~quotientopt.optim._torch_kernels.torch_sgd_step`) along
+        the gradients of plain tensors (with torch's coupled decay and sign) or along the head
+        sectors' Riemannian gradients between two refreshes (decay and sign applied already)."""
+        states = [self.state[p] for p in params]
+        plain = directions is None
+        buffers = torch_sgd_step(
+            [p.detach() for p in params],
+            [p.grad for p in params] if plain else directions,
+            [state.get("momentum_buffer") for state in states],
+            found_inf,
+            weight_decay=group["weight_decay"] if plain else 0.0,
             momentum=group["momentum"],
             lr=group["lr"],
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            maximize=maximize,
+            maximize=group["maximize"] if plain else False,
         )
-        fused = [i for i, p in enumerate(params) if _fused_kernel_is_exact(p)]
-        # the kernel treats a call as a first step only if every buffer is missing
-        for subset in (
-            [i for i in fused if buffers[i] is not None],
-            [i for i in fused if buffers[i] is None],
-        ):
-            if not subset:
-                continue
-            some = [buffers[i] for i in subset]
-            torch_sgd(
-                [params[i] for i in subset],
-                [directions[i] for i in subset],
-                some,
-                fused=True,
-                found_inf=found_inf,
-                **options,
-            )
-            for i, buf in zip(subset, some, strict=True):
-                if buffers[i] is None and buf is not None:
-                    # the kernel allocates first-step buffers uninitialized and skips them too
-                    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-                    torch.where(found_inf > 0, zero, buf, out=buf)
-                buffers[i] = buf
-        for i, p in enumerate(params):
-            if i not in fused:
-                buffers[i] = _single_tensor_sgd(p, directions[i], buffers[i], found_inf, **options)
         if group["momentum"]:
             for state, buf in zip(states, buffers, strict=True):
                 state["momentum_buffer"] = buf
+
+    def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate | Direction) -> None:
+        """Keep the Grams a refresh step reached (the metric provider's ``record``), count the
+        step, rebalance every ``rebalance_every`` steps and note the write."""
+        state = self.state[p]
+        if isinstance(update, HeadUpdate):
+            metric, used, reached = update.aux
+            metric.record(p, state, used, reached, update.ok)
+        state["step"] = state.get("step", 0) + 1
+        every = group["rebalance_every"]
+        if every and state["step"] % every == 0:
+            self._rebalance(p)
+        self._log.record(p)
 
     @torch.no_grad()
     def _rebalance(self, p: torch.Tensor) -> None:

@@ -343,12 +343,23 @@ def write_update(state: dict[str, Any], p: torch.Tensor, update: HeadUpdate) -> 
         if old is None:
             zero = torch.zeros((), dtype=value.dtype, device=value.device)
             state[name] = where_heads(ok, value, zero)
+        elif not isinstance(value, torch.Tensor):  # a dict or tuple of per-head tensors
+            state[name] = _merged(ok, value, old)
         elif old is stored and old.shape == value.shape and old.dtype == value.dtype:
             where_heads(ok, value, old, out=old)
         else:
             state[name] = where_heads(ok, value.to(old.dtype), old)
     z = p.detach()
     where_heads(ok, update.point.to(z.dtype), z, out=z)
+
+
+def _merged(ok: torch.Tensor, value: Any, old: Any) -> Any:
+    """``value`` where ``ok`` holds, else ``old``, through dicts and tuples of tensors."""
+    if isinstance(value, dict):
+        return {key: _merged(ok, item, old[key]) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_merged(ok, v, o) for v, o in zip(value, old, strict=True))
+    return where_heads(ok, value, old)
 
 
 def where_heads(
@@ -673,12 +684,25 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
     def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate | Direction) -> None:
         """After everything was written: the head parameter ``p``'s bookkeeping (default none)."""
 
+    def _group_update(
+        self, group: dict, loss: torch.Tensor | None, nonfinite: dict
+    ) -> list[tuple[torch.Tensor, HeadUpdate]] | None:
+        """For an update that couples a whole group (one speed, one norm; QuotientECD): one
+        :class:`HeadUpdate` per parameter with a gradient, each with a 0-dim ``ok``; None
+        (default): the group's parameters step one by one. Its head updates enter the policy,
+        not the rank-skip count (``ok`` is the whole group's)."""
+        return None
+
     def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
         """The one step loop (see the class docstring)."""
-        proposed: list[tuple[torch.Tensor, dict, bool, HeadUpdate]] = []
+        proposed: list[tuple[torch.Tensor, bool, bool, HeadUpdate]] = []  # p, head, counted
         plain: dict[tuple[int, torch.device, bool], list] = defaultdict(list)
         stepped: list[tuple[torch.Tensor, dict, HeadUpdate | Direction]] = []
         for index, group in enumerate(self.param_groups):
+            coupled = self._group_update(group, loss, nonfinite)
+            if coupled is not None:
+                proposed += [(p, geometry_of(p) is not None, False, u) for p, u in coupled]
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -690,13 +714,13 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
                 elif manifold_of(p) is not None:
                     update = self._manifold_update(p, group, keep)
                 if isinstance(update, HeadUpdate):
-                    proposed.append((p, group, geometry is not None, update))
+                    proposed.append((p, geometry is not None, geometry is not None, update))
                 else:
                     plain[(index, p.device, update is not None)].append((p, update))
-        self._enforce_policy(nonfinite, [u.ok for _, _, is_head, u in proposed if is_head])
-        for p, _, is_head, update in proposed:
+        self._enforce_policy(nonfinite, [u.ok for _, is_head, _, u in proposed if is_head])
+        for p, _, counted, update in proposed:
             write_update(self.state[p], p, update)
-            if is_head:
+            if counted:
                 lost = ~update.ok & (nonfinite[p.device] == 0)
                 self._count(self._rank_skips, p.device, lost.sum())
         for (index, device, along), entries in plain.items():

@@ -44,6 +44,7 @@ import torch
 
 from quotientopt.distributed import is_dtensor
 from quotientopt.optim._base import (
+    HeadUpdate,
     Momentum,
     QuotientOptimizer,
     check_number,
@@ -143,6 +144,14 @@ def ecd_group(group: dict, loss: torch.Tensor, nonfinite: dict, state: dict) -> 
     return out
 
 
+def ecd_updates(
+    group: dict, loss: torch.Tensor, nonfinite: dict, state: dict
+) -> list[tuple[torch.Tensor, HeadUpdate]]:
+    """:func:`ecd_group`'s proposals as the step loop's :class:`HeadUpdate` s (velocity state)."""
+    updates = ecd_group(group, loss.detach(), nonfinite, state)
+    return [(p, HeadUpdate(new, {"velocity": v}, keep)) for p, new, v, keep in updates]
+
+
 def write_ecd(state: dict, updates: list) -> None:
     """Write the updates of :func:`ecd_group` where their ``keep`` holds (no host sync)."""
     for p, new, v, keep in updates:
@@ -206,10 +215,8 @@ class QuotientECD(QuotientOptimizer):
             return None
         return Momentum(velocity, "vector" if geometry_of(p) is not None else "covector")
 
-    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-        updates = []
-        for group in self.param_groups:
-            updates += ecd_group(group, loss.detach(), nonfinite, self.state)
-        head_flags = [keep for p, _, _, keep in updates if geometry_of(p) is not None]
-        self._enforce_policy(nonfinite, head_flags)
-        write_ecd(self.state, updates)
+    def _group_update(
+        self, group: dict, loss: torch.Tensor | None, nonfinite: dict
+    ) -> list[tuple[torch.Tensor, HeadUpdate]]:
+        """:func:`ecd_group`: the whole group is one point with one unit speed."""
+        return ecd_updates(group, loss, nonfinite, self.state)

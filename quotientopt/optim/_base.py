@@ -317,7 +317,7 @@ class HeadUpdate(NamedTuple):
     the stored entry, else zero. ``aux``: anything the optimizer's :meth:`_stepped` needs."""
 
     point: torch.Tensor
-    state: dict[str, torch.Tensor | None]
+    state: dict[str, Any]
     ok: torch.Tensor
     kept: dict[str, torch.Tensor] | None = None
     aux: Any = None
@@ -328,6 +328,18 @@ class Direction(NamedTuple):
     (a Riemannian gradient with its sign and decay applied) to move the sector along."""
 
     tensor: torch.Tensor
+
+
+class PlainBatch(NamedTuple):
+    """What the loop hands to an optimizer's ``_plain_step``: parameters of one group and device
+    (the parameters themselves, which key the state: pass ``p.detach()`` to a kernel), the
+    directions to move them along (None: their gradients, for plain tensors; else the head
+    kernels' :class:`Direction` s) and the device's non-finite flag (a step with it set changes
+    nothing)."""
+
+    params: list[torch.Tensor]
+    directions: list[torch.Tensor] | None
+    found_inf: torch.Tensor
 
 
 def write_update(state: dict[str, Any], p: torch.Tensor, update: HeadUpdate) -> None:
@@ -668,17 +680,8 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
         ``add_param_group`` by ``_check_parameter``)."""
         raise NotImplementedError(f"{type(self).__name__} does not step {p.manifold!r}")
 
-    def _plain_step(
-        self,
-        group: dict,
-        params: list[torch.Tensor],
-        directions: list[torch.Tensor] | None,
-        found_inf: torch.Tensor,
-    ) -> None:
-        """torch's functional kernel on ``params`` (one device; the parameters themselves, which
-        key the state: pass ``p.detach()`` to the kernel) along their gradients
-        (``directions`` None) or along the head kernels' :class:`Direction` s; a step with
-        ``found_inf`` set changes nothing."""
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
+        """torch's functional kernel on ``batch.params`` (:class:`PlainBatch`; one device)."""
         raise NotImplementedError(f"{type(self).__name__} has no plain step")
 
     def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate | Direction) -> None:
@@ -726,7 +729,8 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
         for (index, device, along), entries in plain.items():
             params = [p for p, _ in entries]
             directions = [d.tensor for _, d in entries] if along else None
-            self._plain_step(self.param_groups[index], params, directions, nonfinite[device])
+            batch = PlainBatch(params, directions, nonfinite[device])
+            self._plain_step(self.param_groups[index], batch)
         for p, group, update in stepped:
             self._stepped(p, group, update)
 

@@ -85,6 +85,7 @@ from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     WriteLog,
     check_choice,
@@ -160,15 +161,12 @@ def quotient_adam_update(
         Z_{t+1} &= c Z_t - \eta\, [M_A S_A R_B^{-\top};\ M_B S_B R_A^{-\top}], \quad
         S = \frac{(\hat V^{1/2} + \epsilon I)^{-1}}{1 - \beta_1^t}, \quad
         \hat V = \frac{V_t}{1 - \beta_2^t}, \\
-        M &\leftarrow M T^\top, \quad V \leftarrow T V T^\top + \tfrac{\operatorname{tr} V -
-        \operatorname{tr} T V T^\top}{k} I
+        M &\leftarrow M T^\top, \quad
+        V \leftarrow T V T^\top + \tfrac{\operatorname{tr} V - \operatorname{tr} T V T^\top}{k} I
 
-    (:math:`c = 1 - \eta\lambda` for the product decay; the nuclear decay steps along
-    ``decay_rgrad`` instead), :math:`T` the transport between the frames of :math:`Z_t` and
-    :math:`Z_{t+1}` (:func:`advance_bases`). Shapes: ``point``, ``grad`` ``(..., n + m, k)``;
-    ``moments`` (None: a first step) and ``basis`` (of ``point``) in float32 or better; ``keep``
-    a 0-dim bool (False: the step is withheld). ``work``: three tensors shaped like ``point``
-    in the moments' dtype that receive the full-size temporaries; the results may live in them."""
+    (:math:`c Z_t`: :func:`_decayed`; :math:`T`: :func:`advance_bases`). ``point``, ``grad``
+    ``(..., n + m, k)``; ``moments`` (None: first step), ``basis`` (of ``point``) in float32 or
+    better; ``keep``: 0-dim bool; ``work``: three tensors like ``point`` in that dtype."""
     dtype = compute_dtype(point.dtype)
     work = work if work is not None else (None, None, None)
     m, v, step = _new_moments(point, grad, moments, basis, geometry, betas, maximize, work)
@@ -176,28 +174,40 @@ def quotient_adam_update(
     eye = torch.eye(point.shape[-1], dtype=dtype, device=point.device)
     v_hat = torch.where(finite[..., None, None, None], v / _bias(betas[1], step), eye)
     root = adam_root(v_hat, eps) / _bias(betas[0], step)
-    base, scale = point.to(dtype), 1.0
-    if weight_decay and weight_decay_mode == "product":
-        scale = 1 - lr * weight_decay  # the preconditioned Riemannian gradient of |AB^T|^2 / 2
-    elif weight_decay:
-        unchecked = geometry.grams(point, check=False)  # bad heads are caught below
-        base = base - lr * weight_decay * geometry.decay_rgrad(point, "nuclear", unchecked).to(
-            dtype
-        )
-    step_maps = -lr * (root @ basis.r_inv.flip(-3).mT)  # the k x k maps -lr root_A R_B^{-T}
-    new = geometry.right_multiply(
-        m, step_maps[..., 0, :, :], step_maps[..., 1, :, :], add_to=base, beta=scale, out=work[2]
-    )
-    r_inv = basis.r_inv
-    w = geometry.right_multiply(new, r_inv[..., 0, :, :], r_inv[..., 1, :, :], out=work[0])
+    base, scale = _decayed(point, geometry, lr * weight_decay, weight_decay_mode)
+    maps = -lr * (root @ basis.r_inv.flip(-3).mT)  # the k x k maps -lr root_A R_B^{-T}
+    new = _right(geometry, m, maps, add_to=base, beta=scale, out=work[2])
+    w = _right(geometry, new, basis.r_inv, out=work[0])
     h, cross = stacked_cross(geometry, w, w), stacked_cross(geometry, w, point.to(dtype))
-    r_new, r_inv_new, t, advanced = advance_bases(basis.r, r_inv, h, cross)
+    r_new, r_inv_new, t, advanced = advance_bases(basis.r, basis.r_inv, h, cross)
     # the A side's moments live in B's frame and vice versa
     v_new = trace_preserving_transport(v, t.flip(-3))
-    m_new = geometry.right_multiply(m, t[..., 1, :, :].mT, t[..., 0, :, :].mT, out=work[0])
+    m_new = _right(geometry, m, t.flip(-3).mT, out=work[0])
     ok = basis.ok & advanced.all(-1) & keep
-    moments = AdamMoments(m_new, v_new, step)
-    return QuotientAdamUpdate(new.to(point.dtype), moments, Basis(r_new, r_inv_new, ok), ok)
+    new_basis = Basis(r_new, r_inv_new, ok)
+    return QuotientAdamUpdate(new.to(point.dtype), AdamMoments(m_new, v_new, step), new_basis, ok)
+
+
+def _right(geometry: HeadGeometry, x: torch.Tensor, mats: torch.Tensor, **kwargs) -> torch.Tensor:
+    r"""``geometry.right_multiply`` by the stacked pair ``mats`` (``(..., 2, k, k)``):
+    :math:`[X_A C_0;\ X_B C_1]`."""
+    return geometry.right_multiply(x, mats[..., 0, :, :], mats[..., 1, :, :], **kwargs)
+
+
+def _decayed(
+    point: torch.Tensor, geometry: HeadGeometry, decay: float, mode: str
+) -> tuple[torch.Tensor, float]:
+    r"""``(X, c)`` with :math:`c X` the point after the decoupled decay :math:`\eta\lambda`
+    (``decay``): :math:`(Z, 1 - \eta\lambda)` for the product decay (the preconditioned
+    Riemannian gradient of :math:`\tfrac12\|AB^\top\|^2` is :math:`Z`), :math:`(Z - \eta\lambda
+    \operatorname{grad}\|AB^\top\|_*, 1)` for the nuclear one; float32 or better."""
+    base = point.to(compute_dtype(point.dtype))
+    if not decay:
+        return base, 1.0
+    if mode == "product":
+        return base, 1 - decay
+    unchecked = geometry.grams(point, check=False)  # bad heads are caught by the step's flags
+    return base - decay * geometry.decay_rgrad(point, "nuclear", unchecked).to(base.dtype), 1.0
 
 
 def _bias(beta: float, step: torch.Tensor) -> torch.Tensor:
@@ -219,7 +229,7 @@ def _new_moments(point, grad, moments, basis, geometry, betas, maximize, work):
         grad = -grad
     # grad_A R_B^{-1} = E U_B and grad_B R_A^{-1} = E^T U_A
     r_inv = basis.r_inv
-    g = geometry.right_multiply(grad, r_inv[..., 1, :, :], r_inv[..., 0, :, :], out=work[0])
+    g = _right(geometry, grad, r_inv.flip(-3), out=work[0])
     m = torch.lerp(moments.exp_avg, g, 1 - betas[0], out=work[1])
     v = torch.lerp(moments.exp_avg_sq, stacked_cross(geometry, g, g), 1 - betas[1])
     return m, v, moments.step + 1
@@ -401,14 +411,9 @@ class QuotientAdam(QuotientOptimizer):
         new, exp_avg = manifold.retr_transp(z, -group["lr"] * direction, exp_avg)
         return HeadUpdate(new, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step), keep)
 
-    def _plain_step(
-        self,
-        group: dict,
-        params: list[torch.Tensor],
-        directions: list[torch.Tensor] | None,
-        found_inf: torch.Tensor,
-    ) -> None:
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
         """torch's fused AdamW (its functional ``adam``) on plain tensors."""
+        params, found_inf = batch.params, batch.found_inf
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if "step" not in state:

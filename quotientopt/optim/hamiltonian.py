@@ -86,11 +86,12 @@ from typing import Any
 
 import torch
 
-from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
+from quotientopt.linalg import compute_dtype, tril_inverse
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     WriteLog,
     _fused_kernel_is_exact,  # noqa: F401  (kept importable here)
@@ -101,7 +102,7 @@ from quotientopt.optim._base import (
 )
 from quotientopt.optim._torch_kernels import torch_sgd_step
 from quotientopt.optim.ecd import ecd_updates, refuse_sharded
-from quotientopt.optim.hamiltonian_flows import Implicit, Splitting, transfer
+from quotientopt.optim.hamiltonian_flows import Implicit, Splitting, _spd_inverse, transfer
 
 __all__ = [
     "INTEGRATORS",
@@ -163,11 +164,8 @@ def spd_inverse(
     :func:`~quotientopt.linalg.spd_cholesky_flagged` (``reference``: the previous Gram of the same
     factor, so that a collapse counts as rank loss). Unhealthy entries get the identity; no host
     synchronisation."""
-    chol, ok = spd_cholesky_flagged(gram, reference)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    chol = torch.where(ok[..., None, None], chol, eye)
-    x = tril_inverse(chol)
-    return x.mT @ x, ok
+    inverse, _, ok = _spd_inverse(gram, reference)
+    return inverse, ok
 
 
 INTEGRATORS = ("splitting", "implicit")
@@ -373,13 +371,7 @@ class QuotientHamiltonian(QuotientOptimizer):
         return self._work_log
 
     # --------------------------------------------------------------------------- plain tensors
-    def _plain_step(
-        self,
-        group: dict,
-        params: list[torch.Tensor],
-        directions: list[torch.Tensor] | None,
-        found_inf: torch.Tensor,
-    ) -> None:
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
         r"""The leapfrog of :math:`H = \tfrac12 \|p\|^2 + L` for plain tensors as torch's SGD
         kernel: with :math:`\tilde p = -\sigma b` and :math:`c = (1 + e^{-\gamma h}) h / 2`
         (:math:`h/2` on the first step),
@@ -388,6 +380,7 @@ class QuotientHamiltonian(QuotientOptimizer):
         :math:`\tilde p \leftarrow e^{-\gamma h} (\tilde p - \tfrac h2 g) - \tfrac h2 g`,
         :math:`x \leftarrow x + h \tilde p`, and a step with a non-finite gradient changes nothing
         (``found_inf``)."""
+        params, found_inf = batch.params, batch.found_inf
         h, damping, diagnostics = self._dynamics(group)
         by_call: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:

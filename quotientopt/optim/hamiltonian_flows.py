@@ -38,11 +38,18 @@ def factor_gram(
     else:
         f = geometry.factors(z)[which]
         gram = f.mT @ f
+    inverse, chol, ok = _spd_inverse(gram, reference)
+    return FactorGram(gram, chol, inverse, ok)
+
+
+def _spd_inverse(gram: torch.Tensor, reference: torch.Tensor | None = None):
+    """``(G^{-1}, L, ok)``: :func:`quotientopt.optim.hamiltonian.spd_inverse` and the Cholesky
+    factor (the identity where not ``ok``)."""
     chol, ok = spd_cholesky_flagged(gram, reference)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     chol = torch.where(ok[..., None, None], chol, eye)
     x = tril_inverse(chol)
-    return FactorGram(gram, chol, x.mT @ x, ok)
+    return x.mT @ x, chol, ok
 
 
 def regularized(grams: tuple[FactorGram, FactorGram]) -> tuple[tuple, torch.Tensor]:
@@ -110,6 +117,13 @@ def diagnostics(geometry: HeadGeometry, z, m, grams: tuple[FactorGram, FactorGra
     return kinetic, geometry.momentum_map(z, velocity, grams=metric)
 
 
+def _at_rest(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`T = 0` and :math:`J = 0` per head of ``z`` (``p_n = 0``), in ``z``'s dtype."""
+    heads, k = z.shape[:-2], z.shape[-1]
+    zeros = torch.zeros((*heads, k, k), dtype=z.dtype, device=z.device)
+    return zeros[..., 0, 0].clone(), zeros
+
+
 class SplittingUpdate(NamedTuple):
     """What :func:`splitting_update` proposes for one head tensor; nothing is written."""
 
@@ -145,34 +159,39 @@ def splitting_update(
         V_A &= p_A P^{-1},\quad A \leftarrow A + h V_A,\quad p_B \leftarrow p_B + h\, B\, V_A^\top V_A,
         \\ V_B &= p_B Q^{-1},\quad B \leftarrow B + h V_B,\quad p_A \leftarrow p_A + h\, A\, V_B^\top V_B
 
-    (the flows of :math:`T_A`, then :math:`T_B`; the other order for odd ``parity``).
-    ``z``, ``grad``, ``momentum`` (:math:`\tilde p`; None on the first step) ``(..., n + m, k)``;
-    ``grams``: the factor Grams of ``z``; ``work``: two tensors shaped like ``z`` in float32 or
-    better (the new point and momentum live in them) and a contiguous velocity buffer per
-    factor. ``diagnose``: also :math:`T` and :math:`J` at :math:`(Z_n, p_n)`."""
+    (:math:`T_A`'s flow, then :math:`T_B`'s; the other order for odd ``parity``). ``z``,
+    ``grad``, ``momentum`` (:math:`\tilde p`, None at first) ``(..., n + m, k)``; ``grams``: of
+    ``z``; ``work``: the new point's and momentum's buffers (like ``z``, float32 or better) and a
+    velocity buffer per factor. ``diagnose``: also :math:`T`, :math:`J` at :math:`(Z_n, p_n)`."""
     dtype = compute_dtype(z.dtype)
     zc, g = z.to(dtype), grad.to(dtype)
     start, regular = regularized(grams)
     new, m, *velocities = work
-    if momentum is None:
+    kinetic = charge = None
+    if momentum is None:  # p_n = 0
         m = torch.mul(g, -0.5 * h, out=m)
-    else:
+        if diagnose:
+            kinetic, charge = _at_rest(zc)
+    else:  # p_n = e^{-gamma h} (p~ - h/2 g) ends the last step, p_n - h/2 g starts this one
         m = torch.mul(momentum.to(dtype), damping, out=m)
         m.add_(g, alpha=-0.5 * h * damping)
-    kinetic = charge = None
-    if diagnose and momentum is None:  # p_n = 0
-        kinetic = torch.zeros(z.shape[:-2], dtype=dtype, device=z.device)
-        charge = torch.zeros(
-            (*z.shape[:-2], z.shape[-1], z.shape[-1]), dtype=dtype, device=z.device
-        )
-    elif diagnose:
-        kinetic, charge = diagnostics(geometry, zc, m, start, work=new)
-    if momentum is not None:
+        if diagnose:
+            kinetic, charge = diagnostics(geometry, zc, m, start, work=new)
         m.add_(g, alpha=-0.5 * h)
-    current, moved = list(geometry.factors(zc)), geometry.factors(new)
-    momenta, grams = geometry.factors(m), list(start)
+    order = (0, 1) if parity == 0 else (1, 0)  # T_A then T_B, or T_B then T_A
+    grams, healthy = _kinetic_flows(geometry, zc, new, m, (start, regular), h, order, velocities)
+    return SplittingUpdate(new, m, tuple(grams), start, healthy, regular, kinetic, charge)
+
+
+def _kinetic_flows(geometry, z, new, m, start, h, order, velocities):
+    r"""The exact flows of :math:`T_X` for ``h``, factor by factor in ``order``, from ``z`` into
+    ``new`` with the momentum ``m`` updated in place; ``start``: the factor Grams of ``z`` (as
+    the step uses them) and the flag of the heads on the regularized metric. Returns the factor
+    Grams of ``new`` and the per-head flag that the step may be written."""
+    grams, regular = list(start[0]), start[1]
+    current, moved, momenta = list(geometry.factors(z)), geometry.factors(new), geometry.factors(m)
     healthy = (grams[0].ok & grams[1].ok) | regular
-    for x in (0, 1) if parity == 0 else (1, 0):  # T_A then T_B, or T_B then T_A
+    for x in order:
         y = 1 - x
         v = torch.matmul(momenta[x], grams[y].inv, out=velocities[x])  # V_X = p_X G_Y^{-1}
         torch.add(current[x], v, alpha=h, out=moved[x])  # X += h V_X
@@ -182,7 +201,7 @@ def splitting_update(
         grams[x] = factor_gram(geometry, new, x, reference=grams[x].gram)
         # a head that started rank-deficient only has to stay finite on its way to full rank
         healthy = healthy & (grams[x].ok | regular) & torch.isfinite(s).flatten(-2).all(-1)
-    return SplittingUpdate(new, m, tuple(grams), start, healthy, regular, kinetic, charge)
+    return tuple(grams), healthy
 
 
 class Splitting:

@@ -77,6 +77,7 @@ from quotientopt.optim._base import (
     Direction,
     HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     WriteLog,
     _fused_kernel_is_exact,  # noqa: F401  (kept importable here)
@@ -179,52 +180,57 @@ def quotient_sgd_update(
                \quad\text{(transport, with the Grams of } Z_{t+1}\text{)}
 
     (:math:`\eta` = ``lr``, :math:`\beta` = ``momentum``, :math:`\tau` = ``dampening``,
-    :math:`\lambda` = ``weight_decay``). The Grams of :math:`Z_{t+1}` are computed once, here:
-    they transport the momentum and are returned for the next step's gradient (with their
-    inverses, so that both are matmuls with ``k x k`` matrices).
-
-    Shapes: ``point``, ``grad``, ``momentum_buffer`` (horizontal at ``point``; None on the first
-    step) ``(..., n + m, k)`` in the parameter dtype; ``grams`` ``(..., k, k)`` in float32 or
-    better; ``keep`` a 0-dim bool, False when the whole step is withheld (a non-finite
-    gradient). ``ok`` in the result is False for a head whose update is withheld: a healthy head
-    that would lose rank or become non-finite, a rank-deficient head (regularized metric) whose
-    update would not be usable, or every head when ``keep`` is False. ``work``: two tensors
-    shaped like ``point`` (three with Nesterov momentum) that receive the gradient, the new point
-    and the Nesterov buffer instead of new allocations; the results may live in them."""
+    :math:`\lambda` = ``weight_decay``); the Grams of :math:`Z_{t+1}` (with inverses) transport
+    the momentum and are returned for the next step. Shapes: ``point``, ``grad``,
+    ``momentum_buffer`` (None on the first step) ``(..., n + m, k)``; ``grams`` in float32 or
+    better; ``keep`` a 0-dim bool (False: a non-finite gradient). ``ok`` is False for a head
+    whose update is withheld (:func:`head_health`). ``work``: two tensors shaped like ``point``
+    (three with Nesterov) for the gradient, the new point and the Nesterov buffer."""
     work = work if work is not None else (None, None, None)
+    decay = dict(weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
     rgrad = riemannian_gradient(
-        point,
-        grad,
-        grams,
-        geometry,
-        weight_decay=weight_decay,
-        weight_decay_mode=weight_decay_mode,
-        maximize=maximize,
-        out=work[0],
+        point, grad, grams, geometry, maximize=maximize, out=work[0], **decay
     )
-    buf = None
-    if momentum:
-        if momentum_buffer is None:
-            buf = rgrad.clone()  # becomes the state; rgrad may live in a work buffer
-        elif nesterov:  # dampening is 0 with Nesterov
-            buf = torch.add(rgrad, momentum_buffer, alpha=momentum, out=work[2])
-        elif dampening:
-            buf = rgrad.mul_(1 - dampening).add_(momentum_buffer, alpha=momentum)
-        else:
-            buf = rgrad.add_(momentum_buffer, alpha=momentum)
-        direction = rgrad.add_(buf, alpha=momentum) if nesterov else buf
-    else:
-        direction = rgrad
+    buf, direction = heavy_ball(rgrad, momentum_buffer, momentum, dampening, nesterov, work[2])
     new = torch.add(point, direction, alpha=-lr, out=work[1])
     new_grams = geometry.grams(new, check=False, reference=grams, inverses=True, regularize=True)
-    # a healthy head must stay healthy; a rank-deficient one (regularized metric) must stay
-    # finite; non-finite points have non-finite Grams
-    usable = new_grams.ok | new_grams.regularized
-    started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
-    ok = torch.where(grams.ok, new_grams.ok, started_deficient & usable) & keep
     if buf is not None:
         buf = geometry.proju_(new, buf, grams=new_grams)
-    return QuotientSGDUpdate(new, buf, new_grams, ok)
+    return QuotientSGDUpdate(new, buf, new_grams, head_health(grams, new_grams) & keep)
+
+
+def heavy_ball(
+    rgrad: torch.Tensor,
+    buf: torch.Tensor | None,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    r"""torch SGD's momentum rule on ``rgrad`` (updated in place):
+    :math:`m = \beta m + (1 - \tau)\xi` (:math:`m_1 = \xi`), direction :math:`\xi + \beta m`
+    (Nesterov, into ``out``) or :math:`m`. Returns ``(m, direction)``; ``m`` None without
+    momentum."""
+    if not momentum:
+        return None, rgrad
+    if buf is None:
+        new_buf = rgrad.clone()  # becomes the state; rgrad may live in a work buffer
+    elif nesterov:  # dampening is 0 with Nesterov
+        new_buf = torch.add(rgrad, buf, alpha=momentum, out=out)
+    elif dampening:
+        new_buf = rgrad.mul_(1 - dampening).add_(buf, alpha=momentum)
+    else:
+        new_buf = rgrad.add_(buf, alpha=momentum)
+    return new_buf, rgrad.add_(new_buf, alpha=momentum) if nesterov else new_buf
+
+
+def head_health(grams: Grams, new_grams: Grams) -> torch.Tensor:
+    """Per head, whether an update from the point of ``grams`` to that of ``new_grams`` may be
+    written: a healthy head must stay healthy (full rank, finite); one that started
+    rank-deficient (the regularized metric) must reach a usable point."""
+    usable = new_grams.ok | new_grams.regularized
+    started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
+    return torch.where(grams.ok, new_grams.ok, started_deficient & usable)
 
 
 def manifold_sgd_update(
@@ -258,6 +264,25 @@ def manifold_sgd_update(
     )
     direction = rgrad.add(buf, alpha=momentum) if nesterov else buf
     return manifold.retr_transp(point, -lr * direction, buf)
+
+
+def _check_schedule(
+    nesterov: bool, momentum: float, dampening: float, rebalance_every: int, refresh_every: int
+) -> None:
+    """Raise a ``ValueError`` for Nesterov without momentum (or with dampening) and for a
+    ``rebalance_every`` / ``refresh_every`` that is not an int in range."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "invalid nesterov=True: Nesterov momentum needs momentum > 0 and dampening = 0"
+        )
+    if not isinstance(rebalance_every, int) or rebalance_every < 0:
+        raise ValueError(
+            f"invalid rebalance_every: {rebalance_every!r}; expected an int >= 0 (0 = never)"
+        )
+    if not isinstance(refresh_every, int) or isinstance(refresh_every, bool) or refresh_every < 1:
+        raise ValueError(
+            f"invalid refresh_every: {refresh_every!r}; expected an int >= 1 (1 = every step)"
+        )
 
 
 class QuotientSGD(QuotientOptimizer):
@@ -325,22 +350,7 @@ class QuotientSGD(QuotientOptimizer):
         check_number("weight_decay", weight_decay, 0.0, float("inf"))
         check_number("refresh_tolerance", refresh_tolerance, 0.0, float("inf"), low_open=True)
         check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                "invalid nesterov=True: Nesterov momentum needs momentum > 0 and dampening = 0"
-            )
-        if not isinstance(rebalance_every, int) or rebalance_every < 0:
-            raise ValueError(
-                f"invalid rebalance_every: {rebalance_every!r}; expected an int >= 0 (0 = never)"
-            )
-        if (
-            not isinstance(refresh_every, int)
-            or isinstance(refresh_every, bool)
-            or refresh_every < 1
-        ):
-            raise ValueError(
-                f"invalid refresh_every: {refresh_every!r}; expected an int >= 1 (1 = every step)"
-            )
+        _check_schedule(nesterov, momentum, dampening, rebalance_every, refresh_every)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -451,16 +461,11 @@ class QuotientSGD(QuotientOptimizer):
         new, buf = manifold_sgd_update(p.detach(), p.grad, buf, p.manifold, **options)
         return HeadUpdate(new, {"momentum_buffer": buf}, keep)
 
-    def _plain_step(
-        self,
-        group: dict,
-        params: list[torch.Tensor],
-        directions: list[torch.Tensor] | None,
-        found_inf: torch.Tensor,
-    ) -> None:
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
         """torch's fused SGD (:func:`~quotientopt.optim._torch_kernels.torch_sgd_step`) along
         the gradients of plain tensors (with torch's coupled decay and sign) or along the head
         sectors' Riemannian gradients between two refreshes (decay and sign applied already)."""
+        params, directions, found_inf = batch
         states = [self.state[p] for p in params]
         plain = directions is None
         buffers = torch_sgd_step(

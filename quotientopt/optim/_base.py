@@ -365,6 +365,31 @@ def write_update(state: dict[str, Any], p: torch.Tensor, update: HeadUpdate) -> 
     where_heads(ok, update.point.to(z.dtype), z, out=z)
 
 
+def rebalance(
+    p: torch.Tensor,
+    geometry: HeadGeometry,
+    state: dict[str, Any],
+    *,
+    vectors: tuple[str, ...] = (),
+    caches: tuple[str, ...] = (),
+) -> None:
+    r"""Move ``p`` by the balancing move of its geometry's group,
+    :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has none),
+    push the tangent vectors stored under ``vectors`` along with the same group element, and drop
+    the ``caches`` derived from the old point. The model's function does not change."""
+    z = p.detach()
+    transform = geometry.balancing_transform(z)
+    if transform is None:
+        return
+    m_a, m_b = transform
+    for name in vectors:
+        if state.get(name) is not None:
+            state[name] = geometry.right_multiply(state[name], m_a, m_b)
+    z.copy_(geometry.right_multiply(z, m_a, m_b))
+    for name in caches:
+        state.pop(name, None)
+
+
 def _merged(ok: torch.Tensor, value: Any, old: Any) -> Any:
     """``value`` where ``ok`` holds, else ``old``, through dicts and tuples of tensors."""
     if isinstance(value, dict):

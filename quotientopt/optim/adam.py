@@ -102,6 +102,7 @@ from quotientopt.optim.adam_frames import (  # defined there, importable here
     stacked_cross,
     trace_preserving_transport,
 )
+from quotientopt.optim.manifold_kernels import manifold_adam_update
 from quotientopt.optim.sgd import WEIGHT_DECAY_MODES
 
 __all__ = [
@@ -395,21 +396,15 @@ class QuotientAdam(QuotientOptimizer):
 
     def _manifold_update(self, p: torch.Tensor, group: dict, keep: torch.Tensor) -> HeadUpdate:
         """geoopt RiemannianAdam's step for a parameter on another geoopt manifold."""
-        manifold, z, state = p.manifold, p.detach(), self.state[p]
-        beta1, beta2 = group["betas"]
-        grad = -p.grad if group["maximize"] else p.grad
-        if group["weight_decay"]:
-            grad = grad.add(z, alpha=group["weight_decay"])
-        rgrad = manifold.egrad2rgrad(z, grad)
-        exp_avg = state.get("exp_avg", torch.zeros_like(z))
-        exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(manifold.component_inner(z, rgrad)))
-        step = state.get("step", torch.zeros((), device=z.device)) + 1
-        exp_avg = torch.lerp(exp_avg, rgrad, 1 - beta1)
-        exp_avg_sq = torch.lerp(exp_avg_sq, manifold.component_inner(z, rgrad), 1 - beta2)
-        denom = (exp_avg_sq / (1 - beta2**step)).sqrt().add_(group["eps"])
-        direction = exp_avg / (1 - beta1**step) / denom
-        new, exp_avg = manifold.retr_transp(z, -group["lr"] * direction, exp_avg)
-        return HeadUpdate(new, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step), keep)
+        state = self.state[p]
+        moments = tuple(state.get(name) for name in ("exp_avg", "exp_avg_sq", "step"))
+        names = ("lr", "betas", "eps", "weight_decay", "maximize")
+        new, moments = manifold_adam_update(
+            p.detach(), p.grad, moments, p.manifold, **{name: group[name] for name in names}
+        )
+        return HeadUpdate(
+            new, dict(zip(("exp_avg", "exp_avg_sq", "step"), moments, strict=True)), keep
+        )
 
     def _plain_step(self, group: dict, batch: PlainBatch) -> None:
         """torch's fused AdamW (its functional ``adam``) on plain tensors."""

@@ -28,41 +28,13 @@ unchanged between refreshes and projected to the horizontal space at each refres
 part is second order in the step). A step in between costs one batched product with a
 ``k x k`` matrix and torch's fused SGD kernel.
 
-A stale metric is only safe while the Grams move slowly: a Gram that grew since the refresh makes
-the step too long in its directions (the preconditioned curvature is
-:math:`P_s^{-1} P_t`, not :math:`I`). So the interval adapts. Each refresh measures how far the
-metric moved over the interval just finished,
+A stale metric is only safe while the Grams move slowly, so the interval adapts to how far the
+metric moved over the last one (:mod:`quotientopt.optim.sgd_metric`).
 
-.. math::
-
-    \delta^2 = \max_{\text{heads}} \sum_i (\mu_i - 1)^2 \;\ge\; \max_i (\mu_i - 1)^2, \qquad
-    \mu_i \text{ the eigenvalues of } P_{\text{old}}^{-1} P_{\text{new}} \text{ (and of the } Q
-    \text{ pair)},
-
-computed as :math:`\|L^{-1} P_{\text{new}} L^{-\top} - I\|_F^2` with
-:math:`P_{\text{old}} = L L^\top` (a symmetric matrix similar to
-:math:`P_{\text{old}}^{-1} P_{\text{new}}`, so a sum of squares without cancellation; invariant:
-the :math:`\mu_i` do not depend on the representative). The next interval doubles, up to
-:math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
-it does not, or when the step was withheld (a non-finite gradient).
-
-How the code is laid out: the step is :class:`~quotientopt.optim._base.QuotientOptimizer`'s
-one loop; this module gives its kernels.
-
-* head parameters, a refresh step (every step with ``refresh_every=1``):
-  :func:`quotient_sgd_update`, the exact Riemannian heavy ball above, with the Grams of the
-  current point; it returns the candidate point, momentum and Grams of the point it reaches;
-* head parameters between two refreshes: the direction :func:`riemannian_gradient` with the
-  stale Grams, which the loop hands to torch's SGD kernel with the plain tensors;
-* other geoopt manifolds: :func:`manifold_sgd_update` (geoopt's RiemannianSGD);
-* plain tensors: torch's own functional SGD kernel
-  (:func:`~quotientopt.optim._torch_kernels.torch_sgd_step`).
-
-Where the Grams come from is a *metric provider* (:class:`~quotientopt.optim.sgd_metric.MetricProvider`),
-chosen per parameter group from ``refresh_every``: :class:`~quotientopt.optim.sgd_metric.ExactMetric`
-(the Grams of the current point on every step, which the previous step computed at the point it
-reached) or :class:`~quotientopt.optim.sgd_metric.LazyMetric` (the cached Grams, refreshed on the
-adaptive schedule above)."""
+The step is :class:`~quotientopt.optim._base.QuotientOptimizer`'s one loop
+(``docs/architecture.md``); the head kernel is :func:`quotient_sgd_update` on a refresh step and
+the direction :func:`riemannian_gradient` (for torch's SGD kernel) between two refreshes; where
+the Grams come from is a metric provider (:mod:`quotientopt.optim.sgd_metric`)."""
 
 from __future__ import annotations
 
@@ -84,11 +56,13 @@ from quotientopt.optim._base import (
     check_choice,
     check_number,
     geometry_of,
+    rebalance,
     where_heads,
     work_buffers,
 )
 from quotientopt.optim._torch_kernels import single_tensor_sgd as _single_tensor_sgd  # noqa: F401
 from quotientopt.optim._torch_kernels import torch_sgd_step
+from quotientopt.optim.manifold_kernels import manifold_sgd_update
 from quotientopt.optim.sgd_metric import (
     ExactMetric,
     LazyMetric,
@@ -191,7 +165,8 @@ def quotient_sgd_update(
     rgrad = riemannian_gradient(
         point, grad, grams, geometry, maximize=maximize, out=work[0], **decay
     )
-    buf, direction = heavy_ball(rgrad, momentum_buffer, momentum, dampening, nesterov, work[2])
+    spare = work[2] if nesterov and len(work) > 2 else None
+    buf, direction = heavy_ball(rgrad, momentum_buffer, momentum, dampening, nesterov, spare)
     new = torch.add(point, direction, alpha=-lr, out=work[1])
     new_grams = geometry.grams(new, check=False, reference=grams, inverses=True, regularize=True)
     if buf is not None:
@@ -231,39 +206,6 @@ def head_health(grams: Grams, new_grams: Grams) -> torch.Tensor:
     usable = new_grams.ok | new_grams.regularized
     started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
     return torch.where(grams.ok, new_grams.ok, started_deficient & usable)
-
-
-def manifold_sgd_update(
-    point: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    manifold: Any,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""geoopt RiemannianSGD's step for a parameter on another geoopt manifold (nothing written):
-    :math:`\xi = \operatorname{egrad2rgrad}(\pm\nabla f + \lambda x)`,
-    :math:`m = \beta m + (1 - \tau)\xi` (:math:`m_1 = \xi_1`), :math:`d = \xi + \beta m` (Nesterov)
-    or :math:`m`, then ``retr_transp(x, -lr * d, m)``. Returns the new point and momentum."""
-    if maximize:
-        grad = -grad
-    if weight_decay:
-        grad = grad.add(point, alpha=weight_decay)
-    rgrad = manifold.egrad2rgrad(point, grad)
-    if not momentum:
-        return manifold.retr(point, -lr * rgrad), None
-    buf = (
-        rgrad.clone()
-        if momentum_buffer is None
-        else momentum_buffer.mul(momentum).add_(rgrad, alpha=1 - dampening)
-    )
-    direction = rgrad.add(buf, alpha=momentum) if nesterov else buf
-    return manifold.retr_transp(point, -lr * direction, buf)
 
 
 def _check_schedule(
@@ -310,9 +252,10 @@ class QuotientSGD(QuotientOptimizer):
             ball. ``R > 1`` keeps the invariance exact (stale Grams transform equivariantly) and
             makes the steps in between cost one product with a ``k x k`` matrix plus torch's
             fused SGD kernel; rank loss is then caught at the refresh steps, and each refresh
-            reads one number on the host (a synchronisation on CUDA). See the module docstring.
-        refresh_tolerance: how far the metric may move over an interval (``delta`` in the
-            module docstring) for the next interval to double; otherwise it restarts at 1.
+            reads one number on the host (a synchronisation on CUDA). See the module docstring
+            and :mod:`quotientopt.optim.sgd_metric`.
+        refresh_tolerance: how far the metric may move over an interval (``delta`` in
+            :mod:`quotientopt.optim.sgd_metric`) for the next interval to double, else it is 1.
         on_nonfinite: what a NaN/Inf gradient or a head update that loses rank does.
             ``"skip"`` (default): the step is not applied (all parameters for a non-finite
             gradient, the head alone for rank loss), with no host synchronisation; read the
@@ -412,13 +355,12 @@ class QuotientSGD(QuotientOptimizer):
         point and the Nesterov buffer (:func:`~quotientopt.optim._base.work_buffers`)."""
         return work_buffers(self._log, p, count)
 
-    @staticmethod
-    def _options(group: dict) -> dict[str, Any]:
-        """The hyperparameters of the head kernels, from a parameter group."""
-        names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
-        return {name: group[name] for name in names} | {
-            "weight_decay_mode": group["weight_decay_mode"]
-        }
+    #: the hyperparameters of the head kernels, read from a parameter group
+    KERNEL_OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+
+    @classmethod
+    def _options(cls, group: dict) -> dict[str, Any]:
+        return {name: group[name] for name in (*cls.KERNEL_OPTIONS, "weight_decay_mode")}
 
     # ------------------------------------------------------------------------------ the kernels
     def _head_update(
@@ -499,18 +441,5 @@ class QuotientSGD(QuotientOptimizer):
 
     @torch.no_grad()
     def _rebalance(self, p: torch.Tensor) -> None:
-        r"""Move ``p`` by the balancing move of its geometry's group,
-        :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has
-        none), and push the momentum along with the same group element."""
-        manifold = geometry_of(p)
-        z = p.detach()
-        transform = manifold.balancing_transform(z)
-        if transform is None:
-            return
-        m_a, m_b = transform
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            state["momentum_buffer"] = manifold.right_multiply(buf, m_a, m_b)
-        p.copy_(manifold.right_multiply(z, m_a, m_b))
-        state.pop("grams", None)  # the next step computes the Grams of the balanced point
+        """:func:`~quotientopt.optim._base.rebalance`, pushing the momentum along."""
+        rebalance(p, geometry_of(p), self.state[p], vectors=("momentum_buffer",), caches=("grams",))

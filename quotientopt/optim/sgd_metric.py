@@ -1,7 +1,25 @@
 r"""Where QuotientSGD's Grams come from on each step: a *metric provider*, chosen per parameter
 group from ``refresh_every`` (see :mod:`quotientopt.optim.sgd`): :class:`ExactMetric` (the Grams
 of the current point on every step) or :class:`LazyMetric` (the cached Grams, refreshed on an
-adaptive schedule measured by :func:`metric_drift`)."""
+adaptive schedule measured by :func:`metric_drift`).
+
+A stale metric is only safe while the Grams move slowly: a Gram that grew since the refresh makes
+the step too long in its directions (the preconditioned curvature is
+:math:`P_s^{-1} P_t`, not :math:`I`). So the interval adapts. Each refresh measures how far the
+metric moved over the interval just finished,
+
+.. math::
+
+    \delta^2 = \max_{\text{heads}} \sum_i (\mu_i - 1)^2 \;\ge\; \max_i (\mu_i - 1)^2, \qquad
+    \mu_i \text{ the eigenvalues of } P_{\text{old}}^{-1} P_{\text{new}} \text{ (and of the } Q
+    \text{ pair)},
+
+computed as :math:`\|L^{-1} P_{\text{new}} L^{-\top} - I\|_F^2` with
+:math:`P_{\text{old}} = L L^\top` (a symmetric matrix similar to
+:math:`P_{\text{old}}^{-1} P_{\text{new}}`, so a sum of squares without cancellation; invariant:
+the :math:`\mu_i` do not depend on the representative). The next interval doubles, up to
+:math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
+it does not, or when the step was withheld (a non-finite gradient)."""
 
 from __future__ import annotations
 

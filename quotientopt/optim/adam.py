@@ -273,8 +273,8 @@ class QuotientAdam(QuotientOptimizer):
     manifold's ``metric`` does not enter the step (its ``damping`` does, through the Grams).
 
     The eigendecomposition of the ``k x k`` second moments (``torch.linalg.eigh``) checks
-    convergence on CUDA, which is one host synchronisation per step and group of tensors with
-    equal ``k`` (one call over all their heads).
+    convergence on CUDA, which is one host synchronisation per step and head tensor (one call
+    over all its heads).
     """
 
     # restored in float32 or better by load_state_dict (KeepStateDtypes)

@@ -311,20 +311,43 @@ class FactorQuotient(MatrixManifold):
 
     # ------------------------------------------------------------------------ k x k pieces
     def right_multiply(
-        self, u: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+        self,
+        u: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        *,
+        add_to: torch.Tensor | None = None,
+        beta: float = 1.0,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r""":math:`[u_A L;\; u_B R]` for ``k x k`` matrices ``L``, ``R`` (broadcast over the leading
-        dims), computed in their dtype and returned in ``u``'s. With :math:`(L, R) = (G, G^{-\top})`
-        this is the group action on points and tangent vectors; with :math:`(G^{-\top}, G)` its
-        action on gradients (covectors). When ``n == m`` (square sectors) this is one batched matmul on the view
-        ``(..., 2, n, k)``: no slicing, no concatenation."""
+        dims), computed in their dtype and returned in ``u``'s; with ``add_to`` (shaped like
+        ``u``), :math:`\beta\,\mathrm{add\_to} + [u_A L;\; u_B R]`. With
+        :math:`(L, R) = (G, G^{-\top})` this is the group action on points and tangent vectors;
+        with :math:`(G^{-\top}, G)` its action on gradients (covectors). When ``n == m`` (square
+        sectors) this is one batched matmul (``baddbmm`` with ``add_to``) on the view
+        ``(..., 2, n, k)``: no slicing, no concatenation; then ``out`` (a contiguous tensor
+        shaped like ``u``, all of one dtype) receives the result without a new allocation."""
         dtype = left.dtype
         if self.n == self.m:
             self._assert_check_shape(u.shape, "u")
             mats = torch.stack(torch.broadcast_tensors(left, right), dim=-3)
-            return (u.unflatten(-2, (2, self.n)).to(dtype) @ mats).flatten(-3, -2).to(u.dtype)
-        ua, ub = self.factors(u)
-        return torch.cat((ua.to(dtype) @ left, ub.to(dtype) @ right), dim=-2).to(u.dtype)
+            u2 = u.unflatten(-2, (2, self.n)).to(dtype)
+            dtypes = {u.dtype, dtype} | ({add_to.dtype} if add_to is not None else set())
+            if out is not None and out.is_contiguous() and dtypes == {out.dtype}:
+                if add_to is None:
+                    return torch.matmul(u2, mats, out=out.view(u2.shape)).view(u.shape)
+                batch, (rows, k) = u2.shape[:-2].numel(), u2.shape[-2:]
+                mats = mats.expand(*u2.shape[:-2], k, k).reshape(batch, k, k)
+                flat = (add_to.reshape(batch, rows, k), u2.reshape(batch, rows, k), mats)
+                return torch.baddbmm(*flat, beta=beta, out=out.view(batch, rows, k)).view(u.shape)
+            result = (u2 @ mats).flatten(-3, -2)
+        else:
+            ua, ub = self.factors(u)
+            result = torch.cat((ua.to(dtype) @ left, ub.to(dtype) @ right), dim=-2)
+        if add_to is not None:
+            result = result.add_(add_to.to(dtype), alpha=beta)
+        return result.to(u.dtype)
 
     def _right_solve(
         self,

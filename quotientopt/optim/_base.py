@@ -307,6 +307,98 @@ def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
     return p.device.type == "cuda" or p.dtype in (torch.float32, torch.float64)
 
 
+class HeadUpdate(NamedTuple):
+    r"""What a head kernel proposes for one sector; nothing is written yet.
+
+    ``point``: :math:`Z_{t+1}` (``(..., n + m, k)``); ``state``: the new value of each state
+    entry named (its leading dims the heads'); ``ok`` (``(...,)`` bool, or 0-dim for a whole
+    tensor): where the update may be written. :func:`write_update` writes the point and each
+    entry where ``ok`` holds and keeps the old value elsewhere: ``kept[name]`` when given, else
+    the stored entry, else zero. ``aux``: anything the optimizer's :meth:`_stepped` needs."""
+
+    point: torch.Tensor
+    state: dict[str, Any]
+    ok: torch.Tensor
+    kept: dict[str, torch.Tensor] | None = None
+    aux: Any = None
+
+
+class Direction(NamedTuple):
+    """A head kernel's answer for a step that torch's functional kernel takes: the direction
+    (a Riemannian gradient with its sign and decay applied) to move the sector along."""
+
+    tensor: torch.Tensor
+
+
+class PlainBatch(NamedTuple):
+    """What the loop hands to an optimizer's ``_plain_step``: parameters of one group and device
+    (the parameters themselves, which key the state: pass ``p.detach()`` to a kernel), the
+    directions to move them along (None: their gradients, for plain tensors; else the head
+    kernels' :class:`Direction` s) and the device's non-finite flag (a step with it set changes
+    nothing)."""
+
+    params: list[torch.Tensor]
+    directions: list[torch.Tensor] | None
+    found_inf: torch.Tensor
+
+
+def write_update(state: dict[str, Any], p: torch.Tensor, update: HeadUpdate) -> None:
+    """Write ``update`` (:class:`HeadUpdate`) into ``p`` and ``state`` head by head where its
+    ``ok`` holds; a stored entry of the same shape and dtype is updated in place (as torch's
+    optimizers keep their state tensors), the others are replaced."""
+    ok, kept = update.ok, update.kept or {}
+    for name, value in update.state.items():
+        if value is None:
+            continue
+        stored = state.get(name)
+        old = kept.get(name, stored)
+        if old is None:
+            zero = torch.zeros((), dtype=value.dtype, device=value.device)
+            state[name] = where_heads(ok, value, zero)
+        elif not isinstance(value, torch.Tensor):  # a dict or tuple of per-head tensors
+            state[name] = _merged(ok, value, old)
+        elif old is stored and old.shape == value.shape and old.dtype == value.dtype:
+            where_heads(ok, value, old, out=old)
+        else:
+            state[name] = where_heads(ok, value.to(old.dtype), old)
+    z = p.detach()
+    where_heads(ok, update.point.to(z.dtype), z, out=z)
+
+
+def rebalance(
+    p: torch.Tensor,
+    geometry: HeadGeometry,
+    state: dict[str, Any],
+    *,
+    vectors: tuple[str, ...] = (),
+    caches: tuple[str, ...] = (),
+) -> None:
+    r"""Move ``p`` by the balancing move of its geometry's group,
+    :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has none),
+    push the tangent vectors stored under ``vectors`` along with the same group element, and drop
+    the ``caches`` derived from the old point. The model's function does not change."""
+    z = p.detach()
+    transform = geometry.balancing_transform(z)
+    if transform is None:
+        return
+    m_a, m_b = transform
+    for name in vectors:
+        if state.get(name) is not None:
+            state[name] = geometry.right_multiply(state[name], m_a, m_b)
+    z.copy_(geometry.right_multiply(z, m_a, m_b))
+    for name in caches:
+        state.pop(name, None)
+
+
+def _merged(ok: torch.Tensor, value: Any, old: Any) -> Any:
+    """``value`` where ``ok`` holds, else ``old``, through dicts and tuples of tensors."""
+    if isinstance(value, dict):
+        return {key: _merged(ok, item, old[key]) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_merged(ok, v, o) for v, o in zip(value, old, strict=True))
+    return where_heads(ok, value, old)
+
+
 def where_heads(
     ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -537,11 +629,24 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
 
     1. evaluate the closure (if any) with gradients enabled;
     2. ``nonfinite``: per device, a 0-dim flag that a gradient holds NaN/Inf (no host sync);
-    3. ``self._step(nonfinite, loss)``: the optimizer's own update (it applies the policy and
-       skips what a non-finite gradient touched);
+    3. ``self._step(nonfinite, loss)``: the one step loop (below);
     4. count the skipped step in ``nonfinite_steps``.
 
-    A subclass gives ``_step`` and, where it refuses some parameters, ``_check_parameter(p)``
+    The step loop (:meth:`_step`), the same for every optimizer:
+
+    a. for each parameter with a gradient, in its group's order: a head parameter goes to the
+       optimizer's head kernel (:meth:`_head_update`), a parameter on another geoopt manifold to
+       :meth:`_manifold_update`; each returns a :class:`HeadUpdate` (nothing written) or a
+       :class:`Direction` for torch's own kernel. Each head sector is one call, batched over its
+       heads (sectors are not stacked: that would copy every point, gradient and state tensor);
+    b. the non-finite and rank policy, once, over every head's ``ok`` flag;
+    c. write each update head by head (:func:`write_update`) and count the rank skips;
+    d. hand the plain tensors, and the directions, to torch's functional kernels
+       (:meth:`_plain_step`, one call per group and device);
+    e. :meth:`_stepped` for each head parameter (step counts, caches, rebalancing).
+
+    A subclass gives its head kernel and plain step (or, for an update that couples whole
+    groups, its own ``_step``) and, where it refuses some parameters, ``_check_parameter(p)``
     (called for every parameter as it is added); ``needs_closure = True`` where the update needs
     the loss value."""
 
@@ -587,8 +692,72 @@ class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.op
     def _check_parameter(p: torch.Tensor) -> None:
         """Raise a ``ValueError`` for a parameter this optimizer cannot step (default: none)."""
 
+    # ------------------------------------------------------------------------ the step loop
+    def _head_update(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict, keep: torch.Tensor
+    ) -> HeadUpdate | Direction:
+        """The optimizer's head kernel at ``p`` (its state read, nothing written); ``keep``: a
+        0-dim bool, False when the step is withheld for a non-finite gradient."""
+        raise NotImplementedError(f"{type(self).__name__} has no head kernel")
+
+    def _manifold_update(self, p: torch.Tensor, group: dict, keep: torch.Tensor) -> HeadUpdate:
+        """The update of a parameter on another geoopt manifold (default: refused at
+        ``add_param_group`` by ``_check_parameter``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not step {p.manifold!r}")
+
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
+        """torch's functional kernel on ``batch.params`` (:class:`PlainBatch`; one device)."""
+        raise NotImplementedError(f"{type(self).__name__} has no plain step")
+
+    def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate | Direction) -> None:
+        """After everything was written: the head parameter ``p``'s bookkeeping (default none)."""
+
+    def _group_update(
+        self, group: dict, loss: torch.Tensor | None, nonfinite: dict
+    ) -> list[tuple[torch.Tensor, HeadUpdate]] | None:
+        """For an update that couples a whole group (one speed, one norm; QuotientECD): one
+        :class:`HeadUpdate` per parameter with a gradient, each with a 0-dim ``ok``; None
+        (default): the group's parameters step one by one. Its head updates enter the policy,
+        not the rank-skip count (``ok`` is the whole group's)."""
+        return None
+
     def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-        raise NotImplementedError
+        """The one step loop (see the class docstring)."""
+        proposed: list[tuple[torch.Tensor, bool, bool, HeadUpdate]] = []  # p, head, counted
+        plain: dict[tuple[int, torch.device, bool], list] = defaultdict(list)
+        stepped: list[tuple[torch.Tensor, dict, HeadUpdate | Direction]] = []
+        for index, group in enumerate(self.param_groups):
+            coupled = self._group_update(group, loss, nonfinite)
+            if coupled is not None:
+                proposed += [(p, geometry_of(p) is not None, False, u) for p, u in coupled]
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                keep = nonfinite[p.device] == 0
+                geometry, update = geometry_of(p), None
+                if geometry is not None:
+                    update = self._head_update(p, geometry, group, keep)
+                    stepped.append((p, group, update))
+                elif manifold_of(p) is not None:
+                    update = self._manifold_update(p, group, keep)
+                if isinstance(update, HeadUpdate):
+                    proposed.append((p, geometry is not None, geometry is not None, update))
+                else:
+                    plain[(index, p.device, update is not None)].append((p, update))
+        self._enforce_policy(nonfinite, [u.ok for _, is_head, _, u in proposed if is_head])
+        for p, _, counted, update in proposed:
+            write_update(self.state[p], p, update)
+            if counted:
+                lost = ~update.ok & (nonfinite[p.device] == 0)
+                self._count(self._rank_skips, p.device, lost.sum())
+        for (index, device, along), entries in plain.items():
+            params = [p for p, _ in entries]
+            directions = [d.tensor for _, d in entries] if along else None
+            batch = PlainBatch(params, directions, nonfinite[device])
+            self._plain_step(self.param_groups[index], batch)
+        for p, group, update in stepped:
+            self._stepped(p, group, update)
 
     @optimizer_step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

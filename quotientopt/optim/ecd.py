@@ -43,7 +43,9 @@ from typing import Any
 import torch
 
 from quotientopt.distributed import is_dtensor
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
+    HeadUpdate,
     Momentum,
     QuotientOptimizer,
     check_number,
@@ -79,68 +81,79 @@ def ecd_group(group: dict, loss: torch.Tensor, nonfinite: dict, state: dict) -> 
     params = [p for p in group["params"] if p.grad is not None]
     dt = group["lr"] / math.sqrt(group["eta"])
     geometries = [geometry_of(p) for p in params]
-    dims = 0
-    for p, geometry in zip(params, geometries, strict=True):
-        if geometry is not None:
-            heads = p[..., 0, 0].numel()
-            dims += heads * geometry.quotient_dimension(p.shape[-1])
-        else:
-            dims += p.numel()
+    dims = sum(_dimension(p, geometry) for p, geometry in zip(params, geometries, strict=True))
     gap = (loss.double() - group["loss_floor"]).clamp_min(1e-12)
     delta = dt * group["eta"] * dims / (2 * max(dims - 1, 1)) / gap
-    grads, velocities, grams = [], [], []
-    for p, geometry in zip(params, geometries, strict=True):
-        z = p.detach()
-        if geometry is not None:
-            gram = geometry.grams(z, check=False)
-            grads.append(geometry.egrad2rgrad(z, p.grad, grams=gram))
-        else:
-            gram = None
-            grads.append(p.grad)
-        grams.append(gram)
-        velocities.append(state[p].get("velocity") if p in state else None)
-
-    def inner(geometry, z, gram, u, v):
-        if geometry is None:
-            return (u.double() * v.double()).sum()
-        return geometry.inner(z, u, v, grams=gram).double().sum()
-
-    def total(points, grams_, us, vs):
-        return sum(
-            inner(geometry, z, gram, u, v)
-            for geometry, z, gram, u, v in zip(geometries, points, grams_, us, vs, strict=True)
-        )
-
     points = [p.detach() for p in params]
+    grams = [
+        None if g is None else g.grams(z, check=False)
+        for g, z in zip(geometries, points, strict=True)
+    ]
+    grads = [
+        p.grad if g is None else g.egrad2rgrad(z, p.grad, grams=gram)
+        for p, g, z, gram in zip(params, geometries, points, grams, strict=True)
+    ]
+    velocities = [state[p].get("velocity") if p in state else None for p in params]
     if any(v is None for v in velocities):  # start downhill
-        norm = total(points, grams, grads, grads).sqrt()
+        norm = _total(geometries, points, grams, grads, grads).sqrt()
         velocities = [-g / norm.clamp_min(1e-30).to(g.dtype) for g in grads]
-    along = total(points, grams, velocities, grads)
+    along = _total(geometries, points, grams, velocities, grads)
     velocities = [
         v - delta.to(v.dtype) * (g - v * along.to(v.dtype))
         for v, g in zip(velocities, grads, strict=True)
     ]
-    norm = total(points, grams, velocities, velocities).sqrt()
-    velocities = [v / norm.to(v.dtype) for v in velocities]
-    moved, transported, new_grams = [], [], []
-    for geometry, z, v in zip(geometries, points, velocities, strict=True):
-        if geometry is not None:
-            new = geometry.retr(z, dt * v)
-            gram = geometry.grams(new, check=False)
-            v = geometry.proju(new, v, grams=gram)
-        else:
-            new, gram = z + dt * v, None
-        moved.append(new)
-        transported.append(v)
-        new_grams.append(gram)
-    norm = total(moved, new_grams, transported, transported).sqrt()
+    norm = _total(geometries, points, grams, velocities, velocities).sqrt()
+    moved = [
+        _move(geometry, z, v / norm.to(v.dtype), dt)
+        for geometry, z, v in zip(geometries, points, velocities, strict=True)
+    ]
+    new_points, transported, new_grams = (list(x) for x in zip(*moved, strict=True))
+    norm = _total(geometries, new_points, new_grams, transported, transported).sqrt()
     out = []
-    for p, new, v, gram in zip(params, moved, transported, new_grams, strict=True):
+    for p, new, v, gram in zip(params, new_points, transported, new_grams, strict=True):
         keep = nonfinite[p.device] == 0
         if gram is not None:
             keep = keep & gram.ok.all()
         out.append((p, new, v / norm.to(v.dtype), keep))
     return out
+
+
+def _dimension(p: torch.Tensor, geometry: HeadGeometry | None) -> int:
+    """The dimension a parameter adds to the group's quotient: ``quotient_dimension(k)`` per
+    head for a head parameter, ``numel`` for a plain tensor."""
+    if geometry is None:
+        return p.numel()
+    return p[..., 0, 0].numel() * geometry.quotient_dimension(p.shape[-1])
+
+
+def _total(geometries, points, grams, us, vs) -> torch.Tensor:
+    r"""The group's inner product :math:`\sum \langle u, v\rangle` (the geometries' metrics for
+    head parameters, Euclidean for plain tensors), in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for geometry, z, gram, u, v in zip(geometries, points, grams, us, vs, strict=True):
+        if geometry is None:
+            part = (u.double() * v.double()).sum()
+        else:
+            part = geometry.inner(z, u, v, grams=gram).double().sum()
+        total = total.to(part.device) + part
+    return total
+
+
+def _move(geometry: HeadGeometry | None, z: torch.Tensor, v: torch.Tensor, dt: float):
+    """``(R_z(dt v), proj^h(v), grams)`` of one parameter (a plain tensor: ``z + dt v``)."""
+    if geometry is None:
+        return z + dt * v, v, None
+    new = geometry.retr(z, dt * v)
+    gram = geometry.grams(new, check=False)
+    return new, geometry.proju(new, v, grams=gram), gram
+
+
+def ecd_updates(
+    group: dict, loss: torch.Tensor, nonfinite: dict, state: dict
+) -> list[tuple[torch.Tensor, HeadUpdate]]:
+    """:func:`ecd_group`'s proposals as the step loop's :class:`HeadUpdate` s (velocity state)."""
+    updates = ecd_group(group, loss.detach(), nonfinite, state)
+    return [(p, HeadUpdate(new, {"velocity": v}, keep)) for p, new, v, keep in updates]
 
 
 def write_ecd(state: dict, updates: list) -> None:
@@ -206,10 +219,8 @@ class QuotientECD(QuotientOptimizer):
             return None
         return Momentum(velocity, "vector" if geometry_of(p) is not None else "covector")
 
-    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-        updates = []
-        for group in self.param_groups:
-            updates += ecd_group(group, loss.detach(), nonfinite, self.state)
-        head_flags = [keep for p, _, _, keep in updates if geometry_of(p) is not None]
-        self._enforce_policy(nonfinite, head_flags)
-        write_ecd(self.state, updates)
+    def _group_update(
+        self, group: dict, loss: torch.Tensor | None, nonfinite: dict
+    ) -> list[tuple[torch.Tensor, HeadUpdate]]:
+        """:func:`ecd_group`: the whole group is one point with one unit speed."""
+        return ecd_updates(group, loss, nonfinite, self.state)

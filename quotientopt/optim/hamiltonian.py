@@ -85,52 +85,39 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
-from quotientopt.manifolds.protocol import Grams, HeadGeometry
+from quotientopt.linalg import (
+    compute_dtype,
+    tril_inverse,  # noqa: F401  (importable here)
+)
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._base import (
+    HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     WriteLog,
-    _fused_kernel_is_exact,
     check_choice,
     check_number,
     geometry_of,
     manifold_of,
-    where_heads,
-    work_buffers,
 )
-from quotientopt.optim.ecd import ecd_group, refuse_sharded, write_ecd
+from quotientopt.optim._torch_kernels import (
+    _fused_kernel_is_exact,  # noqa: F401  (the one rule, importable here)
+    torch_sgd_step,
+)
+from quotientopt.optim.ecd import ecd_updates, refuse_sharded
+from quotientopt.optim.hamiltonian_flows import (
+    Implicit,
+    Splitting,
+    _spd_inverse,
+    transfer,  # noqa: F401  (importable here)
+)
 
 
 def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
     r""":math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})`."""
     return manifold.egrad2rgrad(z, p, grams=grams)
-
-
-def transfer(
-    manifold: HeadGeometry, z: torch.Tensor, y: torch.Tensor, v: torch.Tensor
-) -> torch.Tensor:
-    r"""The velocity at ``y`` of the momentum whose velocity at ``z`` is ``v``:
-    :math:`(v_A P_z P_y^{-1},\; v_B Q_z Q_y^{-1})`, computed as
-    :math:`v_A - v_A\, \Delta P\, P_y^{-1}` with :math:`\Delta P = P_y - P_z` formed from the
-    increment :math:`\Delta B = B_y - B_z` (no cancellation between nearly equal Grams)."""
-    a, b = manifold.factors(z)
-    da, db = manifold.factors(y - z)
-    dtype = compute_dtype(z.dtype)
-    a, b, da, db = (t.to(dtype) for t in (a, b, da, db))
-
-    def delta(f, df):  # (F + dF)^T (F + dF) - F^T F
-        cross = f.mT @ df
-        return cross + cross.mT + df.mT @ df
-
-    grams = manifold.grams(y, check=False)
-    va, vb = manifold.factors(v)
-    correction = torch.cat((va.to(dtype) @ delta(b, db), vb.to(dtype) @ delta(a, da)), dim=-2).to(
-        v.dtype
-    )
-    return v - manifold.egrad2rgrad(y, correction, grams=grams)
 
 
 def velocity_momentum_map(
@@ -174,28 +161,11 @@ def spd_inverse(
     :func:`~quotientopt.linalg.spd_cholesky_flagged` (``reference``: the previous Gram of the same
     factor, so that a collapse counts as rank loss). Unhealthy entries get the identity; no host
     synchronisation."""
-    chol, ok = spd_cholesky_flagged(gram, reference)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    chol = torch.where(ok[..., None, None], chol, eye)
-    x = tril_inverse(chol)
-    return x.mT @ x, ok
+    inverse, _, ok = _spd_inverse(gram, reference)
+    return inverse, ok
 
 
 INTEGRATORS = ("splitting", "implicit")
-
-
-def _add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, alpha: float) -> None:
-    r"""``out += alpha * x @ mat`` in place (``x``, ``out``: ``(..., r, k)``, ``mat``:
-    ``(..., k, k)``), one batched ``baddbmm`` when ``out`` flattens to a 3-d view."""
-    r, k = x.shape[-2:]
-    try:
-        target = out.view(-1, r, k)
-    except RuntimeError:
-        out.add_(x @ mat, alpha=alpha)
-        return
-    target.baddbmm_(
-        x.reshape(-1, r, k), mat.expand(*x.shape[:-2], k, k).reshape(-1, k, k), alpha=alpha
-    )
 
 
 class QuotientHamiltonian(QuotientOptimizer):
@@ -349,81 +319,45 @@ class QuotientHamiltonian(QuotientOptimizer):
                     total = total + t.to(total.device, torch.float64).sum()
         return total
 
-    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-        pending, ecd = [], []
-        for group in self.param_groups:
-            if group["mode"] == "ecd":
-                if loss is None:
-                    raise ValueError(
-                        "QuotientHamiltonian(mode='ecd') needs the loss value: call "
-                        "optimizer.step(closure) with a closure that returns the loss"
-                    )
-                ecd += ecd_group(group, loss.detach(), nonfinite, self.state)
-                continue
-            h, damping = group["lr"], math.exp(-group["friction"] * group["lr"])
-            diagnostics = group["diagnostics"]
-            if diagnostics == "auto":
-                diagnostics = group["friction"] == 0
-            plain = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if geometry_of(p) is None:
-                    plain.append(p)
-                elif group["integrator"] == "implicit":
-                    pending.append(self._implicit_step(p, p.grad, h, damping, group, nonfinite))
-                else:
-                    pending.append(self._splitting_step(p, p.grad, h, damping, diagnostics))
-            if plain:
-                self._euclidean_leapfrog(plain, h, damping, diagnostics, nonfinite)
-        self._enforce_policy(nonfinite, [healthy for _, healthy, _ in pending])
-        for p, healthy, commit in pending:
-            keep = (nonfinite[p.device] == 0) & healthy
-            commit(keep)
-            self._count(self._rank_skips, p.device, (~healthy & (nonfinite[p.device] == 0)).sum())
-        write_ecd(self.state, ecd)
+    # ------------------------------------------------------------------------------ the kernels
+    def _group_update(
+        self, group: dict, loss: torch.Tensor | None, nonfinite: dict
+    ) -> list[tuple[torch.Tensor, HeadUpdate]] | None:
+        """``mode="ecd"`` (deprecated): the group is one ECD point (:func:`ecd_group`)."""
+        if group["mode"] != "ecd":
+            return None
+        if loss is None:
+            raise ValueError(
+                "QuotientHamiltonian(mode='ecd') needs the loss value: call "
+                "optimizer.step(closure) with a closure that returns the loss"
+            )
+        return ecd_updates(group, loss, nonfinite, self.state)
 
-    # ------------------------------------------------------------------ the splitting integrator
-    def _gram(self, geometry: HeadGeometry, z: torch.Tensor, which: int, reference=None):
-        r"""``(G, chol, G^{-1}, ok)`` of factor ``which`` (0: :math:`Q = A^\top A`, 1:
-        :math:`P = B^\top B`) of ``z``, reduced over row shards."""
-        if geometry.is_row_sharded:
-            gram = geometry.cross(z, z)[which]
-        else:
-            f = geometry.factors(z)[which]
-            gram = f.mT @ f
-        chol, ok = spd_cholesky_flagged(gram, reference)
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        chol = torch.where(ok[..., None, None], chol, eye)
-        x = tril_inverse(chol)
-        return gram, chol, x.mT @ x, ok
+    def _integrator(self, group: dict) -> Splitting | Implicit:
+        """The group's integrator object, from its ``integrator`` and ``implicit_iterations``."""
+        if group["integrator"] == "implicit":
+            return Implicit(group["implicit_iterations"])
+        if "_splitting" not in self.__dict__:
+            self._splitting = Splitting(self._work, self._warn_if_rank_deficient)
+        return self._splitting
 
     @staticmethod
-    def _regularize(cache: dict) -> tuple[dict, torch.Tensor]:
-        r"""For heads whose Grams are not both regular (a rank-deficient start, e.g. a
-        zero-initialized factor): the inverses of :math:`G + \delta I` with
-        :math:`\delta = 0.1\,(\mathrm{tr}\,Q + \mathrm{tr}\,P) / 2k` (1 where both vanish), and
-        their flag. As in :meth:`FactorQuotient.grams` with ``regularize=True``: the kinetic flow
-        of a factor only moves it along the range of its momentum, which lies in the range of
-        the other factor's Gram, so the regularized metric moves such a head onto the full-rank
-        set (not GL(k)-equivariantly), where the exact flow takes over."""
-        (q, *_, ok_q), (p, *_, ok_p) = cache[0], cache[1]
-        ok = ok_q & ok_p
-        k = q.shape[-1]
-        scale = (q.diagonal(dim1=-2, dim2=-1).sum(-1) + p.diagonal(dim1=-2, dim2=-1).sum(-1)) / (
-            2 * k
-        )
-        delta = torch.where(scale > 0, 0.1 * scale, torch.ones_like(scale))[..., None, None]
-        eye = torch.eye(k, dtype=q.dtype, device=q.device)
-        out, usable = {}, ~ok
-        for w, (g, chol, inv, flag) in cache.items():
-            damped = g + delta * eye
-            reg_chol, info = torch.linalg.cholesky_ex(damped)
-            usable = usable & (info == 0) & torch.isfinite(damped).flatten(-2).all(-1)
-            x = tril_inverse(torch.where((info == 0)[..., None, None], reg_chol, eye))
-            mask = ok[..., None, None]
-            out[w] = (g, torch.where(mask, chol, reg_chol), torch.where(mask, inv, x.mT @ x), flag)
-        return out, usable
+    def _dynamics(group: dict) -> tuple[float, float, bool]:
+        """``(h, e^{-gamma h}, diagnostics)`` of a group."""
+        diagnostics = group["diagnostics"]
+        if diagnostics == "auto":
+            diagnostics = group["friction"] == 0
+        return group["lr"], math.exp(-group["friction"] * group["lr"]), bool(diagnostics)
+
+    def _head_update(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict, keep: torch.Tensor
+    ) -> HeadUpdate:
+        h, damping, diagnose = self._dynamics(group)
+        integrator = self._integrator(group)
+        return integrator.update(p, geometry, self.state[p], keep, h, damping, diagnose)
+
+    def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate) -> None:
+        self._integrator(group).stepped(p.detach(), self.state[p], update.aux)
 
     @property
     def _work(self) -> WriteLog:
@@ -433,136 +367,8 @@ class QuotientHamiltonian(QuotientOptimizer):
             self._work_log = WriteLog()
         return self._work_log
 
-    def _work_buffers(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Two reused tensors shaped like ``p`` in ``dtype`` (the new point and the spare
-        momentum; :func:`~quotientopt.optim._base.work_buffers`)."""
-        return work_buffers(self._work, p, 2, dtype)
-
-    def _velocity_buffer(self, p: torch.Tensor, which: int, like: torch.Tensor) -> torch.Tensor:
-        """A reused contiguous tensor shaped like factor ``which``'s momentum ``like``."""
-        (buffer,) = work_buffers(
-            self._work, p, 1, like.dtype, key=f"velocity{which}", shape=like.shape
-        )
-        return buffer
-
-    def _splitting_step(self, p, grad, h, damping, diagnostics):
-        r"""One step of the splitting integrator (module docstring), batched over the heads:
-        the kick, then the exact flows of :math:`T_A` and :math:`T_B` for ``h`` each, in the order
-        that alternates from step to step. Returns ``(p, healthy, commit)``: ``commit(keep)``
-        writes the new point and momentum where the per-head flag ``keep`` holds."""
-        geometry: HeadGeometry = p.manifold
-        state = self.state[p]
-        z = p.detach()
-        dtype = compute_dtype(z.dtype)
-        zc = z.to(dtype)
-        g = grad.to(dtype)
-        old = state.get("momentum")
-        if old is None and "velocity" in state:  # switched from the implicit integrator
-            grams = geometry.grams(z, check=False)
-            old = geometry.right_multiply(state.pop("velocity").to(dtype), grams.p, grams.q)
-        cache = state.get("grams")
-        if cache is None or state.get("grams_version") != (z._version, z.data_ptr()):
-            cache = {w: self._gram(geometry, zc, w) for w in (0, 1)}
-        cache, regularized = self._regularize(cache)
-        start = dict(cache)
-        # kick: p_n = e^{-gamma h} (p~ - h/2 g) ends the last step, p_n - h/2 g starts this one
-        # the new point and momentum go to reused buffers (the momentum's alternates with the
-        # stored one; see commit); a fresh 100 MB allocation per step is paged in at a cost
-        # comparable to the arithmetic on a CPU
-        new, spare = self._work_buffers(p, dtype)
-        if old is not None and spare.data_ptr() == old.data_ptr():  # never kick over the old one
-            spare = torch.empty_like(spare)
-        if old is None:
-            m = torch.mul(g, -0.5 * h, out=spare)
-        else:
-            m = torch.mul(old.to(dtype), damping, out=spare)
-            m.add_(g, alpha=-0.5 * h * damping)
-        if diagnostics:
-            if old is None:  # p_n = 0
-                heads = z.shape[:-2]
-                kinetic = torch.zeros(heads, dtype=dtype, device=z.device)
-                charge = torch.zeros(
-                    (*heads, z.shape[-1], z.shape[-1]), dtype=dtype, device=z.device
-                )
-            else:
-                kinetic, charge = self._diagnostics(geometry, zc, m, cache, work=new)
-        else:
-            kinetic = charge = None
-        if old is not None:
-            m.add_(g, alpha=-0.5 * h)
-        current = list(geometry.factors(zc))
-        moved = geometry.factors(new)
-        momenta = geometry.factors(m)
-        healthy = (cache[0][3] & cache[1][3]) | regularized
-        parity = state.get("step", 0) % 2
-        for x in (0, 1) if parity == 0 else (1, 0):  # T_A then T_B, or T_B then T_A
-            y = 1 - x
-            # V_X = p_X G_Y^{-1}, G_Y fixed during this flow (into a reused contiguous buffer)
-            v = torch.matmul(momenta[x], cache[y][2], out=self._velocity_buffer(p, x, momenta[x]))
-            torch.add(current[x], v, alpha=h, out=moved[x])  # X += h V_X
-            current[x] = moved[x]
-            s = self._contract(geometry, m, v, x)  # V_X^T V_X
-            _add_right_product(momenta[y], current[y], s, h)  # p_Y += h Y V_X^T V_X
-            cache[x] = self._gram(geometry, new, x, reference=cache[x][0])
-            # a head that started rank-deficient only has to stay finite on its way to full rank
-            healthy = healthy & (cache[x][3] | regularized) & torch.isfinite(s).flatten(-2).all(-1)
-        if state.get("step", 0) == 0:
-            self._warn_if_rank_deficient(regularized)
-        state["step"] = state.get("step", 0) + 1
-
-        def commit(keep):
-            mask = keep[..., None, None]
-            where_heads(keep, new.to(z.dtype), z, out=z)
-            stored = m.to(z.dtype)
-            state["momentum"] = where_heads(
-                keep, stored, torch.zeros((), dtype=z.dtype) if old is None else old, out=stored
-            )
-            if stored is m:  # the old momentum (a new tensor on the first step) is the next spare
-                reusable = old is not None and old.dtype == m.dtype and old.shape == m.shape
-                self._work.put(p, "work", (new, old if reusable else torch.empty_like(m)))
-            state["grams"] = {
-                w: tuple(
-                    torch.where(mask if t.dim() > keep.dim() else keep, t, t0)
-                    for t, t0 in zip(cache[w], start[w], strict=True)
-                )
-                for w in (0, 1)
-            }
-            state["grams_version"] = (z._version, z.data_ptr())
-            if kinetic is not None:
-                state["kinetic"] = kinetic
-                state["momentum_map"] = charge
-
-        return p, healthy, commit
-
-    @staticmethod
-    def _contract(geometry: HeadGeometry, like: torch.Tensor, v: torch.Tensor, which: int):
-        r""":math:`V^\top V` for the factor-shaped ``v`` of factor ``which``, summed over row
-        shards (through the protocol's ``cross`` when the rows are sharded)."""
-        if not geometry.is_row_sharded:
-            return v.mT @ v
-        full = torch.zeros_like(like)
-        geometry.factors(full)[which].copy_(v)
-        return geometry.cross(full, full)[which]
-
-    @staticmethod
-    def _diagnostics(geometry: HeadGeometry, z, m, cache, work=None):
-        r""":math:`T = \tfrac12 \langle p, p\,G^{-1}\rangle` per head and the group's momentum
-        map :math:`J` of :math:`p` (``geometry.momentum_map`` of its velocity). ``work``: a
-        tensor shaped like ``z`` that may receive the velocity (the step's new-point buffer,
-        free until the flows write it)."""
-        q, chol_q, q_inv, ok_q = cache[0]
-        pg, chol_p, p_inv, ok_p = cache[1]
-        grams = Grams(pg, q, chol_p, chol_q, ok_p & ok_q, p_inv, q_inv)
-        velocity = geometry.egrad2rgrad(z, m, grams=grams, out=work)
-        if geometry.is_row_sharded:
-            kinetic = 0.5 * geometry.inner(z, velocity, grams=grams)
-        else:  # one dot product per head as a batched (1 x N) @ (N x 1): no full-size temporary
-            dot = m.flatten(-2).unsqueeze(-2) @ velocity.flatten(-2).unsqueeze(-1)
-            kinetic = 0.5 * dot[..., 0, 0]
-        return kinetic, geometry.momentum_map(z, velocity, grams=grams)
-
     # --------------------------------------------------------------------------- plain tensors
-    def _euclidean_leapfrog(self, params, h, damping, diagnostics, nonfinite):
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
         r"""The leapfrog of :math:`H = \tfrac12 \|p\|^2 + L` for plain tensors as torch's SGD
         kernel: with :math:`\tilde p = -\sigma b` and :math:`c = (1 + e^{-\gamma h}) h / 2`
         (:math:`h/2` on the first step),
@@ -571,6 +377,8 @@ class QuotientHamiltonian(QuotientOptimizer):
         :math:`\tilde p \leftarrow e^{-\gamma h} (\tilde p - \tfrac h2 g) - \tfrac h2 g`,
         :math:`x \leftarrow x + h \tilde p`, and a step with a non-finite gradient changes nothing
         (``found_inf``)."""
+        params, found_inf = batch.params, batch.found_inf
+        h, damping, diagnostics = self._dynamics(group)
         by_call: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             state = self.state[p]
@@ -579,41 +387,22 @@ class QuotientHamiltonian(QuotientOptimizer):
             c = 0.5 * h if first else 0.5 * (1.0 + damping) * h
             if diagnostics:
                 state["kinetic"] = self._plain_kinetic(p, state, h, damping, first)
-            by_call[(p.device, first, sigma, c)].append(p)
-        for (device, first, sigma, c), ps in by_call.items():
-            found_inf = nonfinite[device]
-            momentum = 0.0 if first else damping * sigma / c
-            fused = [p for p in ps if _fused_kernel_is_exact(p)]
-            if fused:
-                buffers = [self.state[p].get("momentum_buffer") for p in fused]
-                torch_sgd(
-                    [p.detach() for p in fused],
-                    [p.grad for p in fused],
-                    buffers,
-                    fused=True,
-                    found_inf=found_inf,
-                    weight_decay=0.0,
-                    momentum=momentum if not first else 1.0,
-                    lr=h * c,
-                    dampening=0.0,
-                    nesterov=False,
-                    maximize=False,
-                )
-                for p, buf in zip(fused, buffers, strict=True):
-                    if first:  # the kernel allocates first-step buffers uninitialized
-                        zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-                        torch.where(found_inf > 0, zero, buf, out=buf)
-                    self.state[p]["momentum_buffer"] = buf
-            for p in ps:
-                if not _fused_kernel_is_exact(p):
-                    state = self.state[p]
-                    keep = found_inf == 0
-                    buf = state.get("momentum_buffer")
-                    new_buf = p.grad.clone() if first else buf * momentum + p.grad
-                    new = p.detach() - (h * c) * new_buf
-                    p.detach().copy_(torch.where(keep, new, p.detach()))
-                    old = torch.zeros_like(new_buf) if buf is None else buf
-                    state["momentum_buffer"] = torch.where(keep, new_buf, old)
+            by_call[(first, sigma, c)].append(p)
+        for (first, sigma, c), ps in by_call.items():
+            buffers = torch_sgd_step(
+                [p.detach() for p in ps],
+                [p.grad for p in ps],
+                [self.state[p].get("momentum_buffer") for p in ps],
+                found_inf,
+                weight_decay=0.0,
+                momentum=1.0 if first else damping * sigma / c,
+                lr=h * c,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+            )
+            for p, buf in zip(ps, buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buf
                 self.state[p]["momentum_scale"] = c
 
     #: elements per chunk of the plain tensors' kinetic energy (a 4 MB float32 scratch)
@@ -658,91 +447,3 @@ class QuotientHamiltonian(QuotientOptimizer):
         if key not in scratches:
             scratches[key] = torch.empty(self.kinetic_chunk, dtype=dtype, device=like.device)
         return scratches[key]
-
-    # ------------------------------------------------------------------- the implicit integrator
-    def _implicit_step(self, p, grad, h, damping, group, nonfinite):
-        """The implicit leapfrog (:meth:`_implicit_leapfrog`); its state is the velocity
-        ``state[p]["velocity"]`` (converting it to and from a covector each step would invert
-        the Grams of the parameter's own representative, which is what it avoids)."""
-        state = self.state[p]
-        z = p.detach()
-        old = state.get("velocity")
-        if old is None and "momentum" in state:  # switched from the splitting integrator
-            grams = p.manifold.grams(z, check=False)
-            old = p.manifold.egrad2rgrad(z, state.pop("momentum"), grams=grams)
-        new, v_new, kinetic, healthy = self._implicit_leapfrog(
-            p, grad, old, h, damping, group["implicit_iterations"]
-        )
-
-        def commit(keep):
-            where_heads(keep, new, z, out=z)
-            state["velocity"] = where_heads(
-                keep, v_new, torch.zeros_like(v_new) if old is None else old
-            )
-            state["kinetic"] = kinetic
-            state.pop("grams", None)
-
-        return p, healthy, commit
-
-    def _implicit_leapfrog(self, p, grad, carried, h, damping, iterations):
-        r"""The leapfrog in velocity variables :math:`v = \partial_p T` (raised momenta): forces are
-        raised like gradients, and a velocity moves from :math:`Z_n` to :math:`Z_{n+1}` by
-        :func:`transfer`, which avoids lowering and raising with ill-conditioned Grams.
-
-        The step is computed at the balanced representative :math:`Z M` of the point
-        (:meth:`FactorQuotient.balancing_transform`) and carried back by :math:`M^{-1}`: every
-        stage is GL(k)-equivariant, so this is the same step in exact arithmetic, while in
-        floating point the Grams it inverts are as well conditioned as the product allows, not
-        :math:`\kappa(G)^2` worse for a badly scaled factorization. Frictionless dynamics never
-        contracts rounding errors, so this is what keeps its trajectory of products independent
-        of the starting factorization to 1e-11 over 200 steps at :math:`\kappa(G) = 1000`
-        (1.4e-10 computed in the parameter's own representative). Row-sharded sectors step in
-        their own representative."""
-        manifold: HeadGeometry = p.manifold
-        point = z = p.detach()
-        frame = None if manifold.is_row_sharded else manifold.balancing_transform(z)
-        if frame is not None:
-            # rank-deficient heads have no balanced representative: they step in their own
-            m_a, m_b = frame
-            finite = (torch.isfinite(m_a) & torch.isfinite(m_b)).flatten(-2).all(-1)
-            eye = torch.eye(m_a.shape[-1], dtype=m_a.dtype, device=m_a.device)
-            m_a = torch.where(finite[..., None, None], m_a, eye)
-            m_b = torch.where(finite[..., None, None], m_b, eye)
-            # in float32 or better, so that a bf16 point is not rounded on the way; tangent
-            # vectors move like points, gradients (covectors) inversely
-            dtype = m_a.dtype
-            z = manifold.right_multiply(z.to(dtype), m_a, m_b)
-            grad = manifold.right_multiply(grad.to(dtype), m_b, m_a)
-            if carried is not None:
-                carried = manifold.right_multiply(carried.to(dtype), m_a, m_b)
-        grams = manifold.grams(z, check=False)
-
-        def force(v):  # raised [grad L + dT/dZ](Z_n, v)
-            return manifold.egrad2rgrad(z, grad + kinetic_force(manifold, z, v), grams=grams)
-
-        if carried is None:
-            v_n = torch.zeros_like(z)
-        else:  # finish the previous step at Z_n, then stay on the reduced phase space J = 0
-            v_n = manifold.proju(z, damping * (carried - 0.5 * h * force(carried)), grams=grams)
-        momentum_map = manifold.momentum_map(z, v_n, grams=grams)
-        kinetic = 0.5 * manifold.inner(z, v_n, grams=grams)
-        v_half = v_n
-        for _ in range(iterations):  # v_{n+1/2} = v_n - h/2 force(v_{n+1/2})
-            v_half = v_n - 0.5 * h * force(v_half)
-        increment = h * v_half
-        new = z + increment
-        for _ in range(iterations):  # Z_{n+1} = Z_n + h/2 [v_{n+1/2} + transfer(v_{n+1/2})]
-            increment = 0.5 * h * (v_half + transfer(manifold, z, new, v_half))
-            new = z + increment
-        v_new = transfer(manifold, z, new, v_half)
-        # a step too large for the implicit stage diverges: such heads keep their point
-        healthy = manifold.grams(new, check=False, reference=grams).ok & grams.ok
-        if frame is not None:  # back to the parameter's representative: M^{-1} = (M_B^T, M_A^T)
-            # only the increment is carried back and added, so a point at rest stays bitwise put
-            new = point + manifold.right_multiply(increment, m_b.mT, m_a.mT).to(point.dtype)
-            v_new = manifold.right_multiply(v_new, m_b.mT, m_a.mT).to(point.dtype)
-            momentum_map = m_b @ momentum_map @ m_a.mT  # J' = M_A^T J M_B
-        healthy = healthy & torch.isfinite(v_new).flatten(-2).all(-1)
-        healthy = healthy & torch.isfinite(new).flatten(-2).all(-1)
-        self.state[p]["momentum_map"] = momentum_map
-        return new, v_new, kinetic, healthy

@@ -28,62 +28,47 @@ unchanged between refreshes and projected to the horizontal space at each refres
 part is second order in the step). A step in between costs one batched product with a
 ``k x k`` matrix and torch's fused SGD kernel.
 
-A stale metric is only safe while the Grams move slowly: a Gram that grew since the refresh makes
-the step too long in its directions (the preconditioned curvature is
-:math:`P_s^{-1} P_t`, not :math:`I`). So the interval adapts. Each refresh measures how far the
-metric moved over the interval just finished,
+A stale metric is only safe while the Grams move slowly, so the interval adapts to how far the
+metric moved over the last one (:mod:`quotientopt.optim.sgd_metric`).
 
-.. math::
-
-    \delta^2 = \max_{\text{heads}} \sum_i (\mu_i - 1)^2 \;\ge\; \max_i (\mu_i - 1)^2, \qquad
-    \mu_i \text{ the eigenvalues of } P_{\text{old}}^{-1} P_{\text{new}} \text{ (and of the } Q
-    \text{ pair)},
-
-computed as :math:`\|L^{-1} P_{\text{new}} L^{-\top} - I\|_F^2` with
-:math:`P_{\text{old}} = L L^\top` (a symmetric matrix similar to
-:math:`P_{\text{old}}^{-1} P_{\text{new}}`, so a sum of squares without cancellation; invariant:
-the :math:`\mu_i` do not depend on the representative). The next interval doubles, up to
-:math:`R`, while :math:`\delta` stays below ``refresh_tolerance``, and falls back to one step when
-it does not, or when the step was withheld (a non-finite gradient).
-
-How the code is laid out: each kind of parameter has its update in one function, and ``step``
-only routes parameters to them and writes the checked results.
-
-* head parameters, a refresh step (every step with ``refresh_every=1``):
-  :func:`quotient_sgd_update`, the exact Riemannian heavy ball above, with the Grams of the
-  current point; it returns the candidate point, momentum and Grams of the point it reaches;
-* head parameters between two refreshes: :func:`riemannian_gradient` with the stale Grams, then
-  torch's SGD kernel (:meth:`QuotientSGD._torch_sgd_step`);
-* other geoopt manifolds: :func:`manifold_sgd_update` (geoopt's RiemannianSGD);
-* plain tensors: torch's own functional SGD kernels (:meth:`QuotientSGD._torch_sgd_step`).
-
-Where the Grams come from is a *metric provider* (:class:`MetricProvider`), chosen per parameter
-group from ``refresh_every``: :class:`ExactMetric` (the Grams of the current point on every step,
-which the previous step computed at the point it reached) or :class:`LazyMetric` (the cached
-Grams, refreshed on the adaptive schedule above)."""
+The step is :class:`~quotientopt.optim._base.QuotientOptimizer`'s one loop
+(``docs/architecture.md``); the head kernel is :func:`quotient_sgd_update` on a refresh step and
+the direction :func:`riemannian_gradient` (for torch's SGD kernel) between two refreshes; where
+the Grams come from is a metric provider (:mod:`quotientopt.optim.sgd_metric`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
-from torch.optim.sgd import sgd as torch_sgd
 
-from quotientopt.distributed import max_over_head_shards
 from quotientopt.manifolds.factor_quotient import product_decay_egrad
 from quotientopt.manifolds.protocol import Grams, HeadGeometry
 from quotientopt.optim._base import (
+    Direction,
+    HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     WriteLog,
-    _fused_kernel_is_exact,
+    _fused_kernel_is_exact,  # noqa: F401  (kept importable here)
     check_choice,
     check_number,
     geometry_of,
-    manifold_of,
+    rebalance,
     where_heads,
     work_buffers,
+)
+from quotientopt.optim._torch_kernels import single_tensor_sgd as _single_tensor_sgd  # noqa: F401
+from quotientopt.optim._torch_kernels import torch_sgd_step
+from quotientopt.optim.manifold_kernels import manifold_sgd_update
+from quotientopt.optim.sgd_metric import (
+    ExactMetric,
+    LazyMetric,
+    MetricProvider,
+    frozen_where_unhealthy,
+    metric_drift,
 )
 
 WEIGHT_DECAY_MODES = ("product", "nuclear")
@@ -169,259 +154,77 @@ def quotient_sgd_update(
                \quad\text{(transport, with the Grams of } Z_{t+1}\text{)}
 
     (:math:`\eta` = ``lr``, :math:`\beta` = ``momentum``, :math:`\tau` = ``dampening``,
-    :math:`\lambda` = ``weight_decay``). The Grams of :math:`Z_{t+1}` are computed once, here:
-    they transport the momentum and are returned for the next step's gradient (with their
-    inverses, so that both are matmuls with ``k x k`` matrices).
-
-    Shapes: ``point``, ``grad``, ``momentum_buffer`` (horizontal at ``point``; None on the first
-    step) ``(..., n + m, k)`` in the parameter dtype; ``grams`` ``(..., k, k)`` in float32 or
-    better; ``keep`` a 0-dim bool, False when the whole step is withheld (a non-finite
-    gradient). ``ok`` in the result is False for a head whose update is withheld: a healthy head
-    that would lose rank or become non-finite, a rank-deficient head (regularized metric) whose
-    update would not be usable, or every head when ``keep`` is False. ``work``: two tensors
-    shaped like ``point`` (three with Nesterov momentum) that receive the gradient, the new point
-    and the Nesterov buffer instead of new allocations; the results may live in them."""
+    :math:`\lambda` = ``weight_decay``); the Grams of :math:`Z_{t+1}` (with inverses) transport
+    the momentum and are returned for the next step. Shapes: ``point``, ``grad``,
+    ``momentum_buffer`` (None on the first step) ``(..., n + m, k)``; ``grams`` in float32 or
+    better; ``keep`` a 0-dim bool (False: a non-finite gradient). ``ok`` is False for a head
+    whose update is withheld (:func:`head_health`). ``work``: two tensors shaped like ``point``
+    (three with Nesterov) for the gradient, the new point and the Nesterov buffer."""
     work = work if work is not None else (None, None, None)
+    decay = dict(weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
     rgrad = riemannian_gradient(
-        point,
-        grad,
-        grams,
-        geometry,
-        weight_decay=weight_decay,
-        weight_decay_mode=weight_decay_mode,
-        maximize=maximize,
-        out=work[0],
+        point, grad, grams, geometry, maximize=maximize, out=work[0], **decay
     )
-    buf = None
-    if momentum:
-        if momentum_buffer is None:
-            buf = rgrad.clone()  # becomes the state; rgrad may live in a work buffer
-        elif nesterov:  # dampening is 0 with Nesterov
-            buf = torch.add(rgrad, momentum_buffer, alpha=momentum, out=work[2])
-        elif dampening:
-            buf = rgrad.mul_(1 - dampening).add_(momentum_buffer, alpha=momentum)
-        else:
-            buf = rgrad.add_(momentum_buffer, alpha=momentum)
-        direction = rgrad.add_(buf, alpha=momentum) if nesterov else buf
-    else:
-        direction = rgrad
+    spare = work[2] if nesterov and len(work) > 2 else None
+    buf, direction = heavy_ball(rgrad, momentum_buffer, momentum, dampening, nesterov, spare)
     new = torch.add(point, direction, alpha=-lr, out=work[1])
     new_grams = geometry.grams(new, check=False, reference=grams, inverses=True, regularize=True)
-    # a healthy head must stay healthy; a rank-deficient one (regularized metric) must stay
-    # finite; non-finite points have non-finite Grams
-    usable = new_grams.ok | new_grams.regularized
-    started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
-    ok = torch.where(grams.ok, new_grams.ok, started_deficient & usable) & keep
     if buf is not None:
         buf = geometry.proju_(new, buf, grams=new_grams)
-    return QuotientSGDUpdate(new, buf, new_grams, ok)
+    return QuotientSGDUpdate(new, buf, new_grams, head_health(grams, new_grams) & keep)
 
 
-def frozen_where_unhealthy(grams: Grams) -> Grams:
-    """The Grams with a zero preconditioner for heads flagged unhealthy, so that the steps
-    between refreshes leave their gradient out as the refresh steps do."""
-    mask = grams.ok[..., None, None]
-    zero = torch.zeros((), dtype=grams.p.dtype, device=grams.p.device)
-    fields = grams._asdict()
-    for name in ("p", "q", "p_inv", "q_inv"):
-        if fields[name] is not None:
-            fields[name] = torch.where(mask, fields[name], zero)
-    return Grams(**fields)
-
-
-def manifold_sgd_update(
-    point: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    manifold: Any,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""geoopt RiemannianSGD's step for a parameter on another geoopt manifold (nothing written):
-    :math:`\xi = \operatorname{egrad2rgrad}(\pm\nabla f + \lambda x)`,
-    :math:`m = \beta m + (1 - \tau)\xi` (:math:`m_1 = \xi_1`), :math:`d = \xi + \beta m` (Nesterov)
-    or :math:`m`, then ``retr_transp(x, -lr * d, m)``. Returns the new point and momentum."""
-    if maximize:
-        grad = -grad
-    if weight_decay:
-        grad = grad.add(point, alpha=weight_decay)
-    rgrad = manifold.egrad2rgrad(point, grad)
-    if not momentum:
-        return manifold.retr(point, -lr * rgrad), None
-    buf = (
-        rgrad.clone()
-        if momentum_buffer is None
-        else momentum_buffer.mul(momentum).add_(rgrad, alpha=1 - dampening)
-    )
-    direction = rgrad.add(buf, alpha=momentum) if nesterov else buf
-    return manifold.retr_transp(point, -lr * direction, buf)
-
-
-# ----------------------------------------------------------------------------- metric providers
-def metric_drift(old: Grams, new: Grams, moved: torch.Tensor) -> torch.Tensor:
-    r"""How far the metric moved between two refreshes, largest over the heads that moved
-    (0-dim; ``inf`` when the step was withheld, for a non-finite gradient or a healthy head's rank
-    loss): :math:`\delta = \|L^{-1} P_{\text{new}} L^{-\top} - I\|_F` with
-    :math:`P_{\text{old}} = L L^\top`, the larger of the P and Q values. The matrix is symmetric
-    and similar to :math:`P_{\text{old}}^{-1} P_{\text{new}}`, so
-    :math:`\delta^2 = \sum_i (\mu_i - 1)^2` over its eigenvalues, computed as a sum of squares (the
-    trace form cancels badly when the factors are ill-conditioned)."""
-    chol = torch.stack((old.chol_p, old.chol_q), dim=-3)
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    similar = chol_inv @ torch.stack((new.p, new.q), dim=-3) @ chol_inv.transpose(-1, -2)
-    squared = (similar - eye).square().sum((-1, -2)).amax(-1)
-    squared = torch.where(moved & old.ok & new.ok, squared, 0.0)
-    # a withheld step (non-finite gradient), or a healthy head whose update was withheld for
-    # rank loss, is not a calm interval (heads unhealthy since earlier do not count)
-    calm_to_judge = moved.any() & ~(old.ok & ~moved).any()
-    return torch.where(calm_to_judge, squared.amax().sqrt(), torch.inf)
-
-
-class MetricProvider(Protocol):
-    """Where a head tensor's Grams come from on each step (see the module docstring)."""
-
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        """The Grams this step uses at ``p``, and whether the step refreshes them: then they are
-        the Grams of the current point and the step is :func:`quotient_sgd_update`, which
-        computes those of the point it reaches; otherwise they are stale."""
-        ...
-
-    def record(self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor):
-        """After a refresh step was written: keep ``reached`` (the Grams of the new point; the
-        ``used`` ones for heads whose update was withheld, ``ok`` False) for the next steps."""
-        ...
-
-
-class ExactMetric:
-    """The Grams of the current point on every step: those the previous step computed at the
-    point it reached, kept in ``state["grams"]`` (so that a resumed run is bitwise identical);
-    computed afresh when missing, or when something other than the optimizer modified ``p``."""
-
-    refresh_every = 1
-
-    def __init__(self, log: WriteLog, warn_if_rank_deficient: Callable[[torch.Tensor], None]):
-        self.log = log
-        self.warn_if_rank_deficient = warn_if_rank_deficient
-
-    @torch.compiler.disable  # reads the write log; the stored Grams enter a graph as inputs
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        return self.current(p, state)[0], True
-
-    def current(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        """The stored Grams, or those of ``p`` computed now; and whether they were computed now."""
-        stored = state.get("grams")
-        if stored is not None and not self.log.modified_elsewhere(p):
-            return Grams(**stored), False
-        grams = geometry_of(p).grams(p.detach(), check=False, inverses=True, regularize=True)
-        if "step" not in state:
-            self.warn_if_rank_deficient(~grams.ok)
-        buf = state.get("momentum_buffer")
-        if buf is not None:  # edited elsewhere: a head that lost rank does not coast
-            where_heads(grams.ok, buf, torch.zeros((), dtype=buf.dtype), out=buf)
-        return grams, True
-
-    def record(
-        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        # heads whose update was withheld keep the Grams they stepped with
-        stored = state["grams"] = {
-            name: where_heads(ok, fresh, kept)
-            for name, fresh, kept in zip(Grams._fields, reached, used, strict=True)
-            if fresh is not None and kept is not None
-        }
-        return stored
-
-
-class LazyMetric(ExactMetric):
-    """The Grams of the last refresh step, refreshed at most every ``refresh_every`` steps: the
-    interval doubles (up to ``refresh_every``) while the metric moved less than
-    ``refresh_tolerance`` over the last one (:func:`metric_drift`), else it restarts at 1. Each
-    refresh reads the drift on the host. Keeps ``refresh_interval`` and ``next_refresh`` in the
-    state."""
-
-    def __init__(
-        self,
-        log: WriteLog,
-        warn_if_rank_deficient: Callable[[torch.Tensor], None],
-        refresh_every: int,
-        refresh_tolerance: float,
-    ):
-        super().__init__(log, warn_if_rank_deficient)
-        self.refresh_every = refresh_every
-        self.refresh_tolerance = refresh_tolerance
-
-    @torch.compiler.disable
-    def grams(self, p: torch.Tensor, state: dict) -> tuple[Grams, bool]:
-        grams, computed_now = self.current(p, state)
-        if computed_now:
-            return grams, True
-        step, due = state.get("step", 0), state.get("next_refresh", 0)
-        # a refresh_every lowered since the last refresh shortens the current interval
-        due = min(due, due - state.get("refresh_interval", 1) + self.refresh_every)
-        return grams, step >= due
-
-    def record(
-        self, p: torch.Tensor, state: dict, used: Grams, reached: Grams, ok: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        drift = max_over_head_shards(p, metric_drift(used, reached, ok))
-        calm = float(drift) <= self.refresh_tolerance  # NaN counts as not calm
-        interval = min(2 * state.get("refresh_interval", 1), self.refresh_every) if calm else 1
-        state["refresh_interval"] = interval
-        state["next_refresh"] = state.get("step", 0) + interval
-        stored = super().record(p, state, used, reached, ok)
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            # a head left at a rank-deficient point must not coast on its momentum through the
-            # steps until the next refresh (with the exact metric it never moves anyway)
-            zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-            where_heads(stored["ok"], buf, zero, out=buf)
-        return stored
-
-
-# ----------------------------------------------------------------------------- plain tensors
-# Plain tensors (and head tensors between two refreshes) step through torch's functional SGD
-# (torch.optim.sgd.sgd, fused=True), not a copy of it. The one exception: torch 2.13's fused CPU
-# kernel writes wrong momentum buffers for bfloat16/float16 (its test:
-# tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd), so those
-# tensors take _single_tensor_sgd, torch's single-tensor step written out operation for operation
-# (the same roundings) with a device-side skip mask, which torch's own single-tensor kernel lacks
-# (it rejects found_inf, and skipping on the host would synchronise).
-def _single_tensor_sgd(
-    param: torch.Tensor,
-    grad: torch.Tensor,
+def heavy_ball(
+    rgrad: torch.Tensor,
     buf: torch.Tensor | None,
-    found_inf: torch.Tensor,
-    *,
-    weight_decay: float,
     momentum: float,
-    lr: float,
     dampening: float,
     nesterov: bool,
-    maximize: bool,
-) -> torch.Tensor | None:
-    """torch.optim.SGD's single-tensor step, operation for operation (so with its roundings),
-    written into ``param`` and ``buf`` only where ``found_inf`` is 0 (no synchronisation).
-    Returns the momentum buffer (new on the first step)."""
-    skip = found_inf > 0
-    grad = -grad if maximize else grad
-    if weight_decay:
-        grad = grad.add(param, alpha=weight_decay)
-    if momentum:
-        if buf is None:
-            new_buf = torch.clone(grad).detach()
-            buf = torch.where(skip, torch.zeros_like(new_buf), new_buf)
-        else:
-            new_buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
-            torch.where(skip, buf, new_buf, out=buf)
-        grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
-    torch.where(skip, param, param.add(grad, alpha=-lr), out=param)
-    return buf
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    r"""torch SGD's momentum rule on ``rgrad`` (updated in place):
+    :math:`m = \beta m + (1 - \tau)\xi` (:math:`m_1 = \xi`), direction :math:`\xi + \beta m`
+    (Nesterov, into ``out``) or :math:`m`. Returns ``(m, direction)``; ``m`` None without
+    momentum."""
+    if not momentum:
+        return None, rgrad
+    if buf is None:
+        new_buf = rgrad.clone()  # becomes the state; rgrad may live in a work buffer
+    elif nesterov:  # dampening is 0 with Nesterov
+        new_buf = torch.add(rgrad, buf, alpha=momentum, out=out)
+    elif dampening:
+        new_buf = rgrad.mul_(1 - dampening).add_(buf, alpha=momentum)
+    else:
+        new_buf = rgrad.add_(buf, alpha=momentum)
+    return new_buf, rgrad.add_(new_buf, alpha=momentum) if nesterov else new_buf
+
+
+def head_health(grams: Grams, new_grams: Grams) -> torch.Tensor:
+    """Per head, whether an update from the point of ``grams`` to that of ``new_grams`` may be
+    written: a healthy head must stay healthy (full rank, finite); one that started
+    rank-deficient (the regularized metric) must reach a usable point."""
+    usable = new_grams.ok | new_grams.regularized
+    started_deficient = grams.regularized if grams.regularized is not None else ~grams.ok
+    return torch.where(grams.ok, new_grams.ok, started_deficient & usable)
+
+
+def _check_schedule(
+    nesterov: bool, momentum: float, dampening: float, rebalance_every: int, refresh_every: int
+) -> None:
+    """Raise a ``ValueError`` for Nesterov without momentum (or with dampening) and for a
+    ``rebalance_every`` / ``refresh_every`` that is not an int in range."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "invalid nesterov=True: Nesterov momentum needs momentum > 0 and dampening = 0"
+        )
+    if not isinstance(rebalance_every, int) or rebalance_every < 0:
+        raise ValueError(
+            f"invalid rebalance_every: {rebalance_every!r}; expected an int >= 0 (0 = never)"
+        )
+    if not isinstance(refresh_every, int) or isinstance(refresh_every, bool) or refresh_every < 1:
+        raise ValueError(
+            f"invalid refresh_every: {refresh_every!r}; expected an int >= 1 (1 = every step)"
+        )
 
 
 class QuotientSGD(QuotientOptimizer):
@@ -449,9 +252,10 @@ class QuotientSGD(QuotientOptimizer):
             ball. ``R > 1`` keeps the invariance exact (stale Grams transform equivariantly) and
             makes the steps in between cost one product with a ``k x k`` matrix plus torch's
             fused SGD kernel; rank loss is then caught at the refresh steps, and each refresh
-            reads one number on the host (a synchronisation on CUDA). See the module docstring.
-        refresh_tolerance: how far the metric may move over an interval (``delta`` in the
-            module docstring) for the next interval to double; otherwise it restarts at 1.
+            reads one number on the host (a synchronisation on CUDA). See the module docstring
+            and :mod:`quotientopt.optim.sgd_metric`.
+        refresh_tolerance: how far the metric may move over an interval (``delta`` in
+            :mod:`quotientopt.optim.sgd_metric`) for the next interval to double, else it is 1.
         on_nonfinite: what a NaN/Inf gradient or a head update that loses rank does.
             ``"skip"`` (default): the step is not applied (all parameters for a non-finite
             gradient, the head alone for rank loss), with no host synchronisation; read the
@@ -489,22 +293,7 @@ class QuotientSGD(QuotientOptimizer):
         check_number("weight_decay", weight_decay, 0.0, float("inf"))
         check_number("refresh_tolerance", refresh_tolerance, 0.0, float("inf"), low_open=True)
         check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                "invalid nesterov=True: Nesterov momentum needs momentum > 0 and dampening = 0"
-            )
-        if not isinstance(rebalance_every, int) or rebalance_every < 0:
-            raise ValueError(
-                f"invalid rebalance_every: {rebalance_every!r}; expected an int >= 0 (0 = never)"
-            )
-        if (
-            not isinstance(refresh_every, int)
-            or isinstance(refresh_every, bool)
-            or refresh_every < 1
-        ):
-            raise ValueError(
-                f"invalid refresh_every: {refresh_every!r}; expected an int >= 1 (1 = every step)"
-            )
+        _check_schedule(nesterov, momentum, dampening, rebalance_every, refresh_every)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -566,191 +355,91 @@ class QuotientSGD(QuotientOptimizer):
         point and the Nesterov buffer (:func:`~quotientopt.optim._base.work_buffers`)."""
         return work_buffers(self._log, p, count)
 
-    @staticmethod
-    def _options(group: dict) -> dict[str, Any]:
-        """The hyperparameters of the head kernels, from a parameter group."""
-        names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
-        return {name: group[name] for name in names} | {
-            "weight_decay_mode": group["weight_decay_mode"]
-        }
+    #: the hyperparameters of the head kernels, read from a parameter group
+    KERNEL_OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 
-    # -------------------------------------------------------------------------------- step
-    def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
+    @classmethod
+    def _options(cls, group: dict) -> dict[str, Any]:
+        return {name: group[name] for name in (*cls.KERNEL_OPTIONS, "weight_decay_mode")}
 
-        # phase 1: every update computed and checked, nothing written
-        refreshed, manifold_updates = [], []
-        between: dict[tuple[int, torch.device], list] = {}  # quotient steps between refreshes
-        for index, group in enumerate(self.param_groups):
-            metric = self._metric_provider(group)
-            options = self._options(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if geometry_of(p) is not None:
-                    grams, refresh = metric.grams(p, state)
-                    if refresh:  # the exact step, with the Grams of the current point
-                        work = self._work_buffers(p, 3 if group["nesterov"] else 2)
-                        update = quotient_sgd_update(
-                            p.detach(),
-                            p.grad,
-                            state.get("momentum_buffer"),
-                            grams,
-                            geometry_of(p),
-                            keep=nonfinite[p.device] == 0,
-                            work=work,
-                            **options,
-                        )
-                        refreshed.append((p, metric, grams, update))
-                    else:  # between two refreshes: torch's SGD kernel along the stale gradient
-                        rgrad = riemannian_gradient(
-                            p.detach(),
-                            p.grad,
-                            frozen_where_unhealthy(grams),
-                            geometry_of(p),
-                            weight_decay=group["weight_decay"],
-                            weight_decay_mode=group["weight_decay_mode"],
-                            maximize=group["maximize"],
-                            frozen=True,
-                            out=self._work_buffers(p)[0],
-                        )
-                        between.setdefault((index, p.device), []).append((p, rgrad))
-                elif manifold_of(p) is not None:
-                    new, buf = manifold_sgd_update(
-                        p.detach(),
-                        p.grad,
-                        state.get("momentum_buffer"),
-                        p.manifold,
-                        **{k: v for k, v in options.items() if k != "weight_decay_mode"},
-                    )
-                    manifold_updates.append((p, new, buf))
-        self._enforce_policy(nonfinite, [update.ok for *_, update in refreshed])
-
-        # phase 2: write
-        for p, metric, grams, update in refreshed:
-            self._write(p, update.point, update.momentum_buffer, update.ok)
-            metric.record(p, self.state[p], grams, update.grams, update.ok)
-            flag = nonfinite[p.device] == 0
-            self._count(self._rank_skips, p.device, (~update.ok & flag).sum())
-        for p, new, buf in manifold_updates:
-            self._write(p, new, buf, nonfinite[p.device] == 0)
-        for (index, device), entries in between.items():
-            self._torch_sgd_step(
-                self.param_groups[index],
-                [p.detach() for p, _ in entries],
-                [rgrad for _, rgrad in entries],
-                [self.state[p] for p, _ in entries],
-                nonfinite[device],
-            )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or geometry_of(p) is None:
-                    continue
-                state = self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                every = group["rebalance_every"]
-                if every and state["step"] % every == 0:
-                    self._rebalance(p)
-                self._log.record(p)
-
-        for group in self.param_groups:
-            plain = [p for p in group["params"] if p.grad is not None and manifold_of(p) is None]
-            for device in {p.device for p in plain}:
-                params = [p for p in plain if p.device == device]
-                self._torch_sgd_step(
-                    group,
-                    params,
-                    [p.grad for p in params],
-                    [self.state[p] for p in params],
-                    nonfinite[device],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                )
-
-    def _write(
-        self, p: torch.Tensor, new: torch.Tensor, buf: torch.Tensor | None, ok: torch.Tensor
-    ) -> None:
-        """Write a checked candidate point and momentum, head by head where ``ok`` holds."""
+    # ------------------------------------------------------------------------------ the kernels
+    def _head_update(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict, keep: torch.Tensor
+    ) -> HeadUpdate | Direction:
+        """A refresh step (every step of :class:`ExactMetric`) is :func:`quotient_sgd_update`
+        with the Grams of the current point; a step between two refreshes is the direction
+        :func:`riemannian_gradient` with the stale Grams, for torch's SGD kernel."""
+        metric = self._metric_provider(group)
         state = self.state[p]
-        if buf is not None:
-            old_buf = state.get("momentum_buffer")
-            if old_buf is None:
-                state["momentum_buffer"] = where_heads(ok, buf, torch.zeros_like(buf), out=buf)
-            else:
-                where_heads(ok, buf, old_buf, out=old_buf)
-        where_heads(ok, new, p.detach(), out=p.detach())
+        grams, refresh = metric.grams(p, state)
+        if not refresh:
+            rgrad = riemannian_gradient(
+                p.detach(),
+                p.grad,
+                frozen_where_unhealthy(grams),
+                geometry,
+                weight_decay=group["weight_decay"],
+                weight_decay_mode=group["weight_decay_mode"],
+                maximize=group["maximize"],
+                frozen=True,
+                out=self._work_buffers(p)[0],
+            )
+            return Direction(rgrad)
+        work = self._work_buffers(p, 3 if group["nesterov"] else 2)
+        update = quotient_sgd_update(
+            p.detach(), p.grad, state.get("momentum_buffer"), grams, geometry,
+            keep=keep, work=work, **self._options(group),
+        )  # fmt: skip
+        return HeadUpdate(
+            update.point,
+            {"momentum_buffer": update.momentum_buffer},
+            update.ok,
+            aux=(metric, grams, update.grams),
+        )
 
-    def _torch_sgd_step(
-        self,
-        group: dict,
-        params: list[torch.Tensor],
-        directions: list[torch.Tensor],
-        states: list[dict],
-        found_inf: torch.Tensor,
-        *,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-    ) -> None:
-        """torch's fused SGD kernel on ``params`` along ``directions`` (gradients, or Riemannian
-        gradients with weight decay and sign already applied), skipping everything on the device
-        when ``found_inf`` is set; momentum buffers are read from and stored in ``states``.
+    def _manifold_update(self, p: torch.Tensor, group: dict, keep: torch.Tensor) -> HeadUpdate:
+        options = {k: v for k, v in self._options(group).items() if k != "weight_decay_mode"}
+        buf = self.state[p].get("momentum_buffer")
+        new, buf = manifold_sgd_update(p.detach(), p.grad, buf, p.manifold, **options)
+        return HeadUpdate(new, {"momentum_buffer": buf}, keep)
 
-        torch 2.13's fused CPU kernel writes wrong momentum buffers for bfloat16 and float16
-        (``tests/test_quotient_sgd.py::test_reduced_precision_plain_tensors_step_as_torch_sgd``),
-        so reduced-precision tensors on a CPU take :func:`_single_tensor_sgd` instead."""
-        buffers = [state.get("momentum_buffer") for state in states]
-        options = dict(
-            weight_decay=weight_decay,
+    def _plain_step(self, group: dict, batch: PlainBatch) -> None:
+        """torch's fused SGD (:func:`~quotientopt.optim._torch_kernels.torch_sgd_step`) along
+        the gradients of plain tensors (with torch's coupled decay and sign) or along the head
+        sectors' Riemannian gradients between two refreshes (decay and sign applied already)."""
+        params, directions, found_inf = batch
+        states = [self.state[p] for p in params]
+        plain = directions is None
+        buffers = torch_sgd_step(
+            [p.detach() for p in params],
+            [p.grad for p in params] if plain else directions,
+            [state.get("momentum_buffer") for state in states],
+            found_inf,
+            weight_decay=group["weight_decay"] if plain else 0.0,
             momentum=group["momentum"],
             lr=group["lr"],
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            maximize=maximize,
+            maximize=group["maximize"] if plain else False,
         )
-        fused = [i for i, p in enumerate(params) if _fused_kernel_is_exact(p)]
-        # the kernel treats a call as a first step only if every buffer is missing
-        for subset in (
-            [i for i in fused if buffers[i] is not None],
-            [i for i in fused if buffers[i] is None],
-        ):
-            if not subset:
-                continue
-            some = [buffers[i] for i in subset]
-            torch_sgd(
-                [params[i] for i in subset],
-                [directions[i] for i in subset],
-                some,
-                fused=True,
-                found_inf=found_inf,
-                **options,
-            )
-            for i, buf in zip(subset, some, strict=True):
-                if buffers[i] is None and buf is not None:
-                    # the kernel allocates first-step buffers uninitialized and skips them too
-                    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-                    torch.where(found_inf > 0, zero, buf, out=buf)
-                buffers[i] = buf
-        for i, p in enumerate(params):
-            if i not in fused:
-                buffers[i] = _single_tensor_sgd(p, directions[i], buffers[i], found_inf, **options)
         if group["momentum"]:
             for state, buf in zip(states, buffers, strict=True):
                 state["momentum_buffer"] = buf
 
+    def _stepped(self, p: torch.Tensor, group: dict, update: HeadUpdate | Direction) -> None:
+        """Keep the Grams a refresh step reached (the metric provider's ``record``), count the
+        step, rebalance every ``rebalance_every`` steps and note the write."""
+        state = self.state[p]
+        if isinstance(update, HeadUpdate):
+            metric, used, reached = update.aux
+            metric.record(p, state, used, reached, update.ok)
+        state["step"] = state.get("step", 0) + 1
+        every = group["rebalance_every"]
+        if every and state["step"] % every == 0:
+            self._rebalance(p)
+        self._log.record(p)
+
     @torch.no_grad()
     def _rebalance(self, p: torch.Tensor) -> None:
-        r"""Move ``p`` by the balancing move of its geometry's group,
-        :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has
-        none), and push the momentum along with the same group element."""
-        manifold = geometry_of(p)
-        z = p.detach()
-        transform = manifold.balancing_transform(z)
-        if transform is None:
-            return
-        m_a, m_b = transform
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            state["momentum_buffer"] = manifold.right_multiply(buf, m_a, m_b)
-        p.copy_(manifold.right_multiply(z, m_a, m_b))
-        state.pop("grams", None)  # the next step computes the Grams of the balanced point
+        """:func:`~quotientopt.optim._base.rebalance`, pushing the momentum along."""
+        rebalance(p, geometry_of(p), self.state[p], vectors=("momentum_buffer",), caches=("grams",))

@@ -34,6 +34,7 @@ from quotientopt.manifolds.projected_rank import ProjectedRank
 from quotientopt.manifolds.subgroup_quotient import SubgroupFactorQuotient
 from quotientopt.nn.groups import qk_group_generators
 from quotientopt.nn.rope import apply_rope, rms_normalize
+from quotientopt.nn.sector_geometry import DeclaresSectors
 from quotientopt.nn.symmetry_breaking import SymmetryBreakingBiases
 
 GEOMETRIES = ("gl", "orthogonal", "fixed-rank", "composite")
@@ -116,7 +117,7 @@ def factors_from_weights(
     return a_q.reshape(kv_heads, -1, k), a_k, a_v, b_o.reshape(kv_heads, -1, k)
 
 
-class QuotientMultiheadAttention(nn.Module):
+class QuotientMultiheadAttention(DeclaresSectors):
     r"""Drop-in for ``torch.nn.MultiheadAttention`` with its heads on quotient manifolds.
 
     ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``kdim``, ``vdim``, ``batch_first``,

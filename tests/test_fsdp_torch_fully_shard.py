@@ -11,6 +11,8 @@ ended 0.79 away, QuotientAdam 0.03.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -23,7 +25,6 @@ from tests.test_fsdp import (
     _init,
     _my_rows,
     _spawn,
-    assert_close,
     batches,
     full_params,
     make_model,
@@ -67,17 +68,34 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     _finish()
 
 
-def test_torch_fully_shard_matches_one_process(tmp_path):
-    """5 steps of QuotientSGD (momentum 0.9), QuotientAdam and QuotientMuon (per-head, AdamW on
-    the rest) under torch's fully_shard on 2 gloo ranks equal one process to 1e-5."""
+def differences(tmp_path: Path) -> dict[str, tuple[float, float]]:
+    """Per optimizer: (max |2 ranks - 1 process|, how far the heads moved), over 5 steps."""
     out = tmp_path / "params.pt"
     _spawn(_worker, tmp_path, str(out))
     got = torch.load(out)
     start = full_params(make_model("gpt"))
+    found = {}
     for name in OPTIMIZERS:
         model = make_model("gpt")
         train(model, build_optimizer(name, model), batches(5))
         want = full_params(model)
-        assert_close(got[name], want, 1e-5)
+        worst = max(float((got[name][k] - want[k]).abs().max()) for k in want)
         moved = max(float((want[k] - start[k]).abs().max()) for k in want if ".attn." in k)
+        found[name] = (worst, moved)
+    return found
+
+
+def test_torch_fully_shard_matches_one_process(tmp_path):
+    """5 steps of QuotientSGD (momentum 0.9), QuotientAdam and QuotientMuon (per-head, AdamW on
+    the rest) under torch's fully_shard on 2 gloo ranks equal one process to 1e-5."""
+    for name, (worst, moved) in differences(tmp_path).items():
+        assert worst < 1e-5, f"{name}: largest difference {worst:.2e}"
         assert moved > 1e-3, f"{name}: the heads did not train"
+
+
+if __name__ == "__main__":  # print the differences (the numbers docs/how-to/distributed.md quotes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (worst, moved) in differences(Path(tmp)).items():
+            print(f"{name}: max |2 ranks - 1 process| = {worst:.1e} (heads moved {moved:.2f})")

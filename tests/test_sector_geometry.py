@@ -20,7 +20,7 @@ from torch import nn
 
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.nn import QuotientMultiheadAttention
-from quotientopt.optim import QuotientAdam, QuotientSGD, geometry_of
+from quotientopt.optim import QuotientAdam, QuotientSGD, geometry_of, split_parameters
 
 E, H = 8, 2
 
@@ -178,3 +178,13 @@ def test_assigning_a_new_sector_redeclares_it():
     module.qk = geoopt.ManifoldParameter(module.qk.detach().clone(), manifold=other)
     QuotientSGD(module.parameters(), lr=0.1)
     assert geometry_of(module.qk) is other
+
+
+def test_split_parameters_routes_a_recovered_sector_to_the_heads():
+    """``split_parameters`` (HybridOptimizer's split) looks the parameters up too: a sector written
+    into ``_parameters`` plain is a head, not a plain tensor for the other optimizer."""
+    module = make()
+    module._parameters["vo"] = nn.Parameter(module.vo.detach().clone())
+    heads, rest = split_parameters(module.parameters())
+    assert [id(p) for p in heads] == [id(module.qk), id(module.vo)]
+    assert [id(p) for p in rest] == [id(module.out_bias)]

@@ -221,7 +221,7 @@ class ChecksParameters:
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
-        check_declared_geometries(self, self.param_groups[-1]["params"])  # type: ignore[attr-defined]
+        check_declared_geometries(self.param_groups[-1]["params"], type(self).__name__)  # type: ignore[attr-defined]
         for p in self.param_groups[-1]["params"]:  # type: ignore[attr-defined]
             self._check_parameter(p)  # type: ignore[attr-defined]
 

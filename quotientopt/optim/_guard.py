@@ -5,7 +5,8 @@ The modules that declare sectors (:mod:`quotientopt.nn.sector_geometry`) put the
 every parameter object registered under a sector's name through torch's own paths. A parameter
 object written into a module's ``_parameters`` some other way arrives as a plain tensor; a quotient
 optimizer would then step it as a Euclidean tensor without a word. :func:`check_declared_geometries`
-(called by every quotient optimizer for each parameter group it is given) looks each parameter up
+(called by every quotient optimizer for each parameter group it is given, and by
+:func:`quotientopt.optim.split_parameters`) looks each parameter up
 in the declaring modules' own ``_parameters`` and
 
 * gives a declared sector that arrives without a geometry its declared manifold back;
@@ -27,9 +28,10 @@ from quotientopt.nn.sector_geometry import declared_geometries, is_sector_manifo
 __all__ = ["check_declared_geometries"]
 
 
-def check_declared_geometries(optimizer: object, params: Sequence[torch.Tensor]) -> None:
+def check_declared_geometries(params: Sequence[torch.Tensor], who: str) -> None:
     """Give each parameter of ``params`` that a live module declares as a sector its declared
-    manifold when it arrives without one; raise a ``ValueError`` when it arrives on another."""
+    manifold when it arrives without one; raise a ``ValueError`` (naming ``who``, the optimizer
+    or function given ``params``) when it arrives on another."""
     declared = declared_geometries(params)
     if not declared:
         return
@@ -41,7 +43,7 @@ def check_declared_geometries(optimizer: object, params: Sequence[torch.Tensor])
         if current is not sector.manifold:
             if is_sector_manifold(current):
                 raise ValueError(
-                    f"{type(optimizer).__name__}: parameter {sector.name!r} of "
+                    f"{who}: parameter {sector.name!r} of "
                     f"{type(sector.module).__name__} is declared as a sector on "
                     f"{sector.manifold!r} but carries {current!r}; to change a sector's geometry, "
                     "rebuild the module with it (its constructor's geometry arguments)"

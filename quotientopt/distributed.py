@@ -5,9 +5,11 @@
 * **FSDP2.** ``torch.distributed.fsdp.fully_shard`` replaces every parameter by a new
   ``nn.Parameter`` holding a ``DTensor`` and keeps nothing of the old object (the ``manifold``
   attribute of a ``geoopt.ManifoldParameter`` is gone; only the module and the parameter's name
-  survive). :func:`fully_shard` here is a drop-in for torch's: it records each head sector's
-  manifold by module and name, calls torch's ``fully_shard`` and attaches the manifold to the new
-  sharded parameter (and again after ``load_state_dict``, which may replace it).
+  survive). The modules of :mod:`quotientopt.nn` declare their sectors' geometry by name
+  (:mod:`quotientopt.nn.sector_geometry`) and put it back on the new sharded parameters, so
+  torch's own ``fully_shard`` keeps it; :func:`fully_shard` here is torch's plus the same
+  declaration for any other module holding a ``geoopt.ManifoldParameter`` and an early check of
+  the placements.
   :func:`local_geometry` (and so :func:`quotientopt.optim.geometry_of`) then gives the geometry of
   a DTensor parameter's *local shard*, driven by its placements: sharded on a head (batch) axis,
   FSDP2's default ``Shard(0)``, it is the sector's own manifold and every ``k x k`` computation
@@ -59,7 +61,6 @@ __all__ = [
 #: ``k x k`` data or scalars); an optimizer may extend it with a ``parameter_shaped_state`` attribute
 PARAMETER_SHAPED_STATE = ("momentum_buffer", "exp_avg", "velocity")
 
-_GEOMETRIES_ATTR = "_quotientopt_geometries"
 _LOCAL_ATTR = "_quotientopt_local_geometry"
 _HEAD_GROUPS_ATTR = "_quotientopt_head_groups"
 
@@ -168,25 +169,26 @@ def local_geometry(p: torch.Tensor) -> HeadGeometry | None:
 
 
 # ---------------------------------------------------------------------------- fully_shard
-def _attach(module: nn.Module) -> None:
-    """Put the recorded manifolds back on ``module``'s (new) parameters."""
-    for name, manifold in getattr(module, _GEOMETRIES_ATTR, {}).items():
-        param = module._parameters.get(name)
-        if param is not None and getattr(param, "manifold", None) is not manifold:
-            param.manifold = manifold
-
-
 def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
-    """``torch.distributed.fsdp.fully_shard`` that keeps the head sectors' geometry.
+    """``torch.distributed.fsdp.fully_shard``, checked for the head sectors' placements.
 
-    Same arguments and result as torch's. Before sharding it records the head geometry of every
-    parameter of ``module`` by owning module and name, afterwards it attaches it to the sharded
-    DTensor parameters (as their ``manifold`` attribute, which
-    :func:`quotientopt.optim.geometry_of` reads through :func:`local_geometry`), checks that
-    their placements can be stepped (a ``ValueError`` otherwise, see :func:`local_geometry`), and
-    registers a ``load_state_dict`` post-hook that attaches it again if the parameter objects are
-    replaced. Apply it bottom-up like torch's (blocks first, then the root)."""
+    Same arguments and result as torch's, which keeps the geometry by itself for the modules of
+    :mod:`quotientopt.nn` (they declare their sectors, :mod:`quotientopt.nn.sector_geometry`).
+    This one also declares the sectors of any other module holding a
+    ``geoopt.ManifoldParameter`` (by owning module and name, so that the sharded DTensor
+    parameters and those that ``load_state_dict`` puts in their place get the manifold back), and
+    checks at once that the placements can be stepped (a ``ValueError`` otherwise, see
+    :func:`local_geometry`), where torch's would let the optimizer find out. Apply it bottom-up
+    like torch's (blocks first, then the root)."""
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    from quotientopt.nn.sector_geometry import (
+        GEOMETRIES_ATTR,
+        DeclaresSectors,
+        attach_declared,
+        declare_sectors,
+        is_sector_manifold,
+    )
 
     modules = module if isinstance(module, list) else [module]
     owners: list[nn.Module] = []
@@ -195,18 +197,17 @@ def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
             found = {
                 name: p.manifold
                 for name, p in owner._parameters.items()
-                if p is not None and is_head_geometry(getattr(p, "manifold", None))
+                if p is not None and is_sector_manifold(getattr(p, "manifold", None))
             }
             if found:
-                if not hasattr(owner, _GEOMETRIES_ATTR):
-                    owner.register_load_state_dict_post_hook(lambda mod, _: _attach(mod))
-                    setattr(owner, _GEOMETRIES_ATTR, {})
-                getattr(owner, _GEOMETRIES_ATTR).update(found)
+                if not isinstance(owner, DeclaresSectors) and GEOMETRIES_ATTR not in vars(owner):
+                    owner.register_load_state_dict_post_hook(lambda mod, _: attach_declared(mod))
+                declare_sectors(owner, found)
                 owners.append(owner)
     result = torch_fully_shard(module, **kwargs)
     for owner in owners:
-        _attach(owner)
-        for name in getattr(owner, _GEOMETRIES_ATTR):
+        attach_declared(owner)  # torch writes _parameters directly for a plain nn.Module
+        for name in getattr(owner, GEOMETRIES_ATTR):
             local_geometry(owner._parameters[name])  # refuse unsupported placements now
     return result
 

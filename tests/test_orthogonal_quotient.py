@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from quotientopt.manifolds.orthogonal_quotient import OrthogonalFactorQuotient
 
+# the class is deprecated (issue 26, point 3) and still works: its properties are tested here
+pytestmark = pytest.mark.filterwarnings("ignore:OrthogonalFactorQuotient is deprecated")
+
 SETTINGS = settings(max_examples=25, deadline=None)
 BATCHES = [(), (3,), (2, 3)]
 

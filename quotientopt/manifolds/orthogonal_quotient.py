@@ -17,9 +17,19 @@ complement, is :math:`\{\xi : Z^\top \xi \text{ symmetric}\}`. The total space i
 :math:`t \mapsto Z + t\xi` is a geodesic, and a geodesic that starts horizontal stays horizontal
 (:math:`Z^\top \xi` stays symmetric and :math:`\xi^\top \xi` is symmetric): it projects to a
 geodesic of the quotient, so ``expmap`` is exact, not a fallback.
+
+Deprecated: this class implements none of the head-geometry protocol
+(:mod:`quotientopt.manifolds.protocol`), so QuotientSGD and QuotientAdam could only step it on
+geoopt's generic path and QuotientMuon, QuotientHamiltonian and QuotientECD refuse it. The same
+group, :math:`O(k)` acting as :math:`(A O, B O) = (A G, B G^{-\top})`, is
+``SubgroupFactorQuotient(n, m, orthogonal_generators(k))``, which every quotient optimizer steps;
+the sector geometry ``"orthogonal"`` of :class:`~quotientopt.nn.QuotientMultiheadAttention` is
+that. Constructing this class warns (``DeprecationWarning``); it still works as before.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -60,6 +70,16 @@ class OrthogonalFactorQuotient(EuclideanMetric):
     _tangent_space = "horizontal (Z^T u symmetric)"
 
     def __init__(self, n: int, m: int) -> None:
+        warnings.warn(
+            "OrthogonalFactorQuotient is deprecated: it implements none of the head-geometry "
+            "protocol (QuotientSGD and QuotientAdam step it on geoopt's generic path, QuotientMuon, "
+            "QuotientHamiltonian and QuotientECD refuse it); use "
+            "SubgroupFactorQuotient(n, m, orthogonal_generators(k)) from "
+            "quotientopt.manifolds.subgroup_quotient, the same group O(k), which every quotient "
+            "optimizer steps",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         super().__init__()
         check_row_counts("OrthogonalFactorQuotient", n, m)
         self.n, self.m = n, m

@@ -12,7 +12,8 @@ The bias rows ride along with their factor, so a re-factorization :math:`(A G, B
 :math:`b_Q \to b_Q G`, :math:`b_K \to b_K G^{-\top}`, :math:`b_V \to b_V G` and changes nothing:
 the group acting is GL(k) per head and sector (without biases the extra rows are absent). The
 geometry of each sector is a constructor choice: ``"gl"`` (:class:`FactorQuotient`, the default),
-``"orthogonal"`` (:class:`OrthogonalFactorQuotient`: only rotations are divided out) or
+``"orthogonal"`` (:class:`SubgroupFactorQuotient` with :func:`orthogonal_generators`: only the
+rotations :math:`(A O, B O)`, :math:`O \in O(k)`, are divided out) or
 ``"fixed-rank"`` (:class:`FixedRank`, the three-factor ``U S V^T`` form, no biases).
 
 Shapes follow ``torch.nn.MultiheadAttention``: ``(L, N, E)`` or with ``batch_first`` ``(N, L, E)``,
@@ -29,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quotientopt.manifolds import FactorQuotient, FixedRank, OrthogonalFactorQuotient
+from quotientopt.manifolds import FactorQuotient, FixedRank
 from quotientopt.manifolds.projected_rank import ProjectedRank
-from quotientopt.manifolds.subgroup_quotient import SubgroupFactorQuotient
+from quotientopt.manifolds.subgroup_quotient import SubgroupFactorQuotient, orthogonal_generators
 from quotientopt.nn.groups import qk_group_generators
 from quotientopt.nn.rope import apply_rope, rms_normalize
+from quotientopt.nn.sector_geometry import DeclaresSectors
 from quotientopt.nn.symmetry_breaking import SymmetryBreakingBiases
 
 GEOMETRIES = ("gl", "orthogonal", "fixed-rank", "composite")
@@ -42,8 +44,8 @@ GEOMETRIES = ("gl", "orthogonal", "fixed-rank", "composite")
 def _sector_manifold(geometry: str, n: int, m: int, k: int) -> geoopt.manifolds.Manifold:
     if geometry == "gl":
         return FactorQuotient(n, m)
-    if geometry == "orthogonal":
-        return OrthogonalFactorQuotient(n, m)
+    if geometry == "orthogonal":  # O(k) acting as (A O, B O) = (A G, B G^{-T}) with G = O
+        return SubgroupFactorQuotient(n, m, orthogonal_generators(k), name="orthogonal")
     if geometry == "composite":  # paper 002's invariant reparameterization
         return ProjectedRank(k)
     return FixedRank(n, m)
@@ -116,7 +118,7 @@ def factors_from_weights(
     return a_q.reshape(kv_heads, -1, k), a_k, a_v, b_o.reshape(kv_heads, -1, k)
 
 
-class QuotientMultiheadAttention(nn.Module):
+class QuotientMultiheadAttention(DeclaresSectors):
     r"""Drop-in for ``torch.nn.MultiheadAttention`` with its heads on quotient manifolds.
 
     ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``kdim``, ``vdim``, ``batch_first``,

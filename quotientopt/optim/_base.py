@@ -25,6 +25,7 @@ from quotientopt.distributed import (
 )
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.optim._guard import check_declared_geometries
 
 NONFINITE_POLICIES = ("skip", "warn", "raise")
 
@@ -220,6 +221,7 @@ class ChecksParameters:
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
+        check_declared_geometries(self.param_groups[-1]["params"], type(self).__name__)  # type: ignore[attr-defined]
         for p in self.param_groups[-1]["params"]:  # type: ignore[attr-defined]
             self._check_parameter(p)  # type: ignore[attr-defined]
 

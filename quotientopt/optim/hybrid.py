@@ -26,13 +26,15 @@ from quotientopt.optim._base import (
     momentum_of,
     own_loaded_state,
 )
+from quotientopt.optim._guard import check_declared_geometries
 
 
 def split_parameters(
     params: Iterable[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(heads, rest)``: parameters on a geoopt manifold (the quotient sectors) and the others."""
-    heads, rest = [], []
+    heads, rest, params = [], [], list(params)
+    check_declared_geometries(params, "split_parameters")  # a declared sector gets its geometry
     for p in params:
         (heads if manifold_of(p) is not None else rest).append(p)
     return heads, rest

@@ -26,7 +26,7 @@ from quotientopt.optim import muon_and_adamw
 from tests.test_fsdp import WORLD, _finish, _init, _my_rows, batches, full_params
 
 CONFIG = dict(n_layer=2, n_head=4, n_embd=32, block_size=16)
-STEPS = 5
+STEPS = 3
 
 
 def make_model() -> GPT:

@@ -17,8 +17,11 @@ raises, the crash the FSDP2 issue reported, which the table shows); QuotientSGD
 (``Shard(1)``: the ``k x k`` Grams are all-reduced). The quotient optimizers step the plain
 tensors too (torch's fused kernels on the local shards). QuotientMuon steps the heads with fused
 AdamW on the rest: ``head_norm="per-head"`` with the head axis sharded, its default
-``"all-heads"`` with the rows sharded (the ``Hk x Hk`` Gram is all-reduced; a sharded head axis
-is refused). A last row times
+``"all-heads"`` with the rows sharded (the ``Hk x Hk`` Gram is all-reduced) and with the head
+axis sharded (the whitened ``X`` is all-gathered, issue 26.7). ``muon_and_adamw`` at its defaults
+(issue 26.7) adds the MLP matrices to QuotientMuon at 5x the heads' lr (torch Muon's step with
+the update all-gathered for the bfloat16 Newton-Schulz; on a CPU without bfloat16 units that is
+tens of seconds per matrix, so ``--only`` can leave it out). A last row times
 :func:`quotientopt.distributed.local_shards` alone (local views in, DTensor state out).
 
     python benchmarks/fsdp_overhead.py                           # spawns 2 gloo ranks
@@ -59,6 +62,17 @@ from quotientopt.optim import (
 WIDTH, HEADS, HEAD_DIM = 768, 12, 64
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux, else ``platform``'s)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class Layer(nn.Module):
     """The parameters of one GPT-2-small block (no forward: only the step is timed)."""
 
@@ -91,12 +105,22 @@ def rows(p: nn.Parameter) -> Shard | None:
 
 
 def muon_heads(head_norm: str):
-    """QuotientMuon on the heads, torch's fused AdamW on the rest: under FSDP2 the plain matrices
-    go to AdamW (torch Muon's Newton-Schulz needs whole matrices, QuotientMuon refuses shards)."""
+    """QuotientMuon on the heads, torch's fused AdamW on the rest (the plain matrices included)."""
     return lambda groups: HybridOptimizer(
         QuotientMuon(groups[0]["params"], lr=4e-3, head_norm=head_norm),
         torch.optim.AdamW(groups[1]["params"], lr=1e-3, fused=True),
     )
+
+
+def muon_and_adamw_defaults(groups):
+    """``muon_and_adamw``'s split and defaults: QuotientMuon on the heads (0.2x lr) and on the MLP
+    matrices (lr 0.02, sharded: gathered whole), fused AdamW on the rest."""
+    matrices = [p for p in groups[1]["params"] if p.dim() == 2 and WIDTH * 4 in p.shape]
+    rest = [p for p in groups[1]["params"] if not any(p is q for q in matrices)]
+    muon = QuotientMuon(
+        [{"params": groups[0]["params"], "lr": 0.2 * 0.02}, {"params": matrices}], lr=0.02
+    )
+    return HybridOptimizer(muon, torch.optim.AdamW(rest, lr=0.02, fused=True))
 
 
 CONTENDERS = {
@@ -114,6 +138,11 @@ CONTENDERS = {
     "quotient-sgd, rows sharded": ("rows", lambda ps: QuotientSGD(ps, lr=1e-3, momentum=0.9)),
     "quotient-muon per-head + adamw (fused)": ("heads", muon_heads("per-head")),
     "quotient-muon all-heads + adamw (fused), rows sharded": ("rows", muon_heads("all-heads")),
+    "quotient-muon all-heads + adamw (fused), heads sharded (X gathered)": (
+        "heads",
+        muon_heads("all-heads"),
+    ),
+    "muon_and_adamw defaults (X and MLP updates gathered)": ("heads", muon_and_adamw_defaults),
 }
 FUSED = {
     "sgd-momentum (fused)": (
@@ -175,6 +204,14 @@ def worker(rank: int, init_file: str, args: argparse.Namespace, out: str) -> Non
     )
     torch.set_num_threads(args.threads)
     contenders = dict(CONTENDERS, **(FUSED if args.fused else {}))
+    if args.only:  # the torch references always run: the ratios need them
+        wanted = [text.strip().lower() for text in args.only.split(",")]
+        contenders = {
+            name: c
+            for name, c in contenders.items()
+            if name.startswith(("sgd-momentum (foreach)", "adamw"))
+            or any(text in name.lower() for text in wanted)
+        }
     results: dict[str, list[float] | str] = {name: [] for name in contenders}
     for index in range(args.passes):
         order = list(contenders) if index % 2 == 0 else list(contenders)[::-1]
@@ -214,6 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-fused", dest="fused", action="store_false", help="leave torch's fused kernels out"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="TEXT[,TEXT...]",
+        help="time only the contenders whose name contains a TEXT (and the torch references)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"FSDP2 step on {args.world} gloo ranks ({args.threads} thread(s) each), GPT-2-small "
         f"shapes, {args.layers} layers, vocab {args.vocab}; mean of {args.passes} passes x "
-        f"{args.rounds} steps; {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        f"{args.rounds} steps; {cpu_model()}, torch {torch.__version__}",
         "",
         "Ratios to the fastest torch SGD-momentum and AdamW that run under this sharding.",
         "",

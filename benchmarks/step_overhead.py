@@ -15,14 +15,19 @@ the reference of the ratios (the other is listed).
 Muon (issue 13). torch's ``Muon`` steps only 2-D matrices, so its rows use a second layout of the
 same model: the attention as 4 * layers plain matrices W_Q, W_K, W_V (d x heads * k, the heads'
 blocks of the sectors side by side) and W_O (heads * k x d), with the sectors' values and
-gradients (as many numbers as the sectors; the MLP and rest tensors are the same). Five rows:
+gradients (as many numbers as the sectors; the MLP and rest tensors are the same). Seven rows:
 torch Muon on the attention matrices; QuotientMuon on the two head sectors (its default
-``head_norm="all-heads"``, and ``"per-head"``); torch Muon on the
-attention and MLP matrices with fused AdamW on the rest (embeddings, LayerNorms, biases); and
-QuotientMuon on the sectors and, with torch Muon's functional step, on the same MLP matrices, with
-the same fused AdamW (``muon_and_adamw``'s split). Options are ``compare.MUON_OPTIONS``. Targets:
-QuotientMuon / torch Muon on the attention <= 0.25, the whole QuotientMuon optimizer / torch
-Muon + AdamW <= 1. ``--only Muon`` times these five rows (and the SGD-momentum references).
+``head_norm="all-heads"`` with its default ``polar="newton-schulz"``, whose precision policy
+picks the bfloat16 iteration on X where bfloat16 matmuls are fast, the float32 Gram iteration
+elsewhere; each route forced with ``polar="newton-schulz-bf16"`` and ``"newton-schulz-float32"``;
+and ``"per-head"``); torch Muon on the attention and MLP matrices with fused AdamW on the rest
+(embeddings, LayerNorms, biases); and QuotientMuon on the sectors and, with torch Muon's
+functional step, on the same MLP matrices, with the same fused AdamW (``muon_and_adamw``'s
+split). Options are ``compare.MUON_OPTIONS``. Targets: QuotientMuon's default / torch Muon on
+the attention <= 1 (issue 24), per-head <= 0.25 (issue 13), the whole QuotientMuon optimizer /
+torch Muon + AdamW <= 1. ``--only Muon`` times these rows (and the SGD-momentum references).
+The header names the CPU model and whether it has bfloat16 matrix units (AVX512-BF16 or AMX;
+``quotientopt.optim.muon.bfloat16_matmul_is_fast``).
 
 Timing. Every optimizer is timed alone (its warm-up and timed steps back to back) and interleaved
 (one step of each per round, which spreads the machine's load over all of them; these 2-core
@@ -79,6 +84,7 @@ from quotientopt.optim import (
     QuotientMuon,
     QuotientSGD,
 )
+from quotientopt.optim.muon import bfloat16_matmul_is_fast, polar_route
 
 
 def gpt2_small_parameters(layers, heads, width, head_dim, vocab, context, device, dtype):
@@ -155,6 +161,23 @@ def refresh_marks(optimizer: torch.optim.Optimizer) -> list:
     if not isinstance(optimizer, QuotientSGD):
         return []
     return [state.get("next_refresh", state.get("step")) for state in optimizer.state.values()]
+
+
+ROUTE_TEXT = {
+    "bf16-x": "torch Muon's bfloat16 Newton-Schulz on the n x Hk matrix X",
+    "newton-schulz": "the float32 Newton-Schulz on the Hk x Hk Gram",
+}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux, else ``platform``'s)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def target_text(target: float | None) -> str:
@@ -293,15 +316,17 @@ def profile(makers, clone, args) -> None:
 MUON_ATTENTION = "torch Muon, attention (d x d)"
 QUOTIENT_MUON_ATTENTION = "QuotientMuon, attention sectors"
 QUOTIENT_MUON_PER_HEAD = "QuotientMuon head_norm=per-head, attention sectors"
+QUOTIENT_MUON_BF16 = "QuotientMuon polar=newton-schulz-bf16, attention sectors"
+QUOTIENT_MUON_FLOAT32 = "QuotientMuon polar=newton-schulz-float32, attention sectors"
 MUON_WHOLE = "torch Muon + AdamW (whole model)"
 QUOTIENT_MUON_WHOLE = "QuotientMuon + Muon MLP + AdamW (whole model)"
 
-TARGETS = {  # name: (reference, factor), from issue 14; the Muon rows from issue 13
+TARGETS = {  # name: (reference, factor), from issue 14; the Muon rows from issues 13 and 24
     "QuotientSGD momentum": ("SGD-momentum", 1.6),
     "QuotientAdam (rest: fused AdamW)": ("AdamW", 1.3),
     "QuotientHamiltonian": ("SGD-momentum", 2.0),
     "QuotientHamiltonian, diagnostics=False": ("SGD-momentum", 2.0),
-    QUOTIENT_MUON_ATTENTION: ("Muon, attention", 0.25),
+    QUOTIENT_MUON_ATTENTION: ("Muon, attention", 1.0),  # issue 24: the default <= torch Muon
     QUOTIENT_MUON_PER_HEAD: ("Muon, attention", 0.25),
     QUOTIENT_MUON_WHOLE: ("Muon + AdamW", 1.0),
 }
@@ -430,6 +455,14 @@ def main() -> None:
             "sectors",
             lambda ps: quotient_muon(split(ps)[0], [], head_norm="per-head"),
         ),
+        QUOTIENT_MUON_BF16: (
+            "sectors",
+            lambda ps: quotient_muon(split(ps)[0], [], polar="newton-schulz-bf16"),
+        ),
+        QUOTIENT_MUON_FLOAT32: (
+            "sectors",
+            lambda ps: quotient_muon(split(ps)[0], [], polar="newton-schulz-float32"),
+        ),
         MUON_WHOLE: (
             "matrices",
             lambda ps: muon_and_adamw(torch_muon(split(ps)[0] + split(ps)[1]), ps),
@@ -536,7 +569,11 @@ def main() -> None:
             )
     environment = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "bf16_matrix_units": bfloat16_matmul_is_fast(torch.device(args.device)),
+        "default_polar_route": polar_route(
+            "newton-schulz", model["sectors"][0].detach(), row_sharded=False
+        ),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": args.dtype,
@@ -552,7 +589,10 @@ def main() -> None:
     )
     lines = [
         f"Step time at GPT-2-small shapes ({n_params / 1e6:.1f}M parameters, {n_heads / 1e6:.1f}M in "
-        f"the heads), {environment['device']}, {environment['threads']} threads, torch "
+        f"the heads), {environment['device']} ({environment['cpu']}; bf16 matrix units: "
+        f"{'yes' if environment['bf16_matrix_units'] else 'no'}, so QuotientMuon's default "
+        f"polar runs {ROUTE_TEXT[environment['default_polar_route']]}), "
+        f"{environment['threads']} threads, torch "
         f"{torch.__version__}, {args.dtype}; median of {args.rounds} steps, interleaved and alone, "
         f"after {args.warmup} warm-up steps; load average at the end "
         f"{environment['load_average']}. Command: `{command.strip()}`",

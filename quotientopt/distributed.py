@@ -225,6 +225,7 @@ def _alias(p: DTensor) -> torch.Tensor:
         alias = local.view(local.shape)
         cached = _ALIASES[p] = (local, alias)
     alias = cached[1]
+    alias._quotientopt_layout = (p.device_mesh, tuple(p.placements), p.shape)  # _sharded_muon
     geometry = local_geometry(p)
     if geometry is not None:
         alias.manifold = geometry

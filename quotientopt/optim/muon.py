@@ -51,6 +51,17 @@ matrix, block-diagonal on the whole, which commutes with the polar: the step sta
 equivariant head by head. It won on the benchmark (``docs/quotient_muon.md``); ``"per-head"`` is
 the cheaper step above.
 
+**Precision** (issue 24). The ``Hk x Hk`` polar is the all-heads step's cost. torch Muon runs its
+quintic iteration in bfloat16 on the matrix itself; ``polar="newton-schulz"`` (the default) does
+the same on :math:`X` (``torch.optim._muon._zeropower_via_newtonschulz``, called unchanged) for
+float32/bfloat16 parameters on devices that multiply bfloat16 fast (CUDA, CPUs with AVX512-BF16
+or AMX), and runs the float32 (float64 for float64 parameters) iteration on the Gram :math:`S`
+elsewhere, where it is the cheaper one (15x on this project's AMD EPYC without bfloat16 units)
+and for float64 parameters, where exactness is tested. Rounding :math:`X` to bfloat16 is not
+equivariant, so the bfloat16 route keeps the invariance to bfloat16 accuracy only: 100 float32
+steps from :math:`Z` and from :math:`ZG` (cond 1000) part by 1.4e-4 (float32 Gram route: 9.0e-5,
+torch Muon on the concatenated matrices: 0.86; ``docs/quotient_muon.md``).
+
 **Invariance.** Under :math:`(A, B) \mapsto (A G, B G^{-\top})` the gradient maps to
 :math:`G_A G^{-\top}`, the Cholesky factor to :math:`G^{-1} L_P O` (:math:`O` orthogonal), so
 :math:`X \mapsto X O`, :math:`S \mapsto O^\top S O`, :math:`M \mapsto O^\top M O` (any spectral
@@ -92,15 +103,19 @@ Plain 2-D tensors take ``torch.optim.Muon``'s step (its functional implementatio
 unchanged); a non-finite gradient skips them too, device-side.
 
 **Distributed (FSDP2).** The step runs on each rank's local shard
-(:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on its head axis
-(``Shard(0)``) steps whole heads with no communication, with ``head_norm="per-head"`` only
-(the all-heads polar needs every head of the tensor; it is refused there with a
-``ValueError``). One sharded along its rows gets every sum over rows from the geometry, summed
-over the row shards: the Grams (``grams``), the gradient and cross products (``cross``) and the
-per-head finiteness flag (``row_sum``); the ``k x k`` algebra is then identical on every rank,
-the ``(rows x k) @ (k x k)`` products stay local, and the ``"rms"`` and ``"balanced"`` scales use
-the whole sector's row counts (``sector_rows``). Plain matrices sharded by FSDP2 are refused
-(Newton-Schulz needs the whole matrix): give them to AdamW.
+(:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on a leading (layer)
+axis needs no communication. Sharded on its head axis (FSDP2's default ``Shard(0)`` of an
+``(H, n + m, k)`` sector), ``head_norm="per-head"`` steps whole heads locally and
+``"all-heads"`` all-gathers the whitened :math:`X_h` of every head (an update-sized tensor per
+side), computes the polar of the whole :math:`X` on every rank and keeps its heads' blocks
+(:mod:`quotientopt.optim._sharded_muon`). One sharded along its rows gets every sum over rows
+from the geometry, summed over the row shards: the Grams (``grams``), the gradient and cross
+products (``cross``), the all-heads Gram and the per-head finiteness flag (``row_sum``); the
+``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
+local, and the ``"rms"`` and ``"balanced"`` scales use the whole sector's row counts
+(``sector_rows``). Plain matrices sharded by FSDP2 take torch Muon's step with the update
+all-gathered whole for the Newton-Schulz iteration (as distributed-Muon implementations do), so
+``muon_and_adamw(model, lr)`` runs under FSDP2 at its defaults.
 """
 
 from __future__ import annotations
@@ -124,13 +139,16 @@ from quotientopt.optim._base import (
     manifold_of,
     where_heads,
 )
+from quotientopt.optim._sharded_muon import head_shards, is_sharded, sharded_matrix_step
 from quotientopt.optim.hybrid import HybridOptimizer
 
 __all__ = ["QuotientMuon", "muon_and_adamw", "polar_right_factor"]
 
 STEP_KINDS = ("block", "tangent")
 HEAD_NORMS = ("per-head", "all-heads")
-POLAR_METHODS = ("newton-schulz", "eigh")
+#: ``polar=``: the precision policy (default), torch Muon's bfloat16 iteration on X, the k x k
+#: iteration on the Gram in float32 or better, the exact inverse root
+POLAR_METHODS = ("newton-schulz", "newton-schulz-bf16", "newton-schulz-float32", "eigh")
 HEAD_SCALES = ("balanced", "rms")
 HEAD_LR_RATIO = (
     0.2  # muon_and_adamw's default head lr / matrix lr (measured, docs/quotient_muon.md)
@@ -185,6 +203,74 @@ def polar_right_factor(
     return m
 
 
+_FAST_BFLOAT16: dict[str, bool] = {}
+
+
+def bfloat16_matmul_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA device with native
+    bfloat16 (``torch.cuda.is_bf16_supported(including_emulation=False)``), a CPU with
+    AVX512-BF16 or AMX tiles (``torch.cpu._is_avx512_bf16_supported``,
+    ``_is_amx_tile_supported``). Elsewhere torch emulates it: on this project's AMD EPYC
+    development machine a 768 x 768 bfloat16 product took 1.46 s against 29 ms in float32
+    (``docs/quotient_muon.md``). Cached per device type."""
+    kind = torch.device(device).type
+    if kind not in _FAST_BFLOAT16:
+        if kind == "cuda":
+            fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+                including_emulation=False
+            )
+        elif kind == "cpu":
+            fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        else:
+            fast = False
+        _FAST_BFLOAT16[kind] = bool(fast)
+    return _FAST_BFLOAT16[kind]
+
+
+def polar_route(polar: str, z: torch.Tensor, row_sharded: bool) -> str:
+    r"""How the all-heads step computes :math:`\operatorname{polar}(X)` of one head tensor
+    ``z``: ``"bf16-x"`` (torch Muon's bfloat16 quintic iteration on :math:`X` itself, through
+    ``torch.optim._muon._zeropower_via_newtonschulz``), ``"newton-schulz"`` (the same iteration
+    on the Gram :math:`S = X^\top X`, in float32 or the parameter's precision where better) or
+    ``"eigh"``.
+
+    ``polar="newton-schulz"`` (the default) is torch Muon's precision policy where it is the
+    cheaper one: bfloat16 on :math:`X` for float32/bfloat16 parameters on a device that
+    multiplies bfloat16 fast (:func:`bfloat16_matmul_is_fast`), the float32 Gram iteration for
+    float64 parameters (exactness), on other devices (there it was 15x cheaper than bfloat16,
+    ``docs/quotient_muon.md``) and for row-sharded tensors (whose Gram is all-reduced as ``Hk x
+    Hk`` data; :math:`X` would have to be gathered). ``"newton-schulz-bf16"`` asks for the
+    bfloat16 route, ``"newton-schulz-float32"`` for the Gram route, everywhere."""
+    if polar == "eigh":
+        return "eigh"
+    if polar == "newton-schulz-float32":
+        return "newton-schulz"
+    if polar == "newton-schulz-bf16":
+        if row_sharded:
+            raise ValueError(
+                "QuotientMuon: polar='newton-schulz-bf16' needs each head tensor's whole X, but "
+                "this one is sharded along its rows; use polar='newton-schulz' (the Gram is "
+                "reduced over the row shards) or shard the head axis"
+            )
+        return "bf16-x"
+    fast = z.dtype != torch.float64 and not row_sharded and bfloat16_matmul_is_fast(z.device)
+    return "bf16-x" if fast else "newton-schulz"
+
+
+def _polar_bfloat16(x: torch.Tensor, polar: dict) -> torch.Tensor:
+    r""":math:`\operatorname{polar}(X)` of ``x`` (``(..., rows, Hk)``) by torch Muon's own
+    bfloat16 quintic Newton-Schulz (``_zeropower_via_newtonschulz``, one call per matrix, as
+    torch Muon calls it per parameter), returned in ``x``'s dtype."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = [
+        torch_muon_module._zeropower_via_newtonschulz(
+            matrix, polar["ns_coefficients"], polar["ns_steps"], polar["eps"]
+        )
+        for matrix in flat.unbind(0)
+    ]
+    return torch.stack(out).reshape(x.shape).to(x.dtype)
+
+
 def _lsolve(chol: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """:math:`L^{-1} X` for lower triangular ``chol``."""
     return torch.linalg.solve_triangular(chol, x, upper=False)
@@ -209,21 +295,21 @@ def _block_matrices(geometry, update: torch.Tensor, grams, polar: dict) -> torch
 
 
 def _across_heads_block_step(
-    geometry, update: torch.Tensor, grams, polar: dict
+    geometry, update: torch.Tensor, grams, polar: dict, route: str, head_shards=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The block step in the spectral norm of all heads' product changes side by side
     (``head_norm="all-heads"``): the directions :math:`(D_A, D_B)`, :math:`\Delta A = -\eta c_A
     D_A`, of a head tensor ``(..., H, n + m, k)``, the heads on axis -3.
 
-    With :math:`X = [G_{A,1} L_{P,1}^{-\top}, \dots, G_{A,H} L_{P,H}^{-\top}]` (``n x Hk``) and
-    :math:`M = (X^\top X)^{-1/2}` (``Hk x Hk``, from the blocks :math:`X_h^\top X_g`),
-    :math:`Y = X M = [D_{A,h} L_{P,h}]_h`, so :math:`D_{A,g} = Y_g L_{P,g}^{-1}`; symmetrically
-    for :math:`B` with :math:`L_Q`. The ``Hk x Hk`` work is the Gram, the Newton-Schulz
-    polynomials and :math:`X M`; the whitening is ``k x k`` per head."""
-    heads, k = update.shape[-3], update.shape[-1]
+    With :math:`X = [G_{A,1} L_{P,1}^{-\top}, \dots, G_{A,H} L_{P,H}^{-\top}]` (``n x Hk``),
+    :math:`Y = \operatorname{polar}(X) = [D_{A,h} L_{P,h}]_h` (:func:`_polar_side_by_side`, by
+    ``route``: see :func:`polar_route`), so :math:`D_{A,g} = Y_g L_{P,g}^{-1}`; symmetrically
+    for :math:`B` with :math:`L_Q`. The whitening is ``k x k`` per head. ``head_shards`` (a
+    :class:`quotientopt.optim._sharded_muon.HeadShards`, for a tensor whose heads are split over
+    ranks) gathers :math:`X` whole before the polar and keeps this rank's heads of :math:`Y`."""
     dtype = grams.p.dtype
     sides = []
-    eye = torch.eye(k, dtype=dtype, device=update.device)
+    eye = torch.eye(update.shape[-1], dtype=dtype, device=update.device)
     usable = grams.ok if grams.regularized is None else grams.ok | grams.regularized
     for g, chol in zip(geometry.factors(update), (grams.chol_p, grams.chol_q), strict=True):
         # L_h^{-1} (k x k per head) once: (rows x k) @ (k x k) products are several times
@@ -233,13 +319,31 @@ def _across_heads_block_step(
         # a head the step cannot use (non-finite factors: its Cholesky factors are stand-ins)
         # must not steer the others' polar: it enters as X_h = 0 (and is skipped itself)
         x = torch.where(usable[..., None, None], x, 0.0)
-        s = geometry.row_sum(torch.einsum("...hri,...grj->...hgij", x, x))  # X_h^T X_g
-        s = sym(s.transpose(-3, -2).flatten(-2, -1).flatten(-3, -2))  # (..., Hk, Hk)
-        m = polar_right_factor(s, **polar)
-        m = m.unflatten(-1, (heads, k)).unflatten(-3, (heads, k)).transpose(-3, -2)
-        y = torch.einsum("...hri,...hgij->...grj", x, m)  # polar(X), head g's block
+        if head_shards is not None:
+            x = head_shards.gather(x)
+        y = _polar_side_by_side(geometry, x, polar, route)
+        if head_shards is not None:
+            y = head_shards.local(y)
         sides.append(y @ inverse)  # D_g = Y_g L_g^{-1}
     return sides[0], sides[1]
+
+
+def _polar_side_by_side(geometry, x: torch.Tensor, polar: dict, route: str) -> torch.Tensor:
+    r""":math:`\operatorname{polar}(X)` of :math:`X = [X_1, \dots, X_H]` given as its blocks
+    ``x`` (``(..., H, rows, k)``), returned as blocks. ``route="bf16-x"``: torch Muon's
+    bfloat16 iteration on the ``rows x Hk`` matrix itself; otherwise :math:`Y = X M` with
+    :math:`M = M(S)` from the Gram :math:`S = X^\top X` (``Hk x Hk``, blocks
+    :math:`X_h^\top X_g` summed over row shards) by :func:`polar_right_factor` in ``x``'s
+    precision (float32 or better)."""
+    heads, k = x.shape[-3], x.shape[-1]
+    if route == "bf16-x":
+        flat = x.transpose(-3, -2).flatten(-2)  # (..., rows, H k)
+        return _polar_bfloat16(flat, polar).unflatten(-1, (heads, k)).transpose(-3, -2)
+    s = geometry.row_sum(torch.einsum("...hri,...grj->...hgij", x, x))  # X_h^T X_g
+    s = sym(s.transpose(-3, -2).flatten(-2, -1).flatten(-3, -2))  # (..., Hk, Hk)
+    m = polar_right_factor(s, **(polar | {"method": route}))
+    m = m.unflatten(-1, (heads, k)).unflatten(-3, (heads, k)).transpose(-3, -2)
+    return torch.einsum("...hri,...hgij->...grj", x, m)  # polar(X), head g's block
 
 
 def _root_and_pinv(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,11 +396,20 @@ def _tangent_matrices(geometry, z, update, grams, polar: dict):
 
 def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
     """Refuse a group whose ``head_norm="all-heads"`` meets a per-head option (``step="tangent"``,
-    ``head_scale="balanced"``) or, with ``placements``, a head tensor sharded on its head axis
-    (the step runs on local shards and would couple only the local heads)."""
+    ``head_scale="balanced"``), whose ``head_norm="per-head"`` meets ``polar="newton-schulz-bf16"``
+    (the per-head polar is a ``k x k`` Gram iteration, always cheaper in float32) or, with
+    ``placements``, a head tensor sharded both on its head axis and on another axis."""
     head_norm = group.get("head_norm", "per-head")  # groups saved before head_norm: per-head
     check_choice("head_norm", head_norm, HEAD_NORMS)
+    check_choice("polar", group["polar"], POLAR_METHODS)
     if head_norm != "all-heads":
+        if group["polar"] == "newton-schulz-bf16":
+            raise ValueError(
+                "QuotientMuon: polar='newton-schulz-bf16' runs torch Muon's iteration on the "
+                "all heads' n x Hk matrix X (head_norm='all-heads'); the per-head polar is a "
+                "k x k Gram iteration in float32: pass polar='newton-schulz' with "
+                "head_norm='per-head'"
+            )
         return
     if group["step"] != "block" or group["head_scale"] != "rms":
         raise ValueError(
@@ -305,18 +418,8 @@ def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
             "per-head steps: pass head_norm='per-head' with them"
         )
     for p in group["params"] if placements else ():
-        if geometry_of(p) is not None and is_dtensor(p) and p.dim() > 2:
-            mesh = p.device_mesh
-            if any(
-                pl.is_shard(p.dim() - 3) and mesh.size(axis) > 1
-                for axis, pl in enumerate(p.placements)
-            ):
-                raise ValueError(
-                    "QuotientMuon: head_norm='all-heads' couples the heads of a tensor, but "
-                    f"this one is sharded on its head axis ({p.placements}) and the step "
-                    "runs on local shards; shard it on its rows (quotientopt.distributed."
-                    "fully_shard(..., shard_placement_fn=...)) or pass head_norm='per-head'"
-                )
+        if geometry_of(p) is not None and p.dim() > 2:
+            head_shards(p)  # a head axis sharded together with another axis is refused
 
 
 class QuotientMuon(QuotientOptimizer):
@@ -340,7 +443,15 @@ class QuotientMuon(QuotientOptimizer):
         head_scale: ``"rms"`` (default: the product change has AdamW's RMS 0.2 per unit lr) or
             ``"balanced"`` (module docs). Measured on the benchmark GPT, heads want about 0.2x
             the lr of the MLP matrices with ``"rms"`` (:func:`muon_and_adamw`'s default).
-        polar: ``"newton-schulz"`` (default, no host synchronisation) or ``"eigh"`` (exact).
+        polar: how the all-heads step computes :math:`\operatorname{polar}(X)`
+            (:func:`polar_route`): ``"newton-schulz"`` (default: torch Muon's precision policy
+            where it is the cheaper one, i.e. torch Muon's bfloat16 iteration on the
+            ``n x Hk`` matrix :math:`X` for float32/bfloat16 parameters on a device with fast
+            bfloat16 matmuls, the float32 iteration on the ``Hk x Hk`` Gram for float64
+            parameters, on other devices and for row shards), ``"newton-schulz-bf16"`` or
+            ``"newton-schulz-float32"`` (one route everywhere), or ``"eigh"`` (exact). None
+            synchronises with the host but ``"eigh"`` on CUDA. The per-head and tangent steps
+            always use the ``k x k`` Gram (in float32 or better; ``"eigh"`` there too).
         head_norm: ``"all-heads"`` (default: the polar of all heads of a tensor side by side,
             axis -3 the heads; one ``Hk x Hk`` polar per side) or ``"per-head"`` (each head's own
             ``k x k`` polar: cheaper, lost on the benchmark). A tensor sharded on its head axis
@@ -432,12 +543,11 @@ class QuotientMuon(QuotientOptimizer):
                 f"{tuple(p.shape)}; give embeddings, gains and biases to AdamW "
                 "(quotientopt.optim.muon_and_adamw(model, lr) does this split)"
             )
-        if is_dtensor(p) and any(not pl.is_replicate() for pl in p.placements):
+        if is_dtensor(p) and not all(pl.is_replicate() or pl.is_shard() for pl in p.placements):
             raise ValueError(
-                f"QuotientMuon: a plain {tuple(p.shape)} matrix is sharded ({p.placements}); "
-                "torch Muon's Newton-Schulz needs the whole matrix, and the step runs on local "
-                "shards, so it would orthogonalize each shard alone. Give sharded plain matrices "
-                "to AdamW (head sectors are fine: their k x k algebra is reduced over the shards)"
+                f"QuotientMuon: a plain {tuple(p.shape)} matrix is placed as {p.placements}; "
+                "its step gathers sharded matrices whole (Shard and Replicate placements), "
+                "not partial sums: redistribute it or give it to AdamW"
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -477,7 +587,7 @@ class QuotientMuon(QuotientOptimizer):
         if "momentum_buffer" not in state:
             self._warn_if_rank_deficient(grams.regularized)
         polar = dict(
-            method=group["polar"],
+            method="eigh" if group["polar"] == "eigh" else "newton-schulz",  # the Gram routes
             eps=group["eps"],
             ns_coefficients=group["ns_coefficients"],
             ns_steps=group["ns_steps"],
@@ -492,7 +602,10 @@ class QuotientMuon(QuotientOptimizer):
         if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
             # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
             (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
-            direction_a, direction_b = _across_heads_block_step(geometry, update, grams, polar)
+            route = polar_route(group["polar"], z, geometry.is_row_sharded)
+            direction_a, direction_b = _across_heads_block_step(
+                geometry, update, grams, polar, route, head_shards(p)
+            )
             # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
             scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
             scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
@@ -575,30 +688,37 @@ class QuotientMuon(QuotientOptimizer):
     ) -> None:
         """torch.optim.Muon's step (its functional ``muon``) on plain matrices; where a gradient
         is non-finite, parameters and buffers are restored afterwards, device-side."""
+        sharded = [p for p in params if is_sharded(p)]
+        params = [p for p in params if not is_sharded(p)]
         bufs = []
-        for p in params:
+        for p in params + sharded:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(
                     p.grad, memory_format=torch.preserve_format
                 )
             bufs.append(state["momentum_buffer"])
-        saved = [(p.detach().clone(), b.clone()) for p, b in zip(params, bufs, strict=True)]
-        torch_muon_module.muon(
-            params,
-            [p.grad for p in params],
-            bufs,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            ns_coefficients=group["ns_coefficients"],
-            ns_steps=group["ns_steps"],
-            eps=group["eps"],
-            adjust_lr_fn=group["adjust_lr_fn"],
-            has_complex=False,
-        )
-        for p, b, (p_old, b_old) in zip(params, bufs, saved, strict=True):
+        saved = [
+            (p.detach().clone(), b.clone()) for p, b in zip(params + sharded, bufs, strict=True)
+        ]
+        for p, buf in zip(sharded, bufs[len(params) :], strict=True):  # gathered whole
+            sharded_matrix_step(p, buf, group)
+        if params:
+            torch_muon_module.muon(
+                params,
+                [p.grad for p in params],
+                bufs[: len(params)],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                ns_coefficients=group["ns_coefficients"],
+                ns_steps=group["ns_steps"],
+                eps=group["eps"],
+                adjust_lr_fn=group["adjust_lr_fn"],
+                has_complex=False,
+            )
+        for p, b, (p_old, b_old) in zip(params + sharded, bufs, saved, strict=True):
             bad = nonfinite[p.device] > 0
             torch.where(bad, p_old, p.detach(), out=p.detach())
             torch.where(bad, b_old, b, out=b)

@@ -431,7 +431,7 @@ class FactorQuotient(MatrixManifold):
         usable = ok
         regularized = None
         if regularize:
-            grams, chol, regularized = self._regularize(grams, chol, ok)
+            grams, chol, regularized = self._regularize(grams, chol, ok_both)
             usable = ok | regularized
         eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
         chol = torch.where(usable[..., None, None, None], chol, eye)
@@ -447,7 +447,7 @@ class FactorQuotient(MatrixManifold):
     regularization = 0.1
 
     def _regularize(
-        self, grams: torch.Tensor, chol: torch.Tensor, ok: torch.Tensor
+        self, grams: torch.Tensor, chol: torch.Tensor, ok_both: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""Regularized Grams for the heads that are not ok: :math:`P + \delta I`,
         :math:`Q + \delta I` with :math:`\delta = 0.1\,(\mathrm{tr} P + \mathrm{tr} Q) / 2k`
@@ -459,7 +459,11 @@ class FactorQuotient(MatrixManifold):
         scale = grams.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / (2 * k)
         delta = torch.where(scale > 0, self.regularization * scale, torch.ones_like(scale))
         eye = torch.eye(k, dtype=grams.dtype, device=grams.device)
-        grams = grams + (~ok * delta)[..., None, None, None] * eye  # (..., 2, k, k), [Q, P]
+        ok = ok_both.all(-1)
+        # only the rank-deficient Gram is floored: at a zero factor the other factor's step then
+        # uses its exact Gram, which makes that (first) step GL(k)-equivariant
+        floor = (~ok_both * delta[..., None])[..., None, None]
+        grams = grams + floor * eye  # (..., 2, k, k), [Q, P]
         floored, info = torch.linalg.cholesky_ex(grams)
         finite = torch.isfinite(grams).flatten(-3).all(-1)
         regularized = ~ok & (info == 0).all(-1) & finite

@@ -23,11 +23,16 @@ parameter between steps (loading an adapter, say) is noticed through its version
 copied into the sector before the next step.
 
 The ``B = 0`` start: PEFT initializes ``B = 0`` and ``A`` random, a rank-deficient sector (not an
-all-zero one). The quotient optimizers take their *regularized* first step there
-(``FactorQuotient.grams(..., regularize=True)``, see ``docs/optimizers.md``): ``B`` moves along
-the gradient direction :math:`-\nabla_B f\,(P + \delta I)^{-1}`, has full column rank after that
-step, and from the second step on every step is exactly GL(r)-equivariant. The regularized step
-itself is equivariant under orthogonal :math:`G` only.
+all-zero one). At creation such a pair is moved to ``A`` with orthogonal rows (a group action:
+every :math:`(0, G^{-1} A)` is the same point), so starts that differ by any ``G`` differ by an
+orthogonal one. The first step is the quotient optimizers' *regularized* step
+(``FactorQuotient.grams(..., regularize=True)``), which floors only the singular Gram
+:math:`B^\top B`: ``B`` moves along :math:`-\nabla_B f\,(A A^\top)^{-1}` (GL(r)-equivariant),
+``A``'s gradient is 0 there, and ``B`` has full column rank after it. Exact invariance holds
+from the first step on (``tests/test_lora_peft.py``).
+
+Pairs without a gradient in a step (an adapter made inactive by ``set_adapter``) are left as they
+are, factors and per-pair optimizer state, as torch leaves a parameter whose ``grad`` is None.
 """
 
 from __future__ import annotations
@@ -403,8 +408,9 @@ def create_quotient_optimizer(
     not need it; floating point does: at an ill-conditioned representative (a pair re-factorized
     by a cond-1000 ``G``: Grams of condition up to 1e6 times the balanced ones) every step loses
     that many more digits, and 50 float64 steps of the tiny test model then agree with the plain
-    start only to 1e-8 (QuotientMuon, lr 2e-3) instead of 1e-12 (``tests/test_lora.py``). PEFT's
-    ``B = 0`` start is rank-deficient and left as it is.
+    start only to 1e-8 (QuotientMuon, lr 2e-3) instead of 1e-12 (``tests/test_lora.py``). A pair
+    at PEFT's ``B = 0`` start gets ``A`` with orthogonal rows of the same average size instead
+    (module docstring).
 
     Works with any ``target_modules`` (Linear, Conv with 1 x 1 ``lora_B``, Embedding), rsLoRA
     and several trainable adapters; the PEFT model itself is left as it is.

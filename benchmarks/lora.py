@@ -453,6 +453,17 @@ def summarize(results: dict[str, dict], ranks: Sequence[int], names: Sequence[st
     return table
 
 
+def ranks_of(results: dict[str, dict]) -> list[int]:
+    """Every rank with a run in ``results`` (a --resume with other --ranks keeps the old ones)."""
+    return sorted({r["rank"] for r in results.values()})
+
+
+def names_of(results: dict[str, dict]) -> list[str]:
+    """The contenders with a run in ``results``, in CONTENDERS order."""
+    present = {r["contender"] for r in results.values()}
+    return [name for name in CONTENDERS if name in present]
+
+
 def _fmt(x: Any, spec: str = ".4f") -> str:
     if x is None:
         return "-"
@@ -588,6 +599,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "contenders": {n: CONTENDERS[n].text for n in args.contenders},
     }
     results = load_results(args.out) if args.resume else {}
+    info["ranks"] = sorted(set(args.ranks) | set(ranks_of(results)))
+    if results:  # the commands of earlier runs into the same json
+        earlier = json.loads((args.out / "lora.json").read_text())["info"]["command"]
+        if info["command"] not in earlier.split(" ; "):
+            info["command"] = earlier + " ; " + info["command"]
 
     if args.estimate_only:
         probe = argparse.Namespace(**{**vars(args), "steps": 6, "eval_every": 10**9})
@@ -619,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{r['step_ms']:.0f} ms/step, {time.time() - start:.0f} s",
             flush=True,
         )
-        write(args.out, info, results, summarize(results, args.ranks, args.contenders))
+        write(args.out, info, results, summarize(results, ranks_of(results), names_of(results)))
 
     for rank in args.ranks:
         for name in args.contenders:
@@ -632,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     execute(Run(name, rank, lr, seed, phase="final"))
                 if seed == 1 and lr is not None and not args.no_invariance:
                     execute(Run(name, rank, lr, 1, True, "invariance"))
-    table = summarize(results, args.ranks, args.contenders)
+    table = summarize(results, ranks_of(results), names_of(results))
+    info["ranks"] = ranks_of(results)
     write(args.out, info, results, table)
     print(markdown(info, table))
     return table

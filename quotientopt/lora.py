@@ -23,11 +23,16 @@ parameter between steps (loading an adapter, say) is noticed through its version
 copied into the sector before the next step.
 
 The ``B = 0`` start: PEFT initializes ``B = 0`` and ``A`` random, a rank-deficient sector (not an
-all-zero one). The quotient optimizers take their *regularized* first step there
-(``FactorQuotient.grams(..., regularize=True)``, see ``docs/optimizers.md``): ``B`` moves along
-the gradient direction :math:`-\nabla_B f\,(P + \delta I)^{-1}`, has full column rank after that
-step, and from the second step on every step is exactly GL(r)-equivariant. The regularized step
-itself is equivariant under orthogonal :math:`G` only.
+all-zero one). At creation such a pair is moved to ``A`` with orthogonal rows (a group action:
+every :math:`(0, G^{-1} A)` is the same point), so starts that differ by any ``G`` differ by an
+orthogonal one. The first step is the quotient optimizers' *regularized* step
+(``FactorQuotient.grams(..., regularize=True)``), which floors only the singular Gram
+:math:`B^\top B`: ``B`` moves along :math:`-\nabla_B f\,(A A^\top)^{-1}` (GL(r)-equivariant),
+``A``'s gradient is 0 there, and ``B`` has full column rank after it. Exact invariance holds
+from the first step on (``tests/test_lora_peft.py``).
+
+Pairs without a gradient in a step (an adapter made inactive by ``set_adapter``) are left as they
+are, factors and per-pair optimizer state, as torch leaves a parameter whose ``grad`` is None.
 """
 
 from __future__ import annotations
@@ -155,16 +160,31 @@ class _Bundle:
 
     @torch.no_grad()
     def balance(self) -> None:
-        r"""Move every full-rank pair to its balanced representative
-        (:func:`~quotientopt.manifolds.factor_quotient.balance`: :math:`B^\top B = A A^\top`,
-        the product unchanged), a group action; rank-deficient pairs (``B = 0``) stay."""
+        r"""Move every pair to a well-conditioned representative of its orbit, a group action
+        (the product unchanged):
+
+        - a full-rank pair to the balanced one
+          (:func:`~quotientopt.manifolds.factor_quotient.balance`: :math:`B^\top B = A A^\top`);
+        - PEFT's start :math:`B = 0` with :math:`A` of rank ``r``: every :math:`(0, G^{-1} A)` is
+          the same point, so :math:`A \to c\, Q^\top` with :math:`A^\top = Q R` (QR, positive
+          :math:`\operatorname{diag} R`) and :math:`c = \lVert A \rVert_F / \sqrt{r}`: rows
+          orthogonal, of the same size on average. Two starts that differ by any ``G`` then
+          differ by an orthogonal one, the best-conditioned group element;
+        - other rank-deficient pairs stay."""
         z = self.sector.detach()
-        a, b = z[:, : self.out], z[:, self.out :]
+        work = z.to(torch.promote_types(z.dtype, torch.float32))  # the algebra in fp32 or better
+        a, b = work[:, : self.out], work[:, self.out :]  # a = lora_B (out, r), b = lora_A^T
         a_bal, b_bal = balance_pair(a, b)
         s = torch.linalg.svdvals(a_bal.mT @ a_bal)
         full = (s[:, -1] > 1e-12 * s[:, 0])[:, None, None]
-        a.copy_(torch.where(full, a_bal, a))
-        b.copy_(torch.where(full, b_bal, b))
+        q, r = torch.linalg.qr(b)
+        diag = r.diagonal(dim1=-2, dim2=-1)
+        rank_r = diag.abs().amin(-1) > 1e-12 * diag.abs().amax(-1)
+        zero = ((a.abs().amax((-2, -1)) == 0) & rank_r)[:, None, None]
+        c = torch.linalg.matrix_norm(b) / b.shape[-1] ** 0.5
+        b_orth = q * torch.sign(diag)[:, None, :] * c[:, None, None]
+        z[:, : self.out].copy_(torch.where(full, a_bal, a))
+        z[:, self.out :].copy_(torch.where(full, b_bal, torch.where(zero, b_orth, b)))
 
     @torch.no_grad()
     def pull(self) -> None:
@@ -174,19 +194,57 @@ class _Bundle:
                 self.sector[i, : self.out].copy_(pair.b.reshape(self.out, -1))
                 self.sector[i, self.out :].copy_(pair.a.reshape(pair.rank, -1).mT)
 
-    def gather_grad(self) -> None:
+    def gather_grad(self) -> list[int]:
         r"""The sector's gradient :math:`[\nabla_B f; (\nabla_A f)^\top]` (zeros for a factor
-        without one; None when no factor of the bundle has one)."""
+        without one; None when no factor of the bundle has one). Returns the pairs with no
+        gradient at all (an inactive adapter, say), which the step must leave as they are."""
         grads = [(p.b.grad, p.a.grad) for p in self.pairs]
-        if all(gb is None and ga is None for gb, ga in grads):
+        idle = [i for i, (gb, ga) in enumerate(grads) if gb is None and ga is None]
+        if len(idle) == len(self.pairs):
             self.sector.grad = None
-            return
+            return idle
         parts = []
         for pair, (gb, ga) in zip(self.pairs, grads, strict=True):
             gb = torch.zeros_like(pair.b) if gb is None else gb
             ga = torch.zeros_like(pair.a) if ga is None else ga
             parts.append(torch.cat([gb.reshape(self.out, -1), ga.reshape(pair.rank, -1).mT]))
         self.sector.grad = torch.stack(parts).to(self.sector.dtype)
+        return idle
+
+    def snapshot(self, state: dict[str, Any], idle: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of the ``idle`` pairs' rows of the sector and of every per-pair state tensor
+        (leading axis the pairs), to put back after a step that must not move them."""
+        index = torch.tensor(idle, device=self.sector.device)
+        saved = {"": self.sector.detach()[index].clone()}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and len(value) == len(self.pairs):
+                saved[key] = value[index].clone()
+        return saved
+
+    @torch.no_grad()
+    def put_back(self, state: dict[str, Any], idle: list[int], saved: dict[str, torch.Tensor]):
+        index = torch.tensor(idle, device=self.sector.device)
+        self.sector.index_copy_(0, index, saved.pop(""))
+        for key, rows in saved.items():
+            state[key].index_copy_(0, index, rows)
+
+    @torch.no_grad()
+    def restore_unbalanced(self) -> None:
+        """Put back the factors as given at creation (before the balancing) for the pairs that
+        nobody wrote to since; pairs written to (a checkpoint loaded into the model) keep the
+        values written."""
+        if self.unbalanced is None:
+            return
+        untouched = [
+            i
+            for i, pair in enumerate(self.pairs)
+            if self.versions[i] == (pair.a._version, pair.b._version)
+        ]
+        self.pull()
+        for i in untouched:
+            self.sector[i].copy_(self.unbalanced[i])
+        self.push()
+        self.unbalanced = None
 
     @torch.no_grad()
     def push(self) -> None:
@@ -255,11 +313,17 @@ class QuotientLoraOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        kept = []
         for bundle in self.bundles:
             bundle.unbalanced = None
             bundle.pull()
-            bundle.gather_grad()
+            idle = bundle.gather_grad()
+            if idle and len(idle) < len(bundle.pairs):  # torch's rule: no gradient, no step
+                state = self.quotient.state[bundle.sector]
+                kept.append((bundle, state, idle, bundle.snapshot(state, idle)))
         self.inner.step(None if loss is None else (lambda: loss))
+        for bundle, state, idle, saved in kept:
+            bundle.put_back(state, idle, saved)
         for bundle in self.bundles:
             bundle.push()
         return loss
@@ -304,12 +368,10 @@ class QuotientLoraOptimizer(torch.optim.Optimizer):
                 f"QuotientLoraOptimizer.state_dict() (key 'inner'), got keys {sorted(state_dict)}"
             )
         for bundle in self.bundles:
+            if self.quotient.state:
+                bundle.unbalanced = None
+            bundle.restore_unbalanced()
             bundle.pull()
-            if bundle.unbalanced is not None and not self.quotient.state:
-                with torch.no_grad():
-                    bundle.sector.copy_(bundle.unbalanced)
-                bundle.push()
-            bundle.unbalanced = None
         self.inner.load_state_dict(state_dict["inner"])
 
     def __repr__(self) -> str:
@@ -346,8 +408,9 @@ def create_quotient_optimizer(
     not need it; floating point does: at an ill-conditioned representative (a pair re-factorized
     by a cond-1000 ``G``: Grams of condition up to 1e6 times the balanced ones) every step loses
     that many more digits, and 50 float64 steps of the tiny test model then agree with the plain
-    start only to 1e-8 (QuotientMuon, lr 2e-3) instead of 1e-12 (``tests/test_lora.py``). PEFT's
-    ``B = 0`` start is rank-deficient and left as it is.
+    start only to 1e-8 (QuotientMuon, lr 2e-3) instead of 1e-12 (``tests/test_lora.py``). A pair
+    at PEFT's ``B = 0`` start gets ``A`` with orthogonal rows of the same average size instead
+    (module docstring).
 
     Works with any ``target_modules`` (Linear, Conv with 1 x 1 ``lora_B``, Embedding), rsLoRA
     and several trainable adapters; the PEFT model itself is left as it is.
@@ -385,7 +448,11 @@ def lora_sectors(path: str, module: nn.Module) -> list:
     r"""The sectors of a PEFT LoRA layer for :class:`~quotientopt.tensorboard.SymmetryMonitor`:
     one per adapter, named ``"<path>.LoRA.<adapter>"``, read as the pair
     :math:`(B, A^\top)` (shapes ``(1, out, r)``, ``(1, in, r)``), whose symmetry
-    :math:`(B G, A^\top G^{-\top})` is the adapter's."""
+    :math:`(B G, A^\top G^{-\top})` is the adapter's. Their geometry is
+    ``FactorQuotient(out, in, metric="preconditioned")`` (:func:`create_quotient_optimizer`'s
+    default), in which the monitor reads a tangent momentum (QuotientSGD's, QuotientAdam's) as
+    ``momentum_map_metric``; a Euclidean one (QuotientMuon's, AdamW's) gives
+    ``momentum_map_skew``."""
     from quotientopt.nn.adapters import Sector
 
     sectors = []
@@ -396,7 +463,8 @@ def lora_sectors(path: str, module: nn.Module) -> list:
             vb, va = values
             return vb.reshape(out, rank)[None], va.reshape(rank, -1).mT[None]
 
-        sectors.append(Sector(path, f"LoRA.{adapter}", 1, rank, (b, a), read))
+        geometry = FactorQuotient(out, a[0].numel(), metric="preconditioned")
+        sectors.append(Sector(path, f"LoRA.{adapter}", 1, rank, (b, a), read, geometry))
     return sectors
 
 

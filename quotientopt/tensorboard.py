@@ -307,9 +307,14 @@ class SymmetryMonitor:
         if any(m is None for m in moments):
             return {}
         kinds = {m.kind for m in moments}
-        if kinds == {"vector"} and sector.manifold is not None and len(moments) == 1:
-            z = sector.parameters[0].detach().double()
-            v = moments[0].tensor.detach().double()
+        if kinds == {"vector"} and sector.manifold is not None:
+            if len(moments) == 1:
+                z = sector.parameters[0].detach().double()
+                v = moments[0].tensor.detach().double()
+            else:  # a pair read from several parameters (LoRA's lora_B, lora_A): z = [A; B]
+                by_id = {id(p): m.tensor for p, m in zip(sector.parameters, moments, strict=True)}
+                z = torch.cat(sector.pair(), dim=-2).double()
+                v = torch.cat(sector.pair(lambda p: by_id[id(p)]), dim=-2).double()
             ok = _finite_groups(z, v)
             z, v = _benign(z, ok), _benign(v, ok, zero=True)
             return _guarded(

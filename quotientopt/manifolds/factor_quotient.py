@@ -454,7 +454,7 @@ class FactorQuotient(MatrixManifold):
         usable = ok
         regularized = None
         if regularize:
-            grams, chol, regularized = self._regularize(grams, chol, ok)
+            grams, chol, regularized = self._regularize(grams, chol, ok_both)
             usable = ok | regularized
         eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
         chol = torch.where(usable[..., None, None, None], chol, eye)
@@ -470,19 +470,25 @@ class FactorQuotient(MatrixManifold):
     regularization = 0.1
 
     def _regularize(
-        self, grams: torch.Tensor, chol: torch.Tensor, ok: torch.Tensor
+        self, grams: torch.Tensor, chol: torch.Tensor, ok_both: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r"""Regularized Grams for the heads that are not ok: :math:`P + \delta I`,
-        :math:`Q + \delta I` with :math:`\delta = 0.1\,(\mathrm{tr} P + \mathrm{tr} Q) / 2k`
-        (1 where both vanish). The Euclidean gradient of a factor lies in the range of the
+        r"""Regularized Grams for the heads that are not ok: :math:`P + \delta I` where ``P`` is
+        rank-deficient, :math:`Q + \delta I` where ``Q`` is, with
+        :math:`\delta = 0.1\,(\mathrm{tr} P + \mathrm{tr} Q) / 2k` (1 where both vanish); a
+        full-rank Gram stays exact, so at a zero factor the other factor's step is the exact one. The Euclidean gradient of a factor lies in the range of the
         other factor's Gram (:math:`\nabla_A f = E B`), so the regularized step is close to the
         pseudo-inverse step: it never divides by a vanishing direction, and it moves a
-        zero-initialized factor off zero in one step. It is not GL(k)-equivariant."""
+        zero-initialized factor off zero in one step. Where one factor is zero and the other has
+        full rank it is GL(k)-equivariant; elsewhere it is not."""
         k = grams.shape[-1]
         scale = grams.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / (2 * k)
         delta = torch.where(scale > 0, self.regularization * scale, torch.ones_like(scale))
         eye = torch.eye(k, dtype=grams.dtype, device=grams.device)
-        grams = grams + (~ok * delta)[..., None, None, None] * eye  # (..., 2, k, k), [Q, P]
+        ok = ok_both.all(-1)
+        # only the rank-deficient Gram is floored: at a zero factor the other factor's step then
+        # uses its exact Gram, which makes that (first) step GL(k)-equivariant
+        floor = (~ok_both * delta[..., None])[..., None, None]
+        grams = grams + floor * eye  # (..., 2, k, k), [Q, P]
         floored, info = torch.linalg.cholesky_ex(grams)
         finite = torch.isfinite(grams).flatten(-3).all(-1)
         regularized = ~ok & (info == 0).all(-1) & finite

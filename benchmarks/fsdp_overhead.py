@@ -35,16 +35,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report sits next to this file
 import geoopt
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _report import cpu_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -60,17 +61,6 @@ from quotientopt.optim import (
 )
 
 WIDTH, HEADS, HEAD_DIM = 768, 12, 64
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux, else ``platform``'s)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Layer(nn.Module):

@@ -67,13 +67,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report sits next to this file
 import geoopt
 import torch
+from _report import cpu_model
 
 from quotientopt.compare import MUON_OPTIONS
 from quotientopt.manifolds import FactorQuotient
@@ -167,17 +169,6 @@ ROUTE_TEXT = {
     "bf16-x": "torch Muon's bfloat16 Newton-Schulz on the n x Hk matrix X",
     "newton-schulz": "the float32 Newton-Schulz on the Hk x Hk Gram",
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux, else ``platform``'s)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def target_text(target: float | None) -> str:

@@ -20,7 +20,13 @@ from torch import nn
 
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.nn import QuotientMultiheadAttention
-from quotientopt.optim import QuotientAdam, QuotientSGD, geometry_of, split_parameters
+from quotientopt.optim import (
+    QuotientAdam,
+    QuotientSGD,
+    geometry_of,
+    muon_and_adamw,
+    split_parameters,
+)
 
 E, H = 8, 2
 
@@ -188,3 +194,15 @@ def test_split_parameters_routes_a_recovered_sector_to_the_heads():
     heads, rest = split_parameters(module.parameters())
     assert [id(p) for p in heads] == [id(module.qk), id(module.vo)]
     assert [id(p) for p in rest] == [id(module.out_bias)]
+
+
+def test_muon_and_adamw_puts_a_recovered_sector_with_the_heads():
+    """``muon_and_adamw`` sorts a model's parameters itself: a sector written into ``_parameters``
+    plain goes to QuotientMuon on its geometry, not to torch Muon or AdamW as a matrix."""
+    model = nn.Sequential(make())
+    model[0]._parameters["vo"] = nn.Parameter(model[0].vo.detach().clone())
+    optimizer = muon_and_adamw(model, lr=0.02)
+    quotient = optimizer.optimizers[0]
+    stepped = {id(p) for group in quotient.param_groups for p in group["params"]}
+    assert {id(model[0].qk), id(model[0].vo)} <= stepped
+    assert geometry_of(model[0].vo) is model[0].__dict__["_quotientopt_geometries"]["vo"]

@@ -139,6 +139,7 @@ from quotientopt.optim._base import (
     manifold_of,
     where_heads,
 )
+from quotientopt.optim._guard import check_declared_geometries
 from quotientopt.optim._sharded_muon import head_shards, is_sharded, sharded_matrix_step
 from quotientopt.optim.hybrid import HybridOptimizer
 
@@ -771,6 +772,7 @@ def muon_and_adamw(
     rule = hidden or (
         lambda name, p: id(p) in linear and id(p) not in embedded and _default_hidden(name, p)
     )
+    check_declared_geometries(list(model.parameters()), "muon_and_adamw")  # recovered sectors
     heads, matrices, rest, seen = [], [], [], set()
     for name, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:

@@ -13,7 +13,8 @@ from torch.optim import _muon
 from quotientopt.manifolds import FactorQuotient
 from quotientopt.optim import QuotientMuon
 from quotientopt.optim import muon as muon_module
-from quotientopt.optim.muon import NS_COEFFICIENTS, _polar_side_by_side, polar_route
+from quotientopt.optim.muon import NS_COEFFICIENTS, polar_route
+from quotientopt.optim.muon_kernels import _polar_side_by_side
 from tests.helpers import matrix_with_condition, rng
 
 N, K, HEADS = 12, 3, 4  # X is N x HEADS K = 12 x 12

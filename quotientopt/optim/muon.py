@@ -216,6 +216,52 @@ def polar_route(polar: str, z: torch.Tensor, row_sharded: bool) -> str:
     return "bf16-x" if fast else "newton-schulz"
 
 
+def _momentum_update(
+    buf: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""torch Muon's momentum on the Euclidean gradient: the new buffer
+    :math:`b \leftarrow b + (1 - \beta)(g - b)` and the direction, :math:`g + \beta (b - g)`
+    with Nesterov, else :math:`b` (nothing written)."""
+    beta = group["momentum"]
+    buf = buf.lerp(grad, 1 - beta)
+    return buf, grad.lerp(buf, beta) if group["nesterov"] else buf
+
+
+def _gram_polar(group: dict[str, Any]) -> dict[str, Any]:
+    """The ``polar`` options of the kernels (:mod:`quotientopt.optim.muon_kernels`): the Gram
+    routes' method (``"eigh"`` or ``"newton-schulz"``) and the iteration's constants."""
+    return dict(
+        method="eigh" if group["polar"] == "eigh" else "newton-schulz",
+        eps=group["eps"],
+        ns_coefficients=group["ns_coefficients"],
+        ns_steps=group["ns_steps"],
+    )
+
+
+def _decay(group: dict[str, Any]) -> float:
+    r"""The product's decay :math:`1 - \eta\lambda` (each factor is scaled by its square root);
+    refused where it would flip the products' sign."""
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    if decay < 0:
+        raise ValueError(
+            f"QuotientMuon: lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 would "
+            "flip the sign of the products; lower the learning rate or the weight decay"
+        )
+    return decay
+
+
+def _stays_healthy(geometry, grams, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per head of ``new`` (the candidate point): whether its update may be written. A healthy
+    head must stay healthy (full-rank finite Grams); one that starts rank-deficient (the
+    regularized metric, ``P + delta I``) only has to stay finite on its way to full rank; every
+    head needs finite factors (over all row shards) and ``keep`` (no non-finite gradient)."""
+    new_grams = geometry.grams(new, check=False, reference=grams)
+    finite = torch.isfinite(new).flatten(-2).all(-1)
+    if geometry.is_row_sharded:  # a head is finite when all of its row shards are
+        finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
+    return torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
+
+
 def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
     """Refuse a group whose ``head_norm="all-heads"`` meets a per-head option (``step="tangent"``,
     ``head_scale="balanced"``), whose ``head_norm="per-head"`` meets ``polar="newton-schulz-bf16"``
@@ -242,6 +288,33 @@ def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
     for p in group["params"] if placements else ():
         if geometry_of(p) is not None and p.dim() > 2:
             head_shards(p)  # a head axis sharded together with another axis is refused
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Refuse an invalid :class:`QuotientMuon` option with one error naming it (``o``: the
+    constructor's options by name, ``ns_coefficients`` as given)."""
+    check_number("lr", o["lr"], 0.0, float("inf"))
+    check_number("momentum", o["momentum"], 0.0, 1.0, high_open=True)
+    check_number("weight_decay", o["weight_decay"], 0.0, float("inf"))
+    check_number("eps", o["eps"], 0.0, float("inf"), low_open=True)
+    if not isinstance(o["nesterov"], bool):
+        raise ValueError(f"invalid nesterov: {o['nesterov']!r}; expected True or False")
+    if o["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(
+            f"invalid adjust_lr_fn: {o['adjust_lr_fn']!r}; expected None, 'original' or "
+            "'match_rms_adamw' (torch.optim.Muon's choices)"
+        )
+    check_choice("head_scale", o["head_scale"], HEAD_SCALES)
+    check_choice("polar", o["polar"], POLAR_METHODS)
+    check_choice("step", o["step"], STEP_KINDS)
+    check_choice("head_norm", o["head_norm"], HEAD_NORMS)
+    ns_steps = o["ns_steps"]
+    if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
+        raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
+    if len(tuple(o["ns_coefficients"])) != 3:
+        raise ValueError(
+            f"invalid ns_coefficients: {o['ns_coefficients']!r}; expected three numbers (a, b, c)"
+        )
 
 
 class QuotientMuon(QuotientOptimizer):
@@ -312,28 +385,7 @@ class QuotientMuon(QuotientOptimizer):
         eps: float = torch_muon_module.EPS,
         on_nonfinite: str = "skip",
     ) -> None:
-        check_number("lr", lr, 0.0, float("inf"))
-        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
-        check_number("weight_decay", weight_decay, 0.0, float("inf"))
-        check_number("eps", eps, 0.0, float("inf"), low_open=True)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"invalid nesterov: {nesterov!r}; expected True or False")
-        if adjust_lr_fn not in ADJUST_LR_FNS:
-            raise ValueError(
-                f"invalid adjust_lr_fn: {adjust_lr_fn!r}; expected None, 'original' or "
-                "'match_rms_adamw' (torch.optim.Muon's choices)"
-            )
-        check_choice("head_scale", head_scale, HEAD_SCALES)
-        check_choice("polar", polar, POLAR_METHODS)
-        check_choice("step", step, STEP_KINDS)
-        check_choice("head_norm", head_norm, HEAD_NORMS)
-        if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
-            raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
-        if len(tuple(ns_coefficients)) != 3:
-            raise ValueError(
-                f"invalid ns_coefficients: {ns_coefficients!r}; expected three numbers (a, b, c)"
-            )
-        defaults = dict(
+        options = dict(
             lr=lr,
             momentum=momentum,
             nesterov=nesterov,
@@ -343,10 +395,12 @@ class QuotientMuon(QuotientOptimizer):
             polar=polar,
             step=step,
             head_norm=head_norm,
-            ns_coefficients=tuple(ns_coefficients),
+            ns_coefficients=ns_coefficients,
             ns_steps=ns_steps,
             eps=eps,
         )
+        _check_options(options)
+        defaults = options | {"ns_coefficients": tuple(ns_coefficients)}
         super().__init__(params, defaults, on_nonfinite=on_nonfinite)
 
     @staticmethod
@@ -396,54 +450,41 @@ class QuotientMuon(QuotientOptimizer):
         """Candidate point, momentum buffer and per-head health flag of one head tensor
         (nothing written)."""
         geometry = geometry_of(p)
-        z, grad = p.detach(), p.grad
-        beta, lr = group["momentum"], group["lr"]
-        state = self.state[p]
+        z, state = p.detach(), self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = torch.zeros_like(z, memory_format=torch.preserve_format)
-        buf = buf.lerp(grad, 1 - beta)
-        update = grad.lerp(buf, beta) if group["nesterov"] else buf
-
+        buf, update = _momentum_update(buf, p.grad, group)
         grams = geometry.grams(z, check=False, regularize=True)
         if "momentum_buffer" not in state:
             self._warn_if_rank_deficient(grams.regularized)
-        polar = dict(
-            method="eigh" if group["polar"] == "eigh" else "newton-schulz",  # the Gram routes
-            eps=group["eps"],
-            ns_coefficients=group["ns_coefficients"],
-            ns_steps=group["ns_steps"],
-        )
-        decay = 1.0 - lr * group["weight_decay"]
-        if decay < 0:
-            raise ValueError(
-                f"QuotientMuon: lr * weight_decay = {lr * group['weight_decay']:g} > 1 would flip "
-                "the sign of the products; lower the learning rate or the weight decay"
-            )
+        polar = _gram_polar(group)
+        decay = _decay(group)
         # one head alone (no head axis): the all-heads step is the per-head one
         if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
-            # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
-            (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
-            route = polar_route(group["polar"], z, geometry.is_row_sharded)
-            direction_a, direction_b = _across_heads_block_step(
-                geometry, update, grams, polar, route, head_shards(p)
-            )
-            # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
-            scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
-            scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
-            step = torch.cat((direction_a * scale_a, direction_b * scale_b), dim=-2)
-            step = (step * -lr).to(z.dtype)
+            step = self._all_heads_step(p, geometry, update, grams, polar, group)
         else:
             step = self._per_head_step(geometry, z, update, grams, polar, group)
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
-        new_grams = geometry.grams(new, check=False, reference=grams)
-        finite = torch.isfinite(new).flatten(-2).all(-1)
-        if geometry.is_row_sharded:  # a head is finite when all of its row shards are
-            finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
-        # a healthy head must stay healthy; one that starts rank-deficient (the regularized
-        # metric, P + delta I) only has to stay finite on its way to full rank
-        ok = torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
-        return new, buf, ok
+        return new, buf, _stays_healthy(geometry, grams, new, keep)
+
+    @staticmethod
+    def _all_heads_step(p, geometry, update, grams, polar: dict, group: dict) -> torch.Tensor:
+        r"""The step of ``head_norm="all-heads"``: :math:`-\eta\,[c_A D_A; c_B D_B]` from
+        :func:`~quotientopt.optim.muon_kernels._across_heads_block_step`, in ``p``'s dtype, with
+        :math:`c_A = 0.2 \sqrt{H n m / \min(n, Hk)}` (:math:`c_B`: :math:`\min(m, Hk)`)."""
+        z, lr = p.detach(), group["lr"]
+        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
+        (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
+        route = polar_route(group["polar"], z, geometry.is_row_sharded)
+        direction_a, direction_b = _across_heads_block_step(
+            geometry, update, grams, polar, route, head_shards(p)
+        )
+        # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
+        scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
+        scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
+        step = torch.cat((direction_a * scale_a, direction_b * scale_b), dim=-2)
+        return (step * -lr).to(z.dtype)
 
     @staticmethod
     def _per_head_step(geometry, z, update, grams, polar: dict, group: dict) -> torch.Tensor:
@@ -555,6 +596,54 @@ def _default_hidden(name: str, p: torch.Tensor) -> bool:
     )
 
 
+def _sort_parameters(
+    model: torch.nn.Module, hidden: Callable[[str, torch.Tensor], bool] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`muon_and_adamw`'s split of ``model``'s trainable parameters (each once): head
+    parameters, hidden 2-D matrices (``hidden``, default :func:`_default_hidden` on
+    ``torch.nn.Linear`` weights not tied to an embedding) and the rest (AdamW's); refused where
+    a part is missing or a manifold parameter would go to AdamW."""
+    embedded = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Embedding)}
+    linear = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Linear)}
+    rule = hidden or (
+        lambda name, p: id(p) in linear and id(p) not in embedded and _default_hidden(name, p)
+    )
+    check_declared_geometries(list(model.parameters()), "muon_and_adamw")  # recovered sectors
+    heads, matrices, rest, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if geometry_of(p) is not None:
+            heads.append(p)
+        elif manifold_of(p) is None and p.dim() == 2 and rule(name, p):
+            matrices.append(p)
+        else:
+            rest.append(p)
+    _check_split(model, heads, matrices, rest)
+    return heads, matrices, rest
+
+
+def _check_split(model: torch.nn.Module, heads: list, matrices: list, rest: list) -> None:
+    """Refuse a split that :func:`muon_and_adamw` cannot serve, with the fix."""
+    if manifold_of_any := [p for p in rest if manifold_of(p) is not None]:
+        raise ValueError(
+            f"muon_and_adamw: {len(manifold_of_any)} parameter(s) lie on a manifold that is not a "
+            "head geometry; AdamW would leave the manifold. Step them with geoopt's RiemannianAdam"
+        )
+    if not heads and not matrices:
+        raise ValueError(
+            "muon_and_adamw: no head parameters and no hidden 2-D matrices found; declare the "
+            "heads as quotient parameters (quotientopt.nn) or pass hidden=... to choose matrices"
+        )
+    if not heads:  # issue 26.8: no attention is an error, as in SymmetryMonitor
+        raise no_attention_error("muon_and_adamw", model)
+    if not rest:
+        raise ValueError(
+            "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"
+        )
+
+
 def muon_and_adamw(
     model: torch.nn.Module,
     lr: float = 0.02,
@@ -588,39 +677,7 @@ def muon_and_adamw(
     :class:`QuotientMuon`. Returns a :class:`~quotientopt.optim.HybridOptimizer` (``heads``: the
     QuotientMuon, ``rest``: the AdamW).
     """
-    embedded = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Embedding)}
-    linear = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Linear)}
-    rule = hidden or (
-        lambda name, p: id(p) in linear and id(p) not in embedded and _default_hidden(name, p)
-    )
-    check_declared_geometries(list(model.parameters()), "muon_and_adamw")  # recovered sectors
-    heads, matrices, rest, seen = [], [], [], set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        if geometry_of(p) is not None:
-            heads.append(p)
-        elif manifold_of(p) is None and p.dim() == 2 and rule(name, p):
-            matrices.append(p)
-        else:
-            rest.append(p)
-    if manifold_of_any := [p for p in rest if manifold_of(p) is not None]:
-        raise ValueError(
-            f"muon_and_adamw: {len(manifold_of_any)} parameter(s) lie on a manifold that is not a "
-            "head geometry; AdamW would leave the manifold. Step them with geoopt's RiemannianAdam"
-        )
-    if not heads and not matrices:
-        raise ValueError(
-            "muon_and_adamw: no head parameters and no hidden 2-D matrices found; declare the "
-            "heads as quotient parameters (quotientopt.nn) or pass hidden=... to choose matrices"
-        )
-    if not heads:  # issue 26.8: no attention is an error, as in SymmetryMonitor
-        raise no_attention_error("muon_and_adamw", model)
-    if not rest:
-        raise ValueError(
-            "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"
-        )
+    heads, matrices, rest = _sort_parameters(model, hidden)
     head_group = {"params": heads, "lr": HEAD_LR_RATIO * lr if head_lr is None else head_lr}
     if head_weight_decay is not None:
         check_number("head_weight_decay", head_weight_decay, 0.0, float("inf"))

@@ -128,15 +128,17 @@ import torch
 from torch.optim import _muon as torch_muon_module
 
 from quotientopt.distributed import is_dtensor
+from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.nn.adapters import no_attention_error
 from quotientopt.optim._base import (
+    HeadUpdate,
     Momentum,
+    PlainBatch,
     QuotientOptimizer,
     check_choice,
     check_number,
     geometry_of,
     manifold_of,
-    where_heads,
 )
 from quotientopt.optim._guard import check_declared_geometries
 from quotientopt.optim._sharded_muon import head_shards, is_sharded, sharded_matrix_step
@@ -445,11 +447,11 @@ class QuotientMuon(QuotientOptimizer):
 
     # ------------------------------------------------------------------------ the head step
     def _head_update(
-        self, p: torch.Tensor, group: dict[str, Any], keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Candidate point, momentum buffer and per-head health flag of one head tensor
-        (nothing written)."""
-        geometry = geometry_of(p)
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict[str, Any], keep: torch.Tensor
+    ) -> HeadUpdate:
+        r"""The head kernel: the candidate point :math:`\sqrt{1 - \eta\lambda}\, Z + \Delta Z`
+        (the all-heads or per-head step of the module docs, on the Nesterov momentum of the
+        gradient), the new ``momentum_buffer`` and the per-head health flag; nothing written."""
         z, state = p.detach(), self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
@@ -466,7 +468,8 @@ class QuotientMuon(QuotientOptimizer):
         else:
             step = self._per_head_step(geometry, z, update, grams, polar, group)
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
-        return new, buf, _stays_healthy(geometry, grams, new, keep)
+        ok = _stays_healthy(geometry, grams, new, keep)
+        return HeadUpdate(new, {"momentum_buffer": buf}, ok)
 
     @staticmethod
     def _all_heads_step(p, geometry, update, grams, polar: dict, group: dict) -> torch.Tensor:
@@ -522,35 +525,18 @@ class QuotientMuon(QuotientOptimizer):
 
     # ---------------------------------------------------------------------------- the step
     def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:
-
-        pending = []  # phase 1: every head update computed and checked, nothing written
+        """The base class's one step loop (:meth:`QuotientOptimizer._step`), after every group's
+        options are checked: they may have been written into ``param_groups`` since, and a
+        refused combination must move nothing."""
         for group in self.param_groups:
-            _check_head_norm(group)  # options may have been written into param_groups since
-            for p in group["params"]:
-                if p.grad is not None and geometry_of(p) is not None:
-                    keep = nonfinite[p.device] == 0
-                    pending.append((p, *self._head_update(p, group, keep)))
-        self._enforce_policy(nonfinite, [ok for *_, ok in pending])
+            _check_head_norm(group)
+        super()._step(nonfinite, loss)
 
-        for p, new, buf, ok in pending:  # phase 2: write
-            state = self.state[p]
-            old_buf = state.get("momentum_buffer")
-            state["momentum_buffer"] = where_heads(
-                ok, buf, torch.zeros_like(buf) if old_buf is None else old_buf
-            )
-            where_heads(ok, new, p.detach(), out=p.detach())
-            self._count(self._rank_skips, p.device, (~ok & (nonfinite[p.device] == 0)).sum())
-
-        for group in self.param_groups:
-            plain = [p for p in group["params"] if p.grad is not None and geometry_of(p) is None]
-            if plain:
-                self._plain_step(plain, group, nonfinite)
-
-    def _plain_step(
-        self, params: list[torch.Tensor], group: dict[str, Any], nonfinite: dict
-    ) -> None:
-        """torch.optim.Muon's step (its functional ``muon``) on plain matrices; where a gradient
-        is non-finite, parameters and buffers are restored afterwards, device-side."""
+    def _plain_step(self, group: dict[str, Any], batch: PlainBatch) -> None:
+        """torch.optim.Muon's step (its functional ``muon``) on plain matrices (``batch``: one
+        group's on one device); where a gradient is non-finite (``batch.found_inf``), parameters
+        and buffers are restored afterwards, device-side."""
+        params = batch.params
         sharded = [p for p in params if is_sharded(p)]
         params = [p for p in params if not is_sharded(p)]
         bufs = []
@@ -582,7 +568,7 @@ class QuotientMuon(QuotientOptimizer):
                 has_complex=False,
             )
         for p, b, (p_old, b_old) in zip(params + sharded, bufs, saved, strict=True):
-            bad = nonfinite[p.device] > 0
+            bad = batch.found_inf > 0
             torch.where(bad, p_old, p.detach(), out=p.detach())
             torch.where(bad, b_old, b, out=b)
 

@@ -873,3 +873,20 @@ def test_per_head_options_are_refused_with_all_heads_also_when_set_later():
     with pytest.raises(ValueError, match="pass head_norm='per-head'"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+def test_head_step_variants_cannot_express_a_forbidden_combination():
+    """The group's options become one head-step object: the all-heads step has no tangent or
+    balanced field, and the per-head one is built from step and head_scale."""
+    from quotientopt.optim.muon import AllHeads, PerHead, head_step
+
+    group = dict(head_norm="all-heads", step="block", head_scale="rms", polar="eigh")
+    assert head_step(group) == AllHeads("eigh")
+    assert head_step(group | dict(head_norm="per-head", step="tangent")) == PerHead(tangent=True)
+    assert head_step(group | dict(head_norm="per-head", head_scale="balanced")) == PerHead(
+        balanced=True
+    )
+    with pytest.raises(TypeError):
+        AllHeads(tangent=True)
+    with pytest.raises(ValueError, match="pass head_norm='per-head'"):
+        head_step(group | dict(step="tangent"))

@@ -122,7 +122,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import _muon as torch_muon_module
@@ -264,15 +264,85 @@ def _stays_healthy(geometry, grams, new: torch.Tensor, keep: torch.Tensor) -> to
     return torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
 
 
-def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
-    """Refuse a group whose ``head_norm="all-heads"`` meets a per-head option (``step="tangent"``,
-    ``head_scale="balanced"``), whose ``head_norm="per-head"`` meets ``polar="newton-schulz-bf16"``
-    (the per-head polar is a ``k x k`` Gram iteration, always cheaper in float32) or, with
-    ``placements``, a head tensor sharded both on its head axis and on another axis."""
+class PerHead(NamedTuple):
+    r"""``head_norm="per-head"``: each head in its own spectral norm, the ``"block"`` step
+    (:math:`\Delta A = -G_A K_A`) or the ``"tangent"`` one, scaled by ``head_scale`` ``"rms"``
+    or ``"balanced"`` (module docs), applied with the geometry's ``right_multiply``."""
+
+    tangent: bool = False
+    balanced: bool = False
+
+    def __call__(self, p, geometry, update, grams, polar: dict, lr: float) -> torch.Tensor:
+        r"""The step :math:`\Delta Z` of head tensor ``p`` (``update``: the momentum direction;
+        ``polar``: the kernels' Gram options)."""
+        z = p.detach()
+        if self.tangent:
+            on_update, on_point = _tangent_matrices(geometry, z, update, grams, polar)
+        else:
+            on_update, on_point = _block_matrices(geometry, update, grams, polar), None
+        (n, m_rows), k = geometry.sector_rows, z.shape[-1]
+        if not self.balanced:
+            scale = torch.full(
+                (*z.shape[:-2], 2),
+                0.2 * math.sqrt(n * m_rows / k),
+                dtype=grams.p.dtype,
+                device=z.device,
+            )
+        else:
+            w_sq = (grams.p * grams.q).sum((-1, -2))  # ||A B^T||_F^2 = tr(PQ)
+            root = (w_sq.clamp_min(0) / k).pow(0.25)
+            sides = torch.tensor(
+                [0.2 * math.sqrt(max(n, k)), 0.2 * math.sqrt(max(m_rows, k))],
+                dtype=grams.p.dtype,
+                device=z.device,
+            )
+            scale = root[..., None] * sides
+        factor = (-lr * scale)[..., None, None]
+        on_update = on_update * factor
+        step = geometry.right_multiply(update, on_update[..., 0, :, :], on_update[..., 1, :, :])
+        if on_point is not None:
+            on_point = on_point * factor
+            step = step + geometry.right_multiply(z, on_point[..., 0, :, :], on_point[..., 1, :, :])
+        return step
+
+
+class AllHeads(NamedTuple):
+    r"""``head_norm="all-heads"``: the block step in the spectral norm of all heads' product
+    changes side by side, with the ``"rms"`` scale; ``polar`` is the option that
+    :func:`polar_route` turns into the route per tensor. There is no tangent or balanced field:
+    those are per-head steps. A tensor without a head axis takes :class:`PerHead`'s step."""
+
+    polar: str = "newton-schulz"
+
+    def __call__(self, p, geometry, update, grams, polar: dict, lr: float) -> torch.Tensor:
+        r""":math:`-\eta\,[c_A D_A; c_B D_B]` from
+        :func:`~quotientopt.optim.muon_kernels._across_heads_block_step`, in ``p``'s dtype, with
+        :math:`c_A = 0.2 \sqrt{H n m / \min(n, Hk)}` (:math:`c_B`: :math:`\min(m, Hk)`)."""
+        z = p.detach()
+        if z.dim() == 2:  # one head alone (no head axis): the all-heads step is the per-head one
+            return PerHead()(p, geometry, update, grams, polar, lr)
+        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
+        (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
+        route = polar_route(self.polar, z, geometry.is_row_sharded)
+        direction_a, direction_b = _across_heads_block_step(
+            geometry, update, grams, polar, route, head_shards(p)
+        )
+        # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
+        scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
+        scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
+        step = torch.cat((direction_a * scale_a, direction_b * scale_b), dim=-2)
+        return (step * -lr).to(z.dtype)
+
+
+def head_step(group: dict[str, Any]) -> PerHead | AllHeads:
+    """The head step a group's options name; refused where ``head_norm="all-heads"`` meets a
+    per-head option (``step="tangent"``, ``head_scale="balanced"``) or ``head_norm="per-head"``
+    meets ``polar="newton-schulz-bf16"`` (the per-head polar is a ``k x k`` Gram iteration,
+    always cheaper in float32)."""
     head_norm = group.get("head_norm", "per-head")  # groups saved before head_norm: per-head
     check_choice("head_norm", head_norm, HEAD_NORMS)
     check_choice("polar", group["polar"], POLAR_METHODS)
-    if head_norm != "all-heads":
+    if head_norm == "per-head":
         if group["polar"] == "newton-schulz-bf16":
             raise ValueError(
                 "QuotientMuon: polar='newton-schulz-bf16' runs torch Muon's iteration on the "
@@ -280,16 +350,23 @@ def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
                 "k x k Gram iteration in float32: pass polar='newton-schulz' with "
                 "head_norm='per-head'"
             )
-        return
+        return PerHead(tangent=group["step"] == "tangent", balanced=group["head_scale"] != "rms")
     if group["step"] != "block" or group["head_scale"] != "rms":
         raise ValueError(
             "QuotientMuon: head_norm='all-heads' (the default) is a block step with the "
             f"'rms' scale; step={group['step']!r} and head_scale={group['head_scale']!r} are "
             "per-head steps: pass head_norm='per-head' with them"
         )
-    for p in group["params"] if placements else ():
-        if geometry_of(p) is not None and p.dim() > 2:
-            head_shards(p)  # a head axis sharded together with another axis is refused
+    return AllHeads(group["polar"])
+
+
+def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
+    """:func:`head_step`'s refusals and, with ``placements``, a head tensor of an all-heads
+    group sharded both on its head axis and on another axis."""
+    if isinstance(head_step(group), AllHeads):
+        for p in group["params"] if placements else ():
+            if geometry_of(p) is not None and p.dim() > 2:
+                head_shards(p)  # a head axis sharded together with another axis is refused
 
 
 def _check_options(o: dict[str, Any]) -> None:
@@ -462,66 +539,10 @@ class QuotientMuon(QuotientOptimizer):
             self._warn_if_rank_deficient(grams.regularized)
         polar = _gram_polar(group)
         decay = _decay(group)
-        # one head alone (no head axis): the all-heads step is the per-head one
-        if group.get("head_norm", "per-head") == "all-heads" and z.dim() > 2:
-            step = self._all_heads_step(p, geometry, update, grams, polar, group)
-        else:
-            step = self._per_head_step(geometry, z, update, grams, polar, group)
+        step = head_step(group)(p, geometry, update, grams, polar, group["lr"])
         new = (z * math.sqrt(decay) + step) if decay != 1.0 else z + step
         ok = _stays_healthy(geometry, grams, new, keep)
         return HeadUpdate(new, {"momentum_buffer": buf}, ok)
-
-    @staticmethod
-    def _all_heads_step(p, geometry, update, grams, polar: dict, group: dict) -> torch.Tensor:
-        r"""The step of ``head_norm="all-heads"``: :math:`-\eta\,[c_A D_A; c_B D_B]` from
-        :func:`~quotientopt.optim.muon_kernels._across_heads_block_step`, in ``p``'s dtype, with
-        :math:`c_A = 0.2 \sqrt{H n m / \min(n, Hk)}` (:math:`c_B`: :math:`\min(m, Hk)`)."""
-        z, lr = p.detach(), group["lr"]
-        # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
-        (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
-        route = polar_route(group["polar"], z, geometry.is_row_sharded)
-        direction_a, direction_b = _across_heads_block_step(
-            geometry, update, grams, polar, route, head_shards(p)
-        )
-        # [dA_1 B_1^T, ..., dA_H B_H^T] (n x Hm) has min(n, Hk) unit singular values
-        scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
-        scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
-        step = torch.cat((direction_a * scale_a, direction_b * scale_b), dim=-2)
-        return (step * -lr).to(z.dtype)
-
-    @staticmethod
-    def _per_head_step(geometry, z, update, grams, polar: dict, group: dict) -> torch.Tensor:
-        """The step of ``head_norm="per-head"`` (each head in its own spectral norm): block or
-        tangent kernels, scaled by ``head_scale``, applied with the geometry's
-        ``right_multiply``."""
-        if group["step"] == "tangent":
-            on_update, on_point = _tangent_matrices(geometry, z, update, grams, polar)
-        else:
-            on_update, on_point = _block_matrices(geometry, update, grams, polar), None
-        (n, m_rows), k = geometry.sector_rows, z.shape[-1]
-        if group["head_scale"] == "rms":
-            scale = torch.full(
-                (*z.shape[:-2], 2),
-                0.2 * math.sqrt(n * m_rows / k),
-                dtype=grams.p.dtype,
-                device=z.device,
-            )
-        else:
-            w_sq = (grams.p * grams.q).sum((-1, -2))  # ||A B^T||_F^2 = tr(PQ)
-            root = (w_sq.clamp_min(0) / k).pow(0.25)
-            sides = torch.tensor(
-                [0.2 * math.sqrt(max(n, k)), 0.2 * math.sqrt(max(m_rows, k))],
-                dtype=grams.p.dtype,
-                device=z.device,
-            )
-            scale = root[..., None] * sides
-        factor = (-group["lr"] * scale)[..., None, None]
-        on_update = on_update * factor
-        step = geometry.right_multiply(update, on_update[..., 0, :, :], on_update[..., 1, :, :])
-        if on_point is not None:
-            on_point = on_point * factor
-            step = step + geometry.right_multiply(z, on_point[..., 0, :, :], on_point[..., 1, :, :])
-        return step
 
     # ---------------------------------------------------------------------------- the step
     def _step(self, nonfinite: dict[torch.device, torch.Tensor], loss: torch.Tensor | None) -> None:

@@ -260,15 +260,28 @@ class FactorQuotient(MatrixManifold):
             )
         return torch.cat(balance(*self.factors(z)), dim=-2)
 
+    @property
+    def balancing_element(
+        self,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        r"""The :class:`~quotientopt.manifolds.protocol.Balancing` capability: ``z`` ->
+        :math:`(M_A, M_B = M_A^{-\top})` with :math:`(A M_A, B M_B)` balanced (see
+        :func:`balancing_transform`); ``None`` (absent) when the rows are sharded."""
+        return None if self.row_reduce is not None else self._balancing_element
+
+    def _balancing_element(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return balancing_transform(*self.factors(z))
+
     def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The ``k x k`` pair :math:`(M_A, M_B = M_A^{-\top})` with :math:`(A M_A, B M_B)` balanced,
-        see :func:`balancing_transform`."""
+        see :func:`balancing_transform`. Deprecated: ask ``isinstance(manifold, Balancing)`` and
+        call :attr:`balancing_element`."""
         if self.row_reduce is not None:
             raise ValueError(
                 "FactorQuotient.balancing_transform needs whole factors, but this manifold's rows "
                 "are sharded (row_reduce is set); gather the shards first"
             )
-        return balancing_transform(*self.factors(z))
+        return self._balancing_element(z)
 
     def act(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         r"""The group action :math:`(A, B) \mapsto (A G, B G^{-\top})` for ``g`` of shape ``(..., k, k)``."""
@@ -599,21 +612,21 @@ class FactorQuotient(MatrixManifold):
 
     @property
     def supports_kinetic_energy(self) -> bool:
-        """Whether :meth:`kinetic_force` is available: the undamped preconditioned metric."""
+        """Whether :attr:`kinetic_force` is available: the undamped preconditioned metric.
+        Deprecated: ask ``isinstance(manifold, KineticEnergy)``."""
         return self.metric == "preconditioned" and self.damping == 0
 
-    def kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`\partial_Z T` of the kinetic energy
+    @property
+    def kinetic_force(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        r"""The :class:`~quotientopt.manifolds.protocol.KineticEnergy` capability: ``(z, v)`` ->
+        :math:`\partial_Z T` of the kinetic energy
         :math:`T = \tfrac12 \mathrm{tr}(p_A P^{-1} p_A^\top) + \tfrac12 \mathrm{tr}(p_B Q^{-1} p_B^\top)`
         at fixed momentum, written with the velocity :math:`V = (p_A P^{-1}, p_B Q^{-1})`:
-        :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`. Only for the undamped preconditioned
-        metric (:attr:`supports_kinetic_energy`)."""
-        if not self.supports_kinetic_energy:
-            raise ValueError(
-                f"{self.name}: the kinetic energy is implemented for the undamped preconditioned "
-                f"metric only, got metric={self.metric!r}, damping={self.damping}; build the "
-                "manifold with metric='preconditioned', damping=0."
-            )
+        :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`. ``None`` (absent) unless the metric is
+        the undamped preconditioned one."""
+        return self._kinetic_force if self.supports_kinetic_energy else None
+
+    def _kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         va_va, vb_vb = self.cross(v, v)
         return self.right_multiply(z, -vb_vb, -va_va)
 
@@ -625,7 +638,9 @@ class FactorQuotient(MatrixManifold):
 
     @property
     def is_row_sharded(self) -> bool:
-        """Whether the rows are sharded across processes (``row_reduce`` is set)."""
+        """Whether the rows are sharded across processes (``row_reduce`` is set: the
+        :class:`~quotientopt.manifolds.protocol.RowSharded` capability). Deprecated: ask
+        ``isinstance(manifold, RowSharded)``."""
         return self.row_reduce is not None
 
     def row_sum(self, t: torch.Tensor) -> torch.Tensor:

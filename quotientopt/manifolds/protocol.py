@@ -1,53 +1,33 @@
-r"""The geometry protocol: everything an optimizer may ask of a head manifold.
+r"""The geometry protocol: a core every head manifold implements, and opt-in capabilities.
 
 A *head geometry* is a manifold of factor pairs :math:`Z = [A; B]` (shape ``(..., n + m, k)``,
 product :math:`W = A B^\top`) modulo a group :math:`H \subseteq GL(k)` acting as
 :math:`(A G, B G^{-\top})`, with an :math:`H`-invariant metric. The optimizers in
-:mod:`quotientopt.optim` use these methods and nothing else (no concrete class, no private
-method, no string attribute), so a new geometry that implements them for its own group works with
-every optimizer, and an optimizer that uses only them never moves a head along a direction its
-group does not contain.
+:mod:`quotientopt.optim` use the core (:class:`HeadGeometry`) and the capabilities below and
+nothing else (no concrete class, no private method, no string attribute), so a new geometry that
+implements the core for its own group works with every optimizer, and an optimizer that uses
+only them never moves a head along a direction its group does not contain.
 
-=============================  ========================================================================
-method                         meaning (shapes: ``z``, ``u``, ``v`` ``(..., n + m, k)``; ``k x k`` data
-                               in float32 or better)
-=============================  ========================================================================
-``factors(z)``                 the views :math:`(A, B)`
-``grams(z, ...)``              the metric data of the point (:class:`Grams`: the Grams, their
-                               Cholesky factors, optional inverses and a per-head health flag)
-``egrad2rgrad(z, g, grams=)``  the Riemannian gradient of a Euclidean gradient
-``proju(z, u, grams=)``        the horizontal projection (``proju_`` in place)
-``retr(z, u)``, ``transp``     retraction and vector transport
-``inner(z, u, v, grams=)``     the metric, one value per head
-``cross(z, u)``                :math:`(A^\top u_A, B^\top u_B)`, reduced over row shards
-``right_multiply(u, L, R)``    :math:`[u_A L;\, u_B R]` (``k x k`` per head; ``add_to=X``:
-                               :math:`\beta X +` that, ``out=``: into a buffer); with
-                               :math:`(L, R) = (G, G^{-\top})`, :math:`G \in H`, the action
-``momentum_map(z, v, grams=)`` the ``k x k`` :math:`J` with :math:`g(v, V(E)) = \langle J, E\rangle_F`
-                               for every :math:`E` in the Lie algebra of :math:`H`; zero exactly when
-                               ``v`` is horizontal
-``balancing_transform(z)``     a group element :math:`(M_A, M_B = M_A^{-\top})` of :math:`H` that
-                               carries ``z`` to its most balanced representative, or ``None``
-                               where :math:`H` has no such move
-``decay_rgrad(z, mode, grams)``the Riemannian gradient of a weight-decay penalty of the product
-                               (``"product"``: :math:`\tfrac12\|W\|_F^2`; ``"nuclear"``: :math:`\|W\|_*`)
-``kinetic_force(z, v)``        :math:`\partial_Z T` of the metric's kinetic energy at velocity ``v``
-                               (needed by the Hamiltonian optimizer only; ``supports_kinetic_energy``
-                               says whether the geometry has it)
-``is_row_sharded``             whether contractions over rows are summed across processes
-``row_sum(t)``                 a per-shard partial sum over rows (e.g. ``k x k``
-                               :math:`\sum_{i \in \text{shard}} x_i^\top y_i`) summed over the row
-                               shards; ``t`` itself when not row-sharded
-``sector_rows``                the row counts ``(n, m)`` of the whole sector (``n``, ``m`` are the
-                               local shard's under row sharding)
-``quotient_dimension(k)``      one head's quotient dimension, :math:`(n + m) k - \dim H` (whole
-                               sector)
-=============================  ========================================================================
+The core, :class:`HeadGeometry`:
+
+===========* :class:`Balancing` (``balancing_element(z)``): asked for by QuotientSGD's ``rebalance_every``
+  and the Hamiltonian's implicit integrator;
+* :class:`KineticEnergy` (``kinetic_force(z, v)``): QuotientHamiltonian;
+* :class:`RowSharded` (``row_reduce(t)``): QuotientMuon, QuotientAdam, the Hamiltonian's flows
+  and the step loop, for FSDP2 row shards;
+* :class:`ProductDecay` (``decay_rgrad(z, mode, grams)``): QuotientSGD's and QuotientAdam's
+  product and nuclear weight decay.
+
+:func:`require` raises the one error for a missing capability. Deprecated, kept working: the
+booleans ``is_row_sharded`` (use ``isinstance(g, RowSharded)``) and ``supports_kinetic_energy``
+(``isinstance(g, KineticEnergy)``), and ``balancing_transform(z)`` (``None`` where the group has
+no move; use ``balancing_element`` under ``isinstance(g, Balancing)``).
 
 :class:`~quotientopt.manifolds.FactorQuotient` implements the protocol for :math:`GL(k)` and
 :class:`~quotientopt.manifolds.SubgroupFactorQuotient` for a Lie subgroup :math:`H` given by a
-basis of its algebra (RoPE's scaled rotations, QK-norm's conformal group): the subgroup holds
-its own vertical space, momentum map and balancing instead of inheriting :math:`GL(k)`'s.
+basis of its algebra (RoPE's scaled rotations, QK-norm's conformal group, :math:`O(k)`): the
+subgroup holds its own vertical space, momentum map and balancing instead of inheriting
+:math:`GL(k)`'s.
 """
 
 from __future__ import annotations
@@ -57,7 +37,17 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Grams", "HeadGeometry", "is_head_geometry"]
+__all__ = [
+    "CAPABILITIES",
+    "Balancing",
+    "Grams",
+    "HeadGeometry",
+    "KineticEnergy",
+    "ProductDecay",
+    "RowSharded",
+    "is_head_geometry",
+    "require",
+]
 
 
 class Grams(NamedTuple):
@@ -85,7 +75,9 @@ G = Grams
 
 @runtime_checkable
 class HeadGeometry(Protocol):
-    """The interface between the quotient optimizers and a head manifold (see the module docs).
+    """The core of the interface between the quotient optimizers and a head manifold: what every
+    optimizer may ask of every head geometry (see the module docs; the capabilities are
+    :class:`Balancing`, :class:`KineticEnergy`, :class:`RowSharded`, :class:`ProductDecay`).
 
     ``T`` is ``torch.Tensor``; ``G`` is :class:`Grams`."""
 
@@ -103,17 +95,95 @@ class HeadGeometry(Protocol):
     def cross(self, z: T, u: T) -> tuple[T, T]: ...
     def right_multiply(self, u: T, left: T, right: T, *, add_to=None, beta=1.0, out=None) -> T: ...
     def momentum_map(self, z: T, v: T, *, grams: G | None = None) -> T: ...
-    def balancing_transform(self, z: T) -> tuple[T, T] | None: ...
-    def decay_rgrad(self, z: T, mode: str, grams: G) -> T: ...
-    def kinetic_force(self, z: T, v: T) -> T: ...
-    @property
-    def supports_kinetic_energy(self) -> bool: ...
-    @property
-    def is_row_sharded(self) -> bool: ...
     def row_sum(self, t: T) -> T: ...
     @property
     def sector_rows(self) -> tuple[int, int]: ...
     def quotient_dimension(self, k: int) -> int: ...
+
+
+class _CapabilityMeta(type(Protocol)):
+    """``isinstance(geometry, Capability)``: every member of the capability is an attribute of
+    ``geometry`` that is not ``None`` (typing's rule that a method set to ``None`` is absent,
+    read on the instance, so that a capability that depends on how the geometry was built, e.g.
+    its metric or its row sharding, is absent on the instances that lack it)."""
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return all(getattr(instance, name, None) is not None for name in cls._members)
+
+
+def _capability(cls: type) -> type:
+    cls._members = tuple(
+        name for name, value in vars(cls).items() if callable(value) and not name.startswith("_")
+    )
+    return runtime_checkable(cls)
+
+
+@_capability
+class Balancing(Protocol, metaclass=_CapabilityMeta):
+    r"""Capability: a move within the group to the most balanced representative.
+
+    ``balancing_element(z)`` returns :math:`(M_A, M_B = M_A^{-\top})`, ``(..., k, k)`` each, an
+    element of :math:`H` with :math:`Z \mapsto (A M_A, B M_B)` reaching the representative of
+    least factor norm :math:`\|A M_A\|_F^2 + \|B M_B\|_F^2` among those the move can reach
+    (:math:`GL(k)`: the balanced :math:`A'^\top A' = B'^\top B'`; block scalings: equal factor
+    norms per block); rank-deficient heads get non-finite matrices. Absent where :math:`H` has no
+    such move (:math:`O(k)` preserves both norms) and where the rows are sharded (it needs whole
+    factors). Asked for by QuotientSGD's ``rebalance_every`` and QuotientHamiltonian's implicit
+    integrator (balanced frame)."""
+
+    def balancing_element(self, z: T) -> tuple[T, T]: ...
+
+
+@_capability
+class KineticEnergy(Protocol, metaclass=_CapabilityMeta):
+    r"""Capability: the kinetic energy :math:`T(Z, p) = \tfrac12 \langle p, p\, G(Z)^{-1}\rangle`
+    of the metric as a function of the point at fixed momentum.
+
+    ``kinetic_force(z, v)`` returns :math:`\partial_Z T` at velocity :math:`v = p\,G^{-1}`
+    (shape of ``z``); for :math:`GL(k)`'s undamped preconditioned metric
+    :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`. Absent for damped or ``"inv"`` metrics.
+    Asked for by QuotientHamiltonian."""
+
+    def kinetic_force(self, z: T, v: T) -> T: ...
+
+
+@_capability
+class RowSharded(Protocol, metaclass=_CapabilityMeta):
+    r"""Capability (of a geometry whose factor rows are split over processes): ``row_reduce(t)``
+    sums ``t`` over the row shards in place and returns it, so that a contraction over rows is
+    :math:`\sum_{\text{shards } s} \sum_{i \in s} x_i^\top y_i`; ``n``, ``m`` are then the local
+    shard's rows and ``sector_rows`` the whole sector's. Absent on a geometry holding whole
+    factors. Asked for by QuotientMuon (its route and health flag), QuotientAdam (no Householder
+    frame of a split factor), QuotientHamiltonian's flows and the step loop's zero-start check."""
+
+    def row_reduce(self, t: T) -> T: ...
+
+
+@_capability
+class ProductDecay(Protocol, metaclass=_CapabilityMeta):
+    r"""Capability: weight decay of the product :math:`W = A B^\top`, a penalty invariant under
+    every subgroup of :math:`GL(k)`.
+
+    ``decay_rgrad(z, mode, grams)`` is the Riemannian gradient of :math:`\tfrac12\|W\|_F^2`
+    (``"product"``) or :math:`\|W\|_*` (``"nuclear"``); heads ``grams`` flags unhealthy give 0.
+    Asked for by QuotientSGD (``weight_decay_mode="product"`` / ``"nuclear"``) and QuotientAdam
+    (``"nuclear"``)."""
+
+    def decay_rgrad(self, z: T, mode: str, grams: G) -> T: ...
+
+
+CAPABILITIES: tuple[type, ...] = (Balancing, KineticEnergy, RowSharded, ProductDecay)
+
+
+def require(geometry: object, capability: type, who: str, fix: str) -> None:
+    """Raise one ``ValueError`` naming ``who`` (the optimizer or option), the geometry and the
+    missing ``capability`` when ``geometry`` lacks it; ``fix`` says what to use instead."""
+    if not isinstance(geometry, capability):
+        raise ValueError(
+            f"{who} needs a head geometry with the {capability.__name__} capability "
+            f"(quotientopt.manifolds.protocol.{capability.__name__}), which {geometry!r} does not "
+            f"have; {fix}"
+        )
 
 
 _METHODS = (
@@ -128,11 +198,6 @@ _METHODS = (
     "cross",
     "right_multiply",
     "momentum_map",
-    "balancing_transform",
-    "decay_rgrad",
-    "kinetic_force",
-    "supports_kinetic_energy",
-    "is_row_sharded",
     "row_sum",
     "sector_rows",
     "quotient_dimension",
@@ -145,5 +210,5 @@ def _implements(cls: type) -> bool:
 
 
 def is_head_geometry(manifold: object) -> bool:
-    """Whether ``manifold`` implements :class:`HeadGeometry` (checked once per class)."""
+    """Whether ``manifold`` implements the core :class:`HeadGeometry` (checked once per class)."""
     return manifold is not None and _implements(type(manifold))

@@ -269,8 +269,12 @@ class SubgroupFactorQuotient(FactorQuotient):
         e = self._basis(j)
         return torch.einsum("...r,rkl->...kl", torch.einsum("rkl,...kl->...r", e, j), e)
 
-    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        r"""The most balancing move that :math:`H` contains, or ``None``.
+    @property
+    def balancing_element(
+        self,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        r"""The :class:`~quotientopt.manifolds.protocol.Balancing` capability: ``z`` -> the most
+        balancing move :math:`(M_A, M_B = M_A^{-\top})` that :math:`H` contains.
 
         * :math:`H = GL(k)` (``structure == "full"``): FactorQuotient's, the balanced
           representative;
@@ -278,28 +282,44 @@ class SubgroupFactorQuotient(FactorQuotient):
           frequency pair; QK-norm's conformal group: all dimensions at once): each block
           :math:`b` is scaled by :math:`c_b = (\|B_b\|_F / \|A_b\|_F)^{1/2}`, i.e.
           :math:`M_A = \mathrm{diag}(c)`, :math:`M_B = \mathrm{diag}(c)^{-1}`, which equalizes the
-          factor norms block by block (the trace of the charge vanishes on each block);
-        * otherwise (e.g. :math:`O(k)`, which preserves both factor norms): ``None``.
+          factor norms block by block (the trace of the charge vanishes on each block).
 
-        Rank-deficient heads get non-finite matrices, as in FactorQuotient.
-        """
+        ``None`` (absent) where :math:`H` has no such move (e.g. :math:`O(k)`, which preserves
+        both factor norms) or the rows are sharded. Rank-deficient heads get non-finite
+        matrices, as in FactorQuotient."""
+        if self.row_reduce is not None or not self._has_balancing_move:
+            return None
+        return self._balancing_element
+
+    @property
+    def _has_balancing_move(self) -> bool:
+        return self.structure == "full" or self.scaling_blocks.shape[0] > 0
+
+    def _balancing_element(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.structure == "full":
+            return super()._balancing_element(z)
+        dtype = compute_dtype(z.dtype)
+        a, b = (f.to(dtype) for f in self.factors(z))
+        blocks = self.scaling_blocks.to(dtype=dtype, device=z.device)  # (nb, k) indicators
+        norm_a = a.square().sum(-2) @ blocks.mT  # (..., nb)
+        norm_b = b.square().sum(-2) @ blocks.mT
+        scale = (norm_b / norm_a).pow(0.25) @ blocks + (1 - blocks.sum(0))  # (..., k)
+        return torch.diag_embed(scale), torch.diag_embed(1 / scale)
+
+    def balancing_transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""The most balancing move that :math:`H` contains (:attr:`balancing_element`), or
+        ``None`` where :math:`H` has none. Deprecated: ask ``isinstance(manifold, Balancing)``
+        and call :attr:`balancing_element`."""
         if self.structure == "full":
             return super().balancing_transform(z)
-        blocks = self.scaling_blocks
-        if blocks.shape[0] == 0:
+        if not self._has_balancing_move:
             return None
         if self.row_reduce is not None:
             raise ValueError(
                 f"{self.name}.balancing_transform needs whole factors, but this manifold's rows "
                 "are sharded (row_reduce is set); gather the shards first"
             )
-        dtype = compute_dtype(z.dtype)
-        a, b = (f.to(dtype) for f in self.factors(z))
-        blocks = blocks.to(dtype=dtype, device=z.device)  # (nb, k) indicators
-        norm_a = a.square().sum(-2) @ blocks.mT  # (..., nb)
-        norm_b = b.square().sum(-2) @ blocks.mT
-        scale = (norm_b / norm_a).pow(0.25) @ blocks + (1 - blocks.sum(0))  # (..., k)
-        return torch.diag_embed(scale), torch.diag_embed(1 / scale)
+        return self._balancing_element(z)
 
     def balance(self, z: torch.Tensor) -> torch.Tensor:
         r"""The representative reached by :meth:`balancing_transform` (``z`` itself where

@@ -81,7 +81,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds.protocol import Grams, HeadGeometry
+from quotientopt.manifolds.protocol import Grams, HeadGeometry, RowSharded
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
@@ -345,7 +345,7 @@ class QuotientAdam(QuotientOptimizer):
             return Basis.restore(*stored)
         z = p.detach()
         grams = manifold.grams(z, check=False, regularize=True)
-        if manifold.is_row_sharded:  # no Householder QR of a factor split over processes
+        if isinstance(manifold, RowSharded):  # no Householder QR of a factor split over processes
             basis = Basis.of_row_shards(manifold, z, grams)
         else:
             basis = Basis.of(*manifold.factors(z))

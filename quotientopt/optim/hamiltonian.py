@@ -90,7 +90,7 @@ from quotientopt.linalg import (
     compute_dtype,
     tril_inverse,  # noqa: F401  (importable here)
 )
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import HeadGeometry, KineticEnergy, require
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
@@ -114,6 +114,11 @@ from quotientopt.optim.hamiltonian_flows import (
     transfer,  # noqa: F401  (importable here)
 )
 
+_KINETIC_FIX = (
+    "build it with metric='preconditioned', damping=0 (FactorQuotient or a subgroup of it), or "
+    "step it with QuotientSGD / QuotientAdam"
+)
+
 
 def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) -> torch.Tensor:
     r""":math:`\partial_p T = (p_A P^{-1}, p_B Q^{-1})`."""
@@ -123,16 +128,16 @@ def velocity(manifold: HeadGeometry, z: torch.Tensor, p: torch.Tensor, grams) ->
 def velocity_momentum_map(
     manifold: HeadGeometry, z: torch.Tensor, v: torch.Tensor, grams
 ) -> torch.Tensor:
-    r""":math:`J` of the momentum whose velocity is ``v``: :math:`A^\top v_A P - Q v_B^\top B`."""
-    a, b = manifold.factors(z)
-    va, vb = manifold.factors(v)
-    dtype = grams.p.dtype
-    a, b, va, vb = (t.to(dtype) for t in (a, b, va, vb))
-    return a.mT @ va @ grams.p - grams.q @ vb.mT @ b
+    r""":math:`J` of the momentum whose velocity is ``v``: the geometry's own momentum map
+    (:math:`GL(k)`: :math:`A^\top v_A P - Q v_B^\top B`; a subgroup: its projection onto the
+    subgroup's algebra). Deprecated: call ``manifold.momentum_map(z, v, grams=grams)``."""
+    return manifold.momentum_map(z, v, grams=grams)
 
 
 def kinetic_force(manifold: HeadGeometry, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v``."""
+    r""":math:`\partial_Z T = (-A V_B^\top V_B,\; -B V_A^\top V_A)` at velocity ``v`` (the
+    :class:`~quotientopt.manifolds.protocol.KineticEnergy` capability of the geometry)."""
+    require(manifold, KineticEnergy, "kinetic_force", _KINETIC_FIX)
     return manifold.kinetic_force(z, v)
 
 
@@ -277,12 +282,7 @@ class QuotientHamiltonian(QuotientOptimizer):
     def _check_parameter(p: torch.Tensor) -> None:
         geometry = geometry_of(p)
         if geometry is not None:
-            if not geometry.supports_kinetic_energy:
-                raise ValueError(
-                    "QuotientHamiltonian needs a head geometry with a kinetic energy "
-                    "(FactorQuotient(metric='preconditioned', damping=0) or a subgroup of it); "
-                    f"got {geometry!r}"
-                )
+            require(geometry, KineticEnergy, "QuotientHamiltonian", _KINETIC_FIX)
         elif manifold_of(p) is not None:
             raise ValueError(
                 f"QuotientHamiltonian supports FactorQuotient and plain parameters, not {p.manifold!r}; "

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from quotientopt.linalg import compute_dtype, spd_cholesky_flagged, tril_inverse
-from quotientopt.manifolds.protocol import Grams, HeadGeometry
+from quotientopt.manifolds.protocol import Balancing, Grams, HeadGeometry, RowSharded
 from quotientopt.optim._base import HeadUpdate, WriteLog, work_buffers
 
 __all__ = ["FactorGram", "Implicit", "Splitting", "implicit_update", "splitting_update"]
@@ -33,7 +33,7 @@ def factor_gram(
 ) -> FactorGram:
     """:class:`FactorGram` of factor ``which`` of ``z`` (a flow moves one factor, so only its
     Gram is formed: the geometry's ``grams`` would form both)."""
-    if geometry.is_row_sharded:
+    if isinstance(geometry, RowSharded):
         gram = geometry.cross(z, z)[which]
     else:
         f = geometry.factors(z)[which]
@@ -95,7 +95,7 @@ def add_right_product(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, alp
 def contract(geometry: HeadGeometry, like: torch.Tensor, v: torch.Tensor, which: int):
     r""":math:`V^\top V` for the factor-shaped ``v`` of factor ``which``, summed over row
     shards (through the protocol's ``cross`` when the rows are sharded)."""
-    if not geometry.is_row_sharded:
+    if not isinstance(geometry, RowSharded):
         return v.mT @ v
     full = torch.zeros_like(like)
     geometry.factors(full)[which].copy_(v)
@@ -109,7 +109,7 @@ def diagnostics(geometry: HeadGeometry, z, m, grams: tuple[FactorGram, FactorGra
     a, b = grams
     metric = Grams(b.gram, a.gram, b.chol, a.chol, a.ok & b.ok, b.inv, a.inv)
     velocity = geometry.egrad2rgrad(z, m, grams=metric, out=work)
-    if geometry.is_row_sharded:
+    if isinstance(geometry, RowSharded):
         kinetic = 0.5 * geometry.inner(z, velocity, grams=metric)
     else:  # one dot product per head as a batched (1 x N) @ (N x 1): no full-size temporary
         dot = m.flatten(-2).unsqueeze(-2) @ velocity.flatten(-2).unsqueeze(-1)
@@ -289,7 +289,7 @@ def transfer(
 def _balanced_frame(geometry: HeadGeometry, z: torch.Tensor):
     """The balancing move ``(M_A, M_B)`` of ``z`` with the identity for heads that have none
     (rank-deficient), or None (row-sharded sectors, groups without one)."""
-    frame = None if geometry.is_row_sharded else geometry.balancing_transform(z)
+    frame = geometry.balancing_element(z) if isinstance(geometry, Balancing) else None
     if frame is None:
         return None
     m_a, m_b = frame
@@ -305,7 +305,7 @@ def implicit_update(point, grad, carried, geometry: HeadGeometry, *, h, damping,
     from :math:`Z_n` to :math:`Z_{n+1}` by :func:`transfer`.
 
     The step is computed at the balanced representative :math:`Z M` of the point
-    (``balancing_transform``) and carried back by :math:`M^{-1}`: every stage is
+    (``balancing_element``, the :class:`Balancing` capability) and carried back by :math:`M^{-1}`: every stage is
     GL(k)-equivariant, so this is the same step in exact arithmetic, while in floating point the
     Grams it inverts are as well conditioned as the product allows (1e-11 over 200 frictionless
     float64 steps at :math:`\kappa(G) = 1000`, against 1.4e-10 in the parameter's own

@@ -626,6 +626,16 @@ class FactorQuotient(MatrixManifold):
         the undamped preconditioned one."""
         return self._kinetic_force if self.supports_kinetic_energy else None
 
+    def factor_gram(self, z: torch.Tensor, which: int) -> torch.Tensor:
+        r"""The Gram :math:`X^\top X` of one factor (``which`` 0: :math:`X = A`, 1: :math:`B`),
+        ``(..., k, k)``, summed over the row shards: one ``(rows x k)^T (rows x k)`` product where
+        :meth:`grams` forms two (a kinetic flow of the Hamiltonian moves one factor at a time;
+        part of the :class:`~quotientopt.manifolds.protocol.KineticEnergy` capability)."""
+        if self.row_reduce is not None:
+            return self.cross(z, z)[which]
+        f = self.factors(z)[which]
+        return f.mT @ f
+
     def _kinetic_force(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         va_va, vb_vb = self.cross(v, v)
         return self.right_multiply(z, -vb_vb, -va_va)

@@ -141,10 +141,13 @@ class KineticEnergy(Protocol, metaclass=_CapabilityMeta):
 
     ``kinetic_force(z, v)`` returns :math:`\partial_Z T` at velocity :math:`v = p\,G^{-1}`
     (shape of ``z``); for :math:`GL(k)`'s undamped preconditioned metric
-    :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`. Absent for damped or ``"inv"`` metrics.
-    Asked for by QuotientHamiltonian."""
+    :math:`(-A\, V_B^\top V_B,\; -B\, V_A^\top V_A)`; ``factor_gram(z, which)`` the Gram
+    :math:`X^\top X` (``(..., k, k)``, summed over row shards) of the one factor
+    (0: :math:`A`, 1: :math:`B`) that a kinetic flow moves. Absent for damped or ``"inv"``
+    metrics. Asked for by QuotientHamiltonian."""
 
     def kinetic_force(self, z: T, v: T) -> T: ...
+    def factor_gram(self, z: T, which: int) -> T: ...
 
 
 @_capability

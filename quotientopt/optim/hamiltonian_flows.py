@@ -31,13 +31,9 @@ class FactorGram(NamedTuple):
 def factor_gram(
     geometry: HeadGeometry, z: torch.Tensor, which: int, reference: torch.Tensor | None = None
 ) -> FactorGram:
-    """:class:`FactorGram` of factor ``which`` of ``z`` (a flow moves one factor, so only its
-    Gram is formed: the geometry's ``grams`` would form both)."""
-    if isinstance(geometry, RowSharded):
-        gram = geometry.cross(z, z)[which]
-    else:
-        f = geometry.factors(z)[which]
-        gram = f.mT @ f
+    """:class:`FactorGram` of factor ``which`` of ``z`` from the geometry's ``factor_gram`` (a
+    flow moves one factor, so only its Gram is formed: ``grams`` would form both)."""
+    gram = geometry.factor_gram(z, which)
     inverse, chol, ok = _spd_inverse(gram, reference)
     return FactorGram(gram, chol, inverse, ok)
 

@@ -301,7 +301,8 @@ def implicit_update(point, grad, carried, geometry: HeadGeometry, *, h, damping,
     from :math:`Z_n` to :math:`Z_{n+1}` by :func:`transfer`.
 
     The step is computed at the balanced representative :math:`Z M` of the point
-    (``balancing_element``, the :class:`Balancing` capability) and carried back by :math:`M^{-1}`: every stage is
+    (``balancing_element``, the :class:`Balancing` capability; none without it) and carried back
+    by :math:`M^{-1}`: every stage is
     GL(k)-equivariant, so this is the same step in exact arithmetic, while in floating point the
     Grams it inverts are as well conditioned as the product allows (1e-11 over 200 frictionless
     float64 steps at :math:`\kappa(G) = 1000`, against 1.4e-10 in the parameter's own

@@ -212,7 +212,43 @@ PEERS = {
         ),
     )
 }
-ALL = {**METHODS, **PEERS}
+
+
+def _quotient_muon_variant(variant: str | None, head_ratio: float = 0.2, **options: Any):
+    """quotient-muon's split (heads at ``head_ratio`` x lr, torch Muon's step on the other 2-D
+    matrices at lr, AdamW betas (0.9, 0.99) on the rest) with one of the invariant variants of
+    ``quotientopt.optim.muon_variants`` (``variant``) or QuotientMuon ``options`` (ablations)."""
+
+    def build(model: GPT, lr: float, setup: Setup) -> torch.optim.Optimizer:
+        from quotientopt.optim import muon_and_adamw
+        from quotientopt.optim.muon_variants import variant_muon_and_adamw
+
+        kw = dict(head_lr=head_ratio * lr, adamw_betas=(0.9, 0.99), **options)
+        if variant is None:
+            return muon_and_adamw(model, lr, **kw)
+        return variant_muon_and_adamw(model, lr, variant=variant, **kw)
+
+    return build
+
+
+_QM = "quotient-muon's split and defaults (heads at 0.2 x lr) with "
+#: issue 24's invariant variants and ablations of QuotientMuon (not in the default run)
+VARIANT_METHODS = {
+    m.name: m
+    for m in (
+        Method("qmuon-row-norm", _QM + "variant='row-norm' (invariant NorMuon, beta2 0.95)",
+               True, False, 1.6e-2, (), _quotient_muon_variant("row-norm")),
+        Method("qmuon-product-adam", _QM + "variant='product-adam' (invariant AdaMuon, beta2 0.95)",
+               True, False, 1.6e-2, (), _quotient_muon_variant("product-adam")),
+        Method("qmuon-inv-damping", _QM + "variant='invariant-damping' (delta 0.01)",
+               True, False, 1.6e-2, (), _quotient_muon_variant("invariant-damping")),
+        Method("qmuon-per-head", _QM + "head_norm='per-head' (ablation)",
+               True, False, 1.6e-2, (), _quotient_muon_variant(None, head_norm="per-head")),
+        Method("qmuon-heads-0.5", "quotient-muon with heads at 0.5 x lr (ablation)",
+               True, False, 1.6e-2, (), _quotient_muon_variant(None, head_ratio=0.5)),
+    )
+}  # fmt: skip
+ALL = {**METHODS, **PEERS, **VARIANT_METHODS}
 DEFAULT_OPTIMIZERS = ("quotient-muon", "muon-split-qkv", "muon", "normuon", "adamuon", "adamw")
 OURS = "quotient-muon"
 

@@ -25,6 +25,7 @@ import geoopt
 import torch
 
 KINDS = {
+    "QuotientSGD": lambda o, ps: o.QuotientSGD(ps, lr=1e-3),
     "QuotientSGD momentum": lambda o, ps: o.QuotientSGD(ps, lr=1e-3, momentum=0.9),
     "QuotientSGD refresh_every=8": lambda o, ps: o.QuotientSGD(
         ps, lr=1e-3, momentum=0.9, refresh_every=8
@@ -35,6 +36,8 @@ KINDS = {
         ps, lr=1e-3, integrator="implicit"
     ),
     "QuotientECD": lambda o, ps: o.QuotientECD(ps, lr=1e-3),
+    "QuotientMuon per-head": lambda o, ps: o.QuotientMuon(ps, lr=1e-3, head_norm="per-head"),
+    "QuotientMuon all-heads": lambda o, ps: o.QuotientMuon(ps, lr=1e-3, head_norm="all-heads"),
 }
 
 

@@ -5,72 +5,48 @@ non-finite-gradient rule and the per-head health counters."""
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any, Literal, NamedTuple
 
-import geoopt
 import torch
 
 from quotientopt.distributed import _alias as local_alias
 from quotientopt.distributed import (
     is_dtensor,
-    local_geometry,
     nonfinite_on_any_rank,
     steps_local_shards,
 )
 from quotientopt.linalg import compute_dtype
 from quotientopt.manifolds.protocol import HeadGeometry
 from quotientopt.optim._guard import check_declared_geometries
-
-NONFINITE_POLICIES = ("skip", "warn", "raise")
-
-
-def check_number(
-    name: str, value: float, low: float, high: float, *, low_open=False, high_open=False
-) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
-        raise ValueError(f"invalid {name}: {value!r}; expected a finite number in {interval}")
-
-
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(
-            f"invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}"
-        )
-
-
-def manifold_of(p: torch.Tensor) -> geoopt.manifolds.Manifold | None:
-    """The geoopt manifold of a parameter, or None for a plain tensor (or a Euclidean one)."""
-    manifold = getattr(p, "manifold", None)
-    if manifold is None or isinstance(manifold, geoopt.manifolds.Euclidean):
-        return None
-    return manifold
-
-
-def geometry_of(p: torch.Tensor) -> HeadGeometry | None:
-    """The head geometry of a parameter (a manifold that implements
-    :class:`~quotientopt.manifolds.protocol.HeadGeometry`), or None for any other parameter.
-    For a DTensor parameter (FSDP2), the geometry of its local shard, placement-aware
-    (:func:`quotientopt.distributed.local_geometry`)."""
-    return local_geometry(p)
-
-
-def is_quotient_parameter(p: torch.Tensor) -> bool:
-    """True for a parameter on a head geometry (:func:`geometry_of` is not None)."""
-    return geometry_of(p) is not None
+from quotientopt.optim._health import HealthMixin
+from quotientopt.optim._params import (  # noqa: F401 (importable from _base, as before)
+    NONFINITE_POLICIES,
+    check_choice,
+    check_number,
+    geometry_of,
+    is_quotient_parameter,
+    manifold_of,
+)
+from quotientopt.optim._state import (  # noqa: F401 (importable from _base, as before)
+    KeepStateDtypes,
+    _restore,
+    _restored_already,
+    held_state,
+    own_loaded_state,
+)
+from quotientopt.optim._updates import (  # noqa: F401 (importable from _base, as before)
+    Direction,
+    HeadUpdate,
+    PlainBatch,
+    _merged,
+    rebalance,
+    where_heads,
+    write_update,
+)
 
 
 class Momentum(NamedTuple):
@@ -307,321 +283,6 @@ def _fused_kernel_is_exact(p: torch.Tensor) -> bool:
     no other device's reduced-precision kernel is tested here, so those tensors take the
     single-tensor step, which is exact by construction (the same operations, the same roundings)."""
     return p.device.type == "cuda" or p.dtype in (torch.float32, torch.float64)
-
-
-class HeadUpdate(NamedTuple):
-    r"""What a head kernel proposes for one sector; nothing is written yet.
-
-    ``point``: :math:`Z_{t+1}` (``(..., n + m, k)``); ``state``: the new value of each state
-    entry named (its leading dims the heads'); ``ok`` (``(...,)`` bool, or 0-dim for a whole
-    tensor): where the update may be written. :func:`write_update` writes the point and each
-    entry where ``ok`` holds and keeps the old value elsewhere: ``kept[name]`` when given, else
-    the stored entry, else zero. ``aux``: anything the optimizer's :meth:`_stepped` needs."""
-
-    point: torch.Tensor
-    state: dict[str, Any]
-    ok: torch.Tensor
-    kept: dict[str, torch.Tensor] | None = None
-    aux: Any = None
-
-
-class Direction(NamedTuple):
-    """A head kernel's answer for a step that torch's functional kernel takes: the direction
-    (a Riemannian gradient with its sign and decay applied) to move the sector along."""
-
-    tensor: torch.Tensor
-
-
-class PlainBatch(NamedTuple):
-    """What the loop hands to an optimizer's ``_plain_step``: parameters of one group and device
-    (the parameters themselves, which key the state: pass ``p.detach()`` to a kernel), the
-    directions to move them along (None: their gradients, for plain tensors; else the head
-    kernels' :class:`Direction` s) and the device's non-finite flag (a step with it set changes
-    nothing)."""
-
-    params: list[torch.Tensor]
-    directions: list[torch.Tensor] | None
-    found_inf: torch.Tensor
-
-
-def write_update(state: dict[str, Any], p: torch.Tensor, update: HeadUpdate) -> None:
-    """Write ``update`` (:class:`HeadUpdate`) into ``p`` and ``state`` head by head where its
-    ``ok`` holds; a stored entry of the same shape and dtype is updated in place (as torch's
-    optimizers keep their state tensors), the others are replaced."""
-    ok, kept = update.ok, update.kept or {}
-    for name, value in update.state.items():
-        if value is None:
-            continue
-        stored = state.get(name)
-        old = kept.get(name, stored)
-        if old is None:
-            zero = torch.zeros((), dtype=value.dtype, device=value.device)
-            state[name] = where_heads(ok, value, zero)
-        elif not isinstance(value, torch.Tensor):  # a dict or tuple of per-head tensors
-            state[name] = _merged(ok, value, old)
-        elif old is stored and old.shape == value.shape and old.dtype == value.dtype:
-            where_heads(ok, value, old, out=old)
-        else:
-            state[name] = where_heads(ok, value.to(old.dtype), old)
-    z = p.detach()
-    where_heads(ok, update.point.to(z.dtype), z, out=z)
-
-
-def rebalance(
-    p: torch.Tensor,
-    geometry: HeadGeometry,
-    state: dict[str, Any],
-    *,
-    vectors: tuple[str, ...] = (),
-    caches: tuple[str, ...] = (),
-) -> None:
-    r"""Move ``p`` by the balancing move of its geometry's group,
-    :math:`Z \mapsto (A M_A, B M_B)` (``balancing_transform``; nothing where the group has none),
-    push the tangent vectors stored under ``vectors`` along with the same group element, and drop
-    the ``caches`` derived from the old point. The model's function does not change."""
-    z = p.detach()
-    transform = geometry.balancing_transform(z)
-    if transform is None:
-        return
-    m_a, m_b = transform
-    for name in vectors:
-        if state.get(name) is not None:
-            state[name] = geometry.right_multiply(state[name], m_a, m_b)
-    z.copy_(geometry.right_multiply(z, m_a, m_b))
-    for name in caches:
-        state.pop(name, None)
-
-
-def _merged(ok: torch.Tensor, value: Any, old: Any) -> Any:
-    """``value`` where ``ok`` holds, else ``old``, through dicts and tuples of tensors."""
-    if isinstance(value, dict):
-        return {key: _merged(ok, item, old[key]) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_merged(ok, v, o) for v, o in zip(value, old, strict=True))
-    return where_heads(ok, value, old)
-
-
-def where_heads(
-    ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``new`` where the per-head flag ``ok`` (shape ``new.shape[:ok.dim()]``) holds, else ``old``
-    (written into ``out`` when given, which may alias ``new`` or ``old``)."""
-    mask = ok.reshape(ok.shape + (1,) * (new.dim() - ok.dim()))
-    if out is None:
-        return torch.where(mask, new, old)
-    if torch.compiler.is_compiling():  # out= with symbolic shapes fails to trace; the copy fuses
-        return out.copy_(torch.where(mask, new, old))
-    return torch.where(mask, new, old, out=out)
-
-
-def _restore(saved: Any, dtype: torch.dtype, device: torch.device, exact: bool = False) -> Any:
-    """``saved`` (a state entry as written by ``state_dict``) with its tensors copied to
-    ``device``, floating ones in their dtype or ``dtype`` if that is wider (``exact``: in
-    ``dtype``), the others (flags, counts) in their own dtype."""
-    if isinstance(saved, torch.Tensor):
-        target = saved.dtype
-        if saved.is_floating_point():
-            target = dtype if exact else torch.promote_types(saved.dtype, dtype)
-        return saved.to(device=device, dtype=target, copy=True)
-    if isinstance(saved, dict):
-        return {key: _restore(item, dtype, device, exact) for key, item in saved.items()}
-    if isinstance(saved, (tuple, list)):
-        return type(saved)(_restore(item, dtype, device, exact) for item in saved)
-    return saved
-
-
-def _restored_already(
-    saved: Any, dtype: torch.dtype, device: torch.device, exact: bool = False
-) -> bool:
-    """Whether ``_restore`` would only copy ``saved``: every tensor in it already on ``device``,
-    in the dtype it would be restored in."""
-    if isinstance(saved, dict):
-        return all(_restored_already(item, dtype, device, exact) for item in saved.values())
-    if isinstance(saved, (tuple, list)):
-        return all(_restored_already(item, dtype, device, exact) for item in saved)
-    if not isinstance(saved, torch.Tensor):
-        return True
-    if saved.device != device:
-        return False
-    if not saved.is_floating_point():
-        return True
-    return saved.dtype == (dtype if exact else torch.promote_types(saved.dtype, dtype))
-
-
-def held_state(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, dict[str, Any]]:
-    """What each parameter's state slots hold now (taken before a ``load_state_dict``)."""
-    return {p: dict(entries) for p, entries in optimizer.state.items()}
-
-
-def own_loaded_state(
-    optimizer: torch.optim.Optimizer,
-    state_dict: dict[str, Any],
-    held: dict[torch.Tensor, dict[str, Any]],
-) -> None:
-    """After torch's ``load_state_dict``: copy each state tensor that the loader kept from
-    ``state_dict`` (torch keeps the tensors it need not cast, so two optimizers would share and
-    update them), unless it is the very tensor that slot ``held`` before the load (the
-    optimizer's own state passed back, as ``torch.distributed.checkpoint`` does)."""
-    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
-    for param_id, p in zip(saved_ids, params, strict=True):
-        entries = state_dict["state"].get(param_id)
-        if entries is None:
-            continue
-        state, ours = optimizer.state[p], held.get(p, {})
-        for key, value in state.items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value is entries.get(key)
-                and value is not ours.get(key)
-            ):
-                state[key] = value.clone()
-
-
-class KeepStateDtypes:
-    """``load_state_dict`` that keeps the quotient parameters' full-precision state in full
-    precision.
-
-    ``torch.optim.Optimizer.load_state_dict`` casts every floating tensor of a parameter's state to
-    the parameter's dtype, and boolean flags too. The entries named in ``full_precision_state``
-    (``k x k`` data, moments kept in float32 or better whatever the parameter dtype) are restored
-    in their saved dtype or ``compute_dtype(p.dtype)`` if that is wider, flags in their own
-    dtype; the other entries (momentum buffers like the parameter) keep torch's rule.
-    """
-
-    full_precision_state: tuple[str, ...] = ()
-    #: restore those entries in exactly ``compute_dtype(p.dtype)`` (not a wider saved dtype)
-    state_in_compute_dtype: bool = False
-
-    def _full_precision_keys(self, p: torch.Tensor) -> tuple[str, ...]:
-        """The state entries of ``p`` to restore in full precision (by default: those named in
-        ``full_precision_state``, for quotient parameters; the others step like torch's)."""
-        return self.full_precision_state if is_quotient_parameter(p) else ()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # what each slot held before: a saved entry that is that very object (the state_dict
-        # passed back in place, as torch.distributed.checkpoint does) is already ours
-        held = held_state(self)  # type: ignore[arg-type]
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
-        by_id = dict(zip(saved_ids, params, strict=True))
-        for param_id, entries in state_dict["state"].items():
-            p = by_id.get(param_id)
-            if p is None:
-                continue
-            state = self.state[p]  # type: ignore[attr-defined]
-            ours = held.get(p, {})
-            dtype = compute_dtype(p.dtype)
-            for key in self._full_precision_keys(p):
-                if key in entries:
-                    saved = entries[key]
-                    exact = self.state_in_compute_dtype
-                    if not (
-                        saved is ours.get(key) and _restored_already(saved, dtype, p.device, exact)
-                    ):
-                        saved = _restore(saved, dtype, p.device, exact)
-                    state[key] = saved
-        # the steps update their state in place and recycle its memory: own what was kept
-        own_loaded_state(self, state_dict, held)  # type: ignore[arg-type]
-
-
-class HealthMixin:
-    """Counters of skipped updates, kept as device tensors (no synchronisation while stepping).
-
-    ``nonfinite_steps``: steps skipped because a gradient held NaN/Inf (all parameters kept).
-    ``rank_skips``: head updates skipped because they would have left a head rank-deficient or
-    non-finite (that head's factors and momentum kept).
-    """
-
-    def _init_health(self) -> None:
-        self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}
-        self._rank_skips: dict[torch.device, torch.Tensor] = {}
-
-    def _closure_and_grads(self, closure) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Evaluate ``closure`` (with gradients enabled) and list the parameters' gradients."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        if any(g.is_sparse for g in grads):
-            raise ValueError(
-                f"{type(self).__name__} does not support sparse gradients; use dense gradients"
-            )
-        return loss, grads
-
-    def _enforce_policy(self, nonfinite: dict, head_flags: list[torch.Tensor]) -> None:
-        """Apply ``on_nonfinite`` (``warn`` / ``raise``; ``skip`` does nothing) to a non-finite
-        gradient and to the heads whose flag in ``head_flags`` is False (rank loss; heads of a step
-        already skipped for a non-finite gradient do not count twice)."""
-        if self.on_nonfinite == "skip":
-            return
-        any_nonfinite = torch.stack(list(nonfinite.values())).amax() > 0
-        lost = (
-            torch.cat([(~ok & ~any_nonfinite).flatten() for ok in head_flags])
-            if head_flags
-            else torch.zeros(0, dtype=torch.bool)
-        )
-        self._apply_policy(self.on_nonfinite, any_nonfinite, lost, "the quotient parameters")
-
-    @torch.compiler.disable
-    def _warn_if_rank_deficient(self, deficient: torch.Tensor) -> None:
-        """Warn once per optimizer that ``deficient.sum()`` heads start rank-deficient and take
-        the regularized step (``grams(..., regularize=True)``). Reads one number on the host:
-        callers call it on a tensor's first step only."""
-        if getattr(self, "_warned_rank_deficient", False):
-            return
-        count = int(deficient.sum())
-        if count:
-            self._warned_rank_deficient = True
-            warnings.warn(
-                f"{type(self).__name__}: {count} head(s) start rank-deficient (a zero or "
-                "low-rank factor, e.g. a zero-initialized output projection). The quotient "
-                "metric is singular there, so they take a regularized step (P + delta I) until "
-                "they reach full rank; the exact invariance holds on full-rank heads only.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _count(self, store: dict, device: torch.device, amount: torch.Tensor) -> None:
-        if device not in store:
-            store[device] = torch.zeros((), dtype=torch.int64, device=device)
-        store[device] += amount.to(torch.int64)
-
-    def nonfinite_steps(self) -> int:
-        """How many steps were skipped for a NaN/Inf gradient (synchronises)."""
-        return int(sum(int(v) for v in self._nonfinite_steps.values()))
-
-    def rank_skips(self) -> int:
-        """How many head updates were skipped for rank loss (synchronises)."""
-        return int(sum(int(v) for v in self._rank_skips.values()))
-
-    def _apply_policy(
-        self, policy: str, nonfinite: torch.Tensor, bad_heads: torch.Tensor, name: str
-    ) -> None:
-        """``warn`` and ``raise`` synchronise once per call; ``skip`` never does."""
-        if policy == "skip":
-            return
-        n_bad = int(bad_heads.sum())
-        problems = []
-        if bool(nonfinite):
-            problems.append("a gradient holds NaN or Inf")
-        if n_bad:
-            problems.append(
-                f"{n_bad} head update(s) of {name} would lose rank or become non-finite"
-            )
-        if not problems:
-            return
-        message = (
-            f"{type(self).__name__}: {' and '.join(problems)}; the step was not applied to them. "
-            "Fix: lower the learning rate, clip gradients, or check the loss for overflow."
-        )
-        if policy == "raise":
-            raise ValueError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class QuotientOptimizer(ChecksParameters, KeepStateDtypes, HealthMixin, torch.optim.Optimizer):

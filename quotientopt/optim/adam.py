@@ -165,9 +165,8 @@ def quotient_adam_update(
         M &\leftarrow M T^\top, \quad
         V \leftarrow T V T^\top + \tfrac{\operatorname{tr} V - \operatorname{tr} T V T^\top}{k} I
 
-    (:math:`c Z_t`: :func:`_decayed`; :math:`T`: :func:`advance_bases`). ``point``, ``grad``
-    ``(..., n + m, k)``; ``moments`` (None: first step), ``basis`` (of ``point``) in float32 or
-    better; ``keep``: 0-dim bool; ``work``: three tensors like ``point`` in that dtype."""
+    (:math:`c Z_t`: :func:`_decayed`; :math:`T`: :func:`advance_bases`). ``point``, ``grad``:
+    ``(..., n + m, k)``; ``moments``, ``basis``, ``work`` in float32 or better; ``keep``: bool."""
     dtype = compute_dtype(point.dtype)
     work = work if work is not None else (None, None, None)
     m, v, step = _new_moments(point, grad, moments, basis, geometry, betas, maximize, work)
@@ -185,8 +184,8 @@ def quotient_adam_update(
     v_new = trace_preserving_transport(v, t.flip(-3))
     m_new = _right(geometry, m, t.flip(-3).mT, out=work[0])
     ok = basis.ok & advanced.all(-1) & keep
-    new_basis = Basis(r_new, r_inv_new, ok)
-    return QuotientAdamUpdate(new.to(point.dtype), AdamMoments(m_new, v_new, step), new_basis, ok)
+    moments = AdamMoments(m_new, v_new, step)
+    return QuotientAdamUpdate(new.to(point.dtype), moments, Basis(r_new, r_inv_new, ok), ok)
 
 
 def _right(geometry: HeadGeometry, x: torch.Tensor, mats: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,121 +1,10 @@
 r"""QuotientMuon: spectral steepest descent of the head products, exactly invariant under
 re-factorization; torch's own Muon for plain matrices.
 
-**The step.** For a sector :math:`Z = [A; B]` (``(..., n + m, k)``), product
-:math:`W = A B^\top`, let :math:`G_A` be the (Nesterov momentum of the) Euclidean gradient of
-:math:`A` and :math:`P = B^\top B = L_P L_P^\top` (lower Cholesky). The steepest descent of the
-loss over :math:`\Delta A` in the spectral norm of the product change
-:math:`\Delta W = \Delta A\, B^\top` is
-
-.. math::
-
-    \Delta A = -\operatorname{polar}(G_A L_P^{-\top})\, L_P^{-1}, \qquad
-    \operatorname{polar}(X) = X (X^\top X)^{-1/2},
-
-and symmetrically :math:`\Delta B = -\operatorname{polar}(G_B L_Q^{-\top}) L_Q^{-1}` with
-:math:`Q = A^\top A`. Derivation: :math:`U_B = B L_P^{-\top}` is orthonormal, so
-:math:`\Delta W = -\operatorname{polar}(X) U_B^\top` has spectral norm 1, and with
-:math:`G_A = E B` (:math:`E = \nabla_W f`), :math:`X = G_A L_P^{-\top} = E U_B` and
-:math:`\langle E, \Delta W\rangle = -\|E U_B\|_*`, the smallest value any
-:math:`\Delta W = Y U_B^\top` with :math:`\|Y\|_2 \le 1` reaches (docs: ``quotient_muon.md``).
-
-**Only k x k work.** With :math:`C = G_A^\top G_A`, :math:`S = L_P^{-1} C L_P^{-\top}
-= X^\top X` and :math:`M = S^{-1/2}` (``k x k``), :math:`\operatorname{polar}(X) = X M` and
-
-.. math:: \Delta A = -G_A\, K_A, \qquad K_A = L_P^{-\top} M L_P^{-1},
-
-two ``(n x k) @ (k x k)`` products per factor (``cross`` and ``right_multiply`` of the geometry)
-and ``k x k`` algebra in float32 or better. :math:`M` comes from ``eigh`` of :math:`S`
-(``polar="eigh"``) or from Muon's quintic Newton-Schulz iteration run on :math:`S` alone
-(``polar="newton-schulz"``, the default: with :math:`X_t = X_0 M_t`, :math:`S_t = X_t^\top X_t`,
-the iteration :math:`X_{t+1} = X_t\, p(S_t)`, :math:`p(s) = a + b s + c s^2`, becomes
-:math:`M_{t+1} = M_t\, p(S_t)`, :math:`S_{t+1} = S_t\, p(S_t)^2`, all polynomials of
-:math:`S_0`; no host synchronisation, unlike ``eigh`` on CUDA).
-
-**All heads in one norm** (``head_norm="all-heads"``, the default). The formula above is the
-steepest descent of each head in its own spectral norm. Measured in the spectral norm of the heads'
-product changes side by side, :math:`\|[\Delta W_1, \dots, \Delta W_H]\|_2` (``n x Hm``; with
-every :math:`U_{B,h}` orthonormal it equals :math:`\|[\Delta A_1 L_{P,1}, \dots, \Delta A_H
-L_{P,H}]\|_2`), the steepest descent is
-
-.. math::
-
-    [\Delta A_1 L_{P,1}, \dots, \Delta A_H L_{P,H}] = -\operatorname{polar}(X), \qquad
-    X = [G_{A,1} L_{P,1}^{-\top}, \dots, G_{A,H} L_{P,H}^{-\top}] \quad (n \times Hk),
-
-one ``Hk x Hk`` polar per side and tensor instead of :math:`H` of size ``k x k``: where every
-:math:`B_h` has orthonormal columns this is torch Muon on the ``n x Hk`` query (value) matrix of
-the split layout, so the step is the :math:`GL(k)^H`-invariant form of Muon on separate Q, K, V
-and O matrices. Each head's re-factorization acts on its own block of :math:`X` by an orthogonal
-matrix, block-diagonal on the whole, which commutes with the polar: the step stays exactly
-equivariant head by head. It won on the benchmark (``docs/quotient_muon.md``); ``"per-head"`` is
-the cheaper step above.
-
-**Precision** (issue 24). The ``Hk x Hk`` polar is the all-heads step's cost. torch Muon runs its
-quintic iteration in bfloat16 on the matrix itself; ``polar="newton-schulz"`` (the default) does
-the same on :math:`X` (``torch.optim._muon._zeropower_via_newtonschulz``, called unchanged) for
-float32/bfloat16 parameters on devices that multiply bfloat16 fast (CUDA, CPUs with AVX512-BF16
-or AMX), and runs the float32 (float64 for float64 parameters) iteration on the Gram :math:`S`
-elsewhere, where it is the cheaper one (15x on this project's AMD EPYC without bfloat16 units)
-and for float64 parameters, where exactness is tested. Rounding :math:`X` to bfloat16 is not
-equivariant, so the bfloat16 route keeps the invariance to bfloat16 accuracy only: 100 float32
-steps from :math:`Z` and from :math:`ZG` (cond 1000) part by 1.4e-4 (float32 Gram route: 9.0e-5,
-torch Muon on the concatenated matrices: 0.86; ``docs/quotient_muon.md``).
-
-**Invariance.** Under :math:`(A, B) \mapsto (A G, B G^{-\top})` the gradient maps to
-:math:`G_A G^{-\top}`, the Cholesky factor to :math:`G^{-1} L_P O` (:math:`O` orthogonal), so
-:math:`X \mapsto X O`, :math:`S \mapsto O^\top S O`, :math:`M \mapsto O^\top M O` (any spectral
-function, Newton-Schulz included, commutes with :math:`O`) and :math:`\Delta A \mapsto \Delta A\,
-G`: the step is exactly :math:`GL(k)`-equivariant, hence equivariant under every subgroup
-:math:`H` of a :class:`~quotientopt.manifolds.SubgroupFactorQuotient` geometry (RoPE, QK-norm).
-Momentum is kept on the Euclidean factor gradients (a covector, transforming as
-:math:`G^{-\top}`), so heavy-ball and Nesterov momentum are equivariant as well. The step moves
-only along the gradient: with a zero gradient nothing moves (no balancing or other move along
-:math:`GL(k)` directions that a subgroup does not contain).
-
-**Scale.** ``head_scale="rms"`` (default, the prototype's rule) multiplies both sides by
-:math:`0.2 \sqrt{n m / k}`: the product change :math:`\Delta A\, B^\top` (rank :math:`k`, all
-singular values equal) has RMS 0.2 per unit lr, as torch Muon's ``match_rms_adamw`` update of a
-matrix. With ``head_norm="all-heads"`` the side-by-side change has :math:`\min(n, Hk)` unit
-singular values, and the factor :math:`0.2 \sqrt{H n m / \min(n, Hk)}` (:math:`B`:
-:math:`\min(m, Hk)`) gives it the same RMS (both are :math:`0.2\sqrt{nm/k}` when
-:math:`n, m \ge Hk`). ``head_scale="balanced"`` multiplies :math:`\Delta A` by
-:math:`0.2 \sqrt{\max(n, k)}\, s` and :math:`\Delta B` by :math:`0.2 \sqrt{\max(m, k)}\, s`,
-:math:`s = (\|W\|_F^2 / k)^{1/4} = (\operatorname{tr}(PQ)/k)^{1/4}`: the product change that
-torch Muon's ``match_rms_adamw`` update of a *balanced* factor (singular values
-:math:`\sigma_i(W)^{1/2}`) would make, so one learning rate serves heads and MLP matrices and
-transfers across widths as Muon's does (it lost to ``"rms"`` at 0.2x head lr on the benchmark:
-see ``docs/quotient_muon.md``).
-
-**Weight decay** scales both factors by :math:`\sqrt{1 - \eta\lambda}`, i.e. the product by
-:math:`1 - \eta\lambda`, exactly what torch Muon does to a matrix (a scalar: equivariant). torch
-Muon on ``W_Q`` and ``W_K`` scales each, so their product by :math:`(1 - \eta\lambda)^2`.
-
-**Rank loss.** A head whose Grams are singular or non-finite (or would become so after the step)
-is skipped (its factors and momentum kept) and counted in :meth:`rank_skips`; with a damped
-geometry (``damping > 0``) the Grams are floored and the step stays defined, exactly equivariant
-only under :math:`\mathbb{R}_{>0} \times O(k)` (the damping breaks the rest at order
-:math:`\epsilon\kappa`). The polar factor itself is regularized as Muon's Newton-Schulz is:
-singular values of :math:`X` below :math:`\sqrt{\text{eps}}\,\|X\|_F` are damped, which is a
-spectral function and so keeps the invariance.
-
-Plain 2-D tensors take ``torch.optim.Muon``'s step (its functional implementation, called
-unchanged); a non-finite gradient skips them too, device-side.
-
-**Distributed (FSDP2).** The step runs on each rank's local shard
-(:func:`quotientopt.distributed.steps_local_shards`). A head sector sharded on a leading (layer)
-axis needs no communication. Sharded on its head axis (FSDP2's default ``Shard(0)`` of an
-``(H, n + m, k)`` sector), ``head_norm="per-head"`` steps whole heads locally and
-``"all-heads"`` all-gathers the whitened :math:`X_h` of every head (an update-sized tensor per
-side), computes the polar of the whole :math:`X` on every rank and keeps its heads' blocks
-(:mod:`quotientopt.optim._sharded_muon`). One sharded along its rows gets every sum over rows
-from the geometry, summed over the row shards: the Grams (``grams``), the gradient and cross
-products (``cross``), the all-heads Gram and the per-head finiteness flag (``row_sum``); the
-``k x k`` algebra is then identical on every rank, the ``(rows x k) @ (k x k)`` products stay
-local, and the ``"rms"`` and ``"balanced"`` scales use the whole sector's row counts
-(``sector_rows``). Plain matrices sharded by FSDP2 take torch Muon's step with the update
-all-gathered whole for the Newton-Schulz iteration (as distributed-Muon implementations do), so
-``muon_and_adamw(model, lr)`` runs under FSDP2 at its defaults.
+The step, its ``k x k`` form, the all-heads norm, the precision routes, the invariance, the scales,
+weight decay, rank loss and FSDP2 are derived in ``docs/quotient_muon.md`` ("The module in
+detail"); the options and their checks live in :mod:`quotientopt.optim.muon_options`, the pure
+polar and whitening kernels in :mod:`quotientopt.optim.muon_kernels`.
 """
 
 from __future__ import annotations
@@ -127,9 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import _muon as torch_muon_module
 
-from quotientopt.distributed import is_dtensor
 from quotientopt.manifolds.protocol import HeadGeometry
-from quotientopt.nn.adapters import no_attention_error
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
@@ -138,9 +25,7 @@ from quotientopt.optim._base import (
     check_choice,
     check_number,
     geometry_of,
-    manifold_of,
 )
-from quotientopt.optim._guard import check_declared_geometries
 from quotientopt.optim._sharded_muon import head_shards, is_sharded, sharded_matrix_step
 from quotientopt.optim.hybrid import HybridOptimizer
 from quotientopt.optim.muon_kernels import (
@@ -150,19 +35,23 @@ from quotientopt.optim.muon_kernels import (
     _tangent_matrices,
     polar_right_factor,
 )
+from quotientopt.optim.muon_options import (  # noqa: F401
+    ADJUST_LR_FNS,
+    HEAD_LR_RATIO,
+    HEAD_NORMS,
+    HEAD_SCALES,
+    POLAR_METHODS,
+    STEP_KINDS,
+    _check_options,
+    _check_parameter,
+    _decay,
+    _gram_polar,
+    _momentum_update,
+    _stays_healthy,
+)
+from quotientopt.optim.muon_split import _sort_parameters
 
 __all__ = ["NS_COEFFICIENTS", "QuotientMuon", "muon_and_adamw", "polar_right_factor"]
-
-STEP_KINDS = ("block", "tangent")
-HEAD_NORMS = ("per-head", "all-heads")
-#: ``polar=``: the precision policy (default), torch Muon's bfloat16 iteration on X, the k x k
-#: iteration on the Gram in float32 or better, the exact inverse root
-POLAR_METHODS = ("newton-schulz", "newton-schulz-bf16", "newton-schulz-float32", "eigh")
-HEAD_SCALES = ("balanced", "rms")
-HEAD_LR_RATIO = (
-    0.2  # muon_and_adamw's default head lr / matrix lr (measured, docs/quotient_muon.md)
-)
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 _FAST_BFLOAT16: dict[str, bool] = {}
 
@@ -216,52 +105,6 @@ def polar_route(polar: str, z: torch.Tensor, row_sharded: bool) -> str:
         return "bf16-x"
     fast = z.dtype != torch.float64 and not row_sharded and bfloat16_matmul_is_fast(z.device)
     return "bf16-x" if fast else "newton-schulz"
-
-
-def _momentum_update(
-    buf: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""torch Muon's momentum on the Euclidean gradient: the new buffer
-    :math:`b \leftarrow b + (1 - \beta)(g - b)` and the direction, :math:`g + \beta (b - g)`
-    with Nesterov, else :math:`b` (nothing written)."""
-    beta = group["momentum"]
-    buf = buf.lerp(grad, 1 - beta)
-    return buf, grad.lerp(buf, beta) if group["nesterov"] else buf
-
-
-def _gram_polar(group: dict[str, Any]) -> dict[str, Any]:
-    """The ``polar`` options of the kernels (:mod:`quotientopt.optim.muon_kernels`): the Gram
-    routes' method (``"eigh"`` or ``"newton-schulz"``) and the iteration's constants."""
-    return dict(
-        method="eigh" if group["polar"] == "eigh" else "newton-schulz",
-        eps=group["eps"],
-        ns_coefficients=group["ns_coefficients"],
-        ns_steps=group["ns_steps"],
-    )
-
-
-def _decay(group: dict[str, Any]) -> float:
-    r"""The product's decay :math:`1 - \eta\lambda` (each factor is scaled by its square root);
-    refused where it would flip the products' sign."""
-    decay = 1.0 - group["lr"] * group["weight_decay"]
-    if decay < 0:
-        raise ValueError(
-            f"QuotientMuon: lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 would "
-            "flip the sign of the products; lower the learning rate or the weight decay"
-        )
-    return decay
-
-
-def _stays_healthy(geometry, grams, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per head of ``new`` (the candidate point): whether its update may be written. A healthy
-    head must stay healthy (full-rank finite Grams); one that starts rank-deficient (the
-    regularized metric, ``P + delta I``) only has to stay finite on its way to full rank; every
-    head needs finite factors (over all row shards) and ``keep`` (no non-finite gradient)."""
-    new_grams = geometry.grams(new, check=False, reference=grams)
-    finite = torch.isfinite(new).flatten(-2).all(-1)
-    if geometry.is_row_sharded:  # a head is finite when all of its row shards are
-        finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
-    return torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
 
 
 class PerHead(NamedTuple):
@@ -369,33 +212,6 @@ def _check_head_norm(group: dict[str, Any], placements: bool = False) -> None:
                 head_shards(p)  # a head axis sharded together with another axis is refused
 
 
-def _check_options(o: dict[str, Any]) -> None:
-    """Refuse an invalid :class:`QuotientMuon` option with one error naming it (``o``: the
-    constructor's options by name, ``ns_coefficients`` as given)."""
-    check_number("lr", o["lr"], 0.0, float("inf"))
-    check_number("momentum", o["momentum"], 0.0, 1.0, high_open=True)
-    check_number("weight_decay", o["weight_decay"], 0.0, float("inf"))
-    check_number("eps", o["eps"], 0.0, float("inf"), low_open=True)
-    if not isinstance(o["nesterov"], bool):
-        raise ValueError(f"invalid nesterov: {o['nesterov']!r}; expected True or False")
-    if o["adjust_lr_fn"] not in ADJUST_LR_FNS:
-        raise ValueError(
-            f"invalid adjust_lr_fn: {o['adjust_lr_fn']!r}; expected None, 'original' or "
-            "'match_rms_adamw' (torch.optim.Muon's choices)"
-        )
-    check_choice("head_scale", o["head_scale"], HEAD_SCALES)
-    check_choice("polar", o["polar"], POLAR_METHODS)
-    check_choice("step", o["step"], STEP_KINDS)
-    check_choice("head_norm", o["head_norm"], HEAD_NORMS)
-    ns_steps = o["ns_steps"]
-    if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
-        raise ValueError(f"invalid ns_steps: {ns_steps!r}; expected an int in [1, 99]")
-    if len(tuple(o["ns_coefficients"])) != 3:
-        raise ValueError(
-            f"invalid ns_coefficients: {o['ns_coefficients']!r}; expected three numbers (a, b, c)"
-        )
-
-
 class QuotientMuon(QuotientOptimizer):
     r"""Muon on the head quotients (see the module docs), ``torch.optim.Muon`` on plain matrices.
 
@@ -484,26 +300,7 @@ class QuotientMuon(QuotientOptimizer):
 
     @staticmethod
     def _check_parameter(p: torch.Tensor) -> None:
-        if geometry_of(p) is not None:
-            return
-        if manifold_of(p) is not None:
-            raise ValueError(
-                f"QuotientMuon: a parameter lies on {type(p.manifold).__name__}, which is not a "
-                "head geometry (FactorQuotient, SubgroupFactorQuotient); step it with geoopt's "
-                "RiemannianAdam or QuotientAdam"
-            )
-        if p.dim() != 2:
-            raise ValueError(
-                f"QuotientMuon steps head parameters and 2-D matrices, got a plain tensor of shape "
-                f"{tuple(p.shape)}; give embeddings, gains and biases to AdamW "
-                "(quotientopt.optim.muon_and_adamw(model, lr) does this split)"
-            )
-        if is_dtensor(p) and not all(pl.is_replicate() or pl.is_shard() for pl in p.placements):
-            raise ValueError(
-                f"QuotientMuon: a plain {tuple(p.shape)} matrix is placed as {p.placements}; "
-                "its step gathers sharded matrices whole (Shard and Replicate placements), "
-                "not partial sums: redistribute it or give it to AdamW"
-            )
+        _check_parameter(p)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -592,63 +389,6 @@ class QuotientMuon(QuotientOptimizer):
             bad = batch.found_inf > 0
             torch.where(bad, p_old, p.detach(), out=p.detach())
             torch.where(bad, b_old, b, out=b)
-
-
-def _default_hidden(name: str, p: torch.Tensor) -> bool:
-    """The default Muon matrices: 2-D weights of ``torch.nn.Linear`` layers except an output
-    layer named ``lm_head``/``head``/``classifier``/``output`` (decided in :func:`muon_and_adamw`)."""
-    last = name.rsplit(".", 2)
-    return p.dim() == 2 and not any(
-        part in ("lm_head", "head", "classifier", "output") for part in last[:-1]
-    )
-
-
-def _sort_parameters(
-    model: torch.nn.Module, hidden: Callable[[str, torch.Tensor], bool] | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`muon_and_adamw`'s split of ``model``'s trainable parameters (each once): head
-    parameters, hidden 2-D matrices (``hidden``, default :func:`_default_hidden` on
-    ``torch.nn.Linear`` weights not tied to an embedding) and the rest (AdamW's); refused where
-    a part is missing or a manifold parameter would go to AdamW."""
-    embedded = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Embedding)}
-    linear = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Linear)}
-    rule = hidden or (
-        lambda name, p: id(p) in linear and id(p) not in embedded and _default_hidden(name, p)
-    )
-    check_declared_geometries(list(model.parameters()), "muon_and_adamw")  # recovered sectors
-    heads, matrices, rest, seen = [], [], [], set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        if geometry_of(p) is not None:
-            heads.append(p)
-        elif manifold_of(p) is None and p.dim() == 2 and rule(name, p):
-            matrices.append(p)
-        else:
-            rest.append(p)
-    _check_split(model, heads, matrices, rest)
-    return heads, matrices, rest
-
-
-def _check_split(model: torch.nn.Module, heads: list, matrices: list, rest: list) -> None:
-    """Refuse a split that :func:`muon_and_adamw` cannot serve, with the fix."""
-    if manifold_of_any := [p for p in rest if manifold_of(p) is not None]:
-        raise ValueError(
-            f"muon_and_adamw: {len(manifold_of_any)} parameter(s) lie on a manifold that is not a "
-            "head geometry; AdamW would leave the manifold. Step them with geoopt's RiemannianAdam"
-        )
-    if not heads and not matrices:
-        raise ValueError(
-            "muon_and_adamw: no head parameters and no hidden 2-D matrices found; declare the "
-            "heads as quotient parameters (quotientopt.nn) or pass hidden=... to choose matrices"
-        )
-    if not heads:  # issue 26.8: no attention is an error, as in SymmetryMonitor
-        raise no_attention_error("muon_and_adamw", model)
-    if not rest:
-        raise ValueError(
-            "muon_and_adamw: every parameter goes to QuotientMuon; use QuotientMuon alone"
-        )
 
 
 def muon_and_adamw(

@@ -50,7 +50,7 @@ def polar_right_factor(
     trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     if method == "eigh":
         c = trace + eps
-        lam, vec = torch.linalg.eigh(s / c)
+        lam, vec = _eigh(s / c)
         f = (lam.clamp_min(0) + eps).rsqrt()
         return (vec * f[..., None, :]) @ vec.mT * c.rsqrt()
     a, b, c2 = ns_coefficients
@@ -154,12 +154,22 @@ def _polar_side_by_side(geometry, x: torch.Tensor, polar: dict, route: str) -> t
     return torch.einsum("...hri,...hgij->...grj", x, m)  # polar(X), head g's block
 
 
+def _eigh(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``torch.linalg.eigh`` of symmetric ``s`` (``(..., k, k)``) that never raises on a NaN/Inf
+    matrix: those get the eigenvalues NaN (and eigenvectors I), so the step built from them is
+    non-finite and the non-finite policy skips it."""
+    finite = torch.isfinite(s).flatten(-2).all(-1)[..., None, None]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    lam, vec = torch.linalg.eigh(torch.where(finite, s, eye))
+    return torch.where(finite[..., 0], lam, torch.nan), vec
+
+
 def _root_and_pinv(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`S^{1/2}` and the regularized :math:`S^{+1/2}` (:math:`\sqrt\lambda/(\lambda +
     \text{eps}\,\operatorname{tr} S)`) of symmetric PSD ``s``, through ``eigh`` (spectral
     functions: they commute with rotations)."""
     c = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(0) + 1e-30
-    lam, vec = torch.linalg.eigh(s / c)
+    lam, vec = _eigh(s / c)
     root = lam.clamp_min(0).sqrt()
     pinv = root / (lam.clamp_min(0) + eps)
     build = lambda f: (vec * f[..., None, :]) @ vec.mT  # noqa: E731

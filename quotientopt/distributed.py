@@ -5,11 +5,11 @@
 * **FSDP2.** ``torch.distributed.fsdp.fully_shard`` replaces every parameter by a new
   ``nn.Parameter`` holding a ``DTensor`` and keeps nothing of the old object (the ``manifold``
   attribute of a ``geoopt.ManifoldParameter`` is gone; only the module and the parameter's name
-  survive). The modules of :mod:`quotientopt.nn` declare their sectors' geometry by name
-  (:mod:`quotientopt.nn.sector_geometry`) and put it back on the new sharded parameters, so
-  torch's own ``fully_shard`` keeps it; :func:`fully_shard` here is torch's plus the same
-  declaration for any other module holding a ``geoopt.ManifoldParameter`` and an early check of
-  the placements.
+  survive). Every module records its sectors' geometry by name
+  (:mod:`quotientopt.sector_registry`): quotientopt's attention modules put it back on the new
+  sharded parameters at once, and the quotient optimizers do for any other module, so torch's
+  own ``fully_shard`` keeps it; :func:`fully_shard` here is torch's plus the manifolds put back
+  at once and an early check of the placements.
   :func:`local_geometry` (and so :func:`quotientopt.optim.geometry_of`) then gives the geometry of
   a DTensor parameter's *local shard*, driven by its placements: sharded on a head (batch) axis,
   FSDP2's default ``Shard(0)``, it is the sector's own manifold and every ``k x k`` computation
@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -172,19 +173,20 @@ def local_geometry(p: torch.Tensor) -> HeadGeometry | None:
 def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
     """``torch.distributed.fsdp.fully_shard``, checked for the head sectors' placements.
 
-    Same arguments and result as torch's, which keeps the geometry by itself for the modules of
-    :mod:`quotientopt.nn` (they declare their sectors, :mod:`quotientopt.nn.sector_geometry`).
-    This one also declares the sectors of any other module holding a
-    ``geoopt.ManifoldParameter`` (by owning module and name, so that the sharded DTensor
-    parameters and those that ``load_state_dict`` puts in their place get the manifold back), and
-    checks at once that the placements can be stepped (a ``ValueError`` otherwise, see
-    :func:`local_geometry`), where torch's would let the optimizer find out. Apply it bottom-up
-    like torch's (blocks first, then the root)."""
+    Same arguments and result as torch's, which keeps the geometry by itself: every module holding
+    a ``geoopt.ManifoldParameter`` records its sectors by name when they are registered
+    (:mod:`quotientopt.sector_registry`), and the quotient optimizers put the manifold back on the
+    sharded parameters that torch writes in their place. This one also declares sectors written
+    into a module's ``_parameters`` by hand, puts the manifolds on the sharded parameters at once,
+    keeps them through ``load_state_dict`` with swapped tensors, and checks at once that the
+    placements can be stepped (a ``ValueError`` otherwise, see :func:`local_geometry`), where
+    torch's would let the optimizer find out. Apply it bottom-up like torch's (blocks first, then
+    the root)."""
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
-    from quotientopt.nn.sector_geometry import (
+    from quotientopt.nn.sector_geometry import DeclaresSectors
+    from quotientopt.sector_registry import (
         GEOMETRIES_ATTR,
-        DeclaresSectors,
         attach_declared,
         declare_sectors,
         is_sector_manifold,
@@ -200,8 +202,9 @@ def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
                 if p is not None and is_sector_manifold(getattr(p, "manifold", None))
             }
             if found:
-                if not isinstance(owner, DeclaresSectors) and GEOMETRIES_ATTR not in vars(owner):
+                if not isinstance(owner, DeclaresSectors) and owner not in _LOAD_HOOKED:
                     owner.register_load_state_dict_post_hook(lambda mod, _: attach_declared(mod))
+                    _LOAD_HOOKED.add(owner)
                 declare_sectors(owner, found)
                 owners.append(owner)
     result = torch_fully_shard(module, **kwargs)
@@ -210,6 +213,10 @@ def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
         for name in getattr(owner, GEOMETRIES_ATTR):
             local_geometry(owner._parameters[name])  # refuse unsupported placements now
     return result
+
+
+#: the modules given a load_state_dict post hook that restores their sectors' manifolds
+_LOAD_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 # -------------------------------------------------------------------------- local stepping

@@ -1,12 +1,13 @@
 """torch's own ``torch.distributed.fsdp.fully_shard`` keeps the head geometry (issue 26, point 1).
 
-FSDP2 replaces every parameter by a new ``nn.Parameter`` holding a DTensor; the modules of
-``quotientopt.nn`` declare their sectors by name and put the manifold back on it
-(``quotientopt.nn.sector_geometry``). 2 gloo ranks train the reference GPT (2 layers, 4 heads,
-width 32, block 16) sharded by torch's ``fully_shard``, each rank on half of every batch, and end
-on the parameters of one process that sees the whole batches. Before the declaration the heads
+FSDP2 replaces every parameter by a new ``nn.Parameter`` holding a DTensor; every module records
+its sectors by name (``quotientopt.sector_registry``): quotientopt's attention modules put the
+manifold back at once, and a quotient optimizer does for a user's own module when it is built.
+2 gloo ranks train the reference GPT (2 layers, 4 heads, width 32, block 16) and a user's module
+sharded by torch's ``fully_shard``, each rank on half of every batch, and end on the parameters of
+one process that sees the whole batches, in float32 and float64. Before the record the heads
 arrived as plain DTensors and were stepped as Euclidean tensors: QuotientSGD with momentum 0.9
-ended 0.79 away, QuotientAdam 0.03.
+ended 0.79 away, QuotientAdam 0.03; a user's module stayed plain until the registration hook.
 """
 
 from __future__ import annotations
@@ -39,12 +40,24 @@ from tests.test_fsdp import (
 
 WORLD = 2
 # muon: QuotientMuon per-head on the heads, AdamW the rest; muon-all-heads: its default all-heads
-# polar, which all-gathers the whitened gradients of the heads sharded on their head axis
+# polar, which all-gathers the whitened gradients of the heads sharded on their head axis;
+# user-sgd: a user's own nn.Module (tests.test_fsdp.TinySector, a geoopt.ManifoldParameter on
+# FactorQuotient, nothing else of quotientopt's) with QuotientSGD, momentum 0.9
 OPTIMIZERS = ("sgd", "adam", "muon", "muon-all-heads")
+CASES = [(name, torch.float32) for name in (*OPTIMIZERS, "user-sgd")] + [
+    (name, torch.float64) for name in OPTIMIZERS
+]
+#: max |2 ranks - 1 process| allowed. float32: 1e-5 (the acceptance), but 1e-4 for all-heads,
+#: whose polar of the whitened gradients of all heads together amplifies the last-bit
+#: difference between the mean of the two half-batch gradients and the whole batch's (1.4e-4 in
+#: one process, no sharding), compared with a process fed that mean instead (3e-5). float64: the
+#: same steps must agree to 1e-10 for every optimizer, all-heads against the whole batch.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+ALL_HEADS_FLOAT32_TOLERANCE = 1e-4
 
 
 def build_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if name == "sgd":  # what a user writes: every parameter, one learning rate
+    if name in ("sgd", "user-sgd"):  # what a user writes: every parameter, one learning rate
         return QuotientSGD(model.parameters(), lr=0.05, momentum=0.9)
     if name == "muon-all-heads":
         heads, rest = split_parameters(model.parameters())
@@ -54,10 +67,14 @@ def build_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return make_optimizer(name, model)
 
 
-def torch_sharded_gpt() -> torch.nn.Module:
-    model = make_model("gpt")
+def make(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    return make_model("tiny" if name == "user-sgd" else "gpt").to(dtype)
+
+
+def torch_sharded(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    model = make(name, dtype)
     mesh = init_device_mesh("cpu", (WORLD,))
-    for block in model.h:
+    for block in getattr(model, "h", []):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -66,22 +83,24 @@ def torch_sharded_gpt() -> torch.nn.Module:
 def _worker(rank: int, init_file: str, out: str) -> None:
     _init(rank, init_file)
     results = {}
-    for name in OPTIMIZERS:
-        model = torch_sharded_gpt()
+    for name, dtype in CASES:
+        model = torch_sharded(name, dtype)
+        optimizer = build_optimizer(name, model)  # the guard restores a plain module's sectors
         heads = [p for p in model.parameters() if geometry_of(p) is not None]
-        assert len(heads) == 4 and all(isinstance(p, DTensor) for p in heads), name
-        train(model, build_optimizer(name, model), batches(5), _my_rows(rank))
-        results[name] = full_params(model)
+        assert len(heads) == (1 if name == "user-sgd" else 4), name
+        assert all(isinstance(p, DTensor) and p.dtype == dtype for p in heads), name
+        train(model, optimizer, batches(5), _my_rows(rank))
+        results[name, dtype] = full_params(model)
     if rank == 0:
         torch.save(results, out)
     _finish()
 
 
 def train_on_mean_of_halves(model, optimizer, data: list[torch.Tensor]) -> None:
-    """One process fed what FSDP2 computes: the mean of the ranks' half-batch gradients. The
-    all-heads polar amplifies the last-bit difference between that mean and the whole batch's
-    gradient (one process, no sharding: 1.4e-4 after 5 steps, per-head 1.4e-6), so the sharded
-    all-heads run is compared with this run, not with the whole-batch one."""
+    """One process fed what FSDP2 computes: the mean of the ranks' half-batch gradients. In
+    float32 the all-heads polar amplifies the last-bit difference between that mean and the whole
+    batch's gradient (one process, no sharding: 1.4e-4 after 5 steps, per-head 1.4e-6), so the
+    sharded float32 all-heads run is compared with this run, not with the whole-batch one."""
     for idx in data:
         optimizer.zero_grad()
         for rank in range(WORLD):
@@ -91,41 +110,47 @@ def train_on_mean_of_halves(model, optimizer, data: list[torch.Tensor]) -> None:
         optimizer.step()
 
 
-def differences(tmp_path: Path) -> dict[str, tuple[float, float]]:
-    """Per optimizer: (max |2 ranks - 1 process|, how far the heads moved), over 5 steps."""
+def differences(tmp_path: Path) -> dict[tuple[str, torch.dtype], tuple[float, float]]:
+    """Per case: (max |2 ranks - 1 process|, how far the sectors moved), over 5 steps."""
     out = tmp_path / "params.pt"
     _spawn(_worker, tmp_path, str(out))
     got = torch.load(out)
-    start = full_params(make_model("gpt"))
     found = {}
-    for name in OPTIMIZERS:
-        model = make_model("gpt")
-        if name == "muon-all-heads":
+    for name, dtype in CASES:
+        start = full_params(make(name, dtype))
+        model = make(name, dtype)
+        if name == "muon-all-heads" and dtype == torch.float32:
             train_on_mean_of_halves(model, build_optimizer(name, model), batches(5))
         else:
             train(model, build_optimizer(name, model), batches(5))
         want = full_params(model)
-        worst = max(float((got[name][k] - want[k]).abs().max()) for k in want)
-        moved = max(float((want[k] - start[k]).abs().max()) for k in want if ".attn." in k)
-        found[name] = (worst, moved)
+        worst = max(float((got[name, dtype][k] - want[k]).abs().max()) for k in want)
+        sectors = [k for k in want if ".attn." in k or k == "sector"]
+        moved = max(float((want[k] - start[k]).abs().max()) for k in sectors)
+        found[name, dtype] = (worst, moved)
     return found
 
 
 def test_torch_fully_shard_matches_one_process(tmp_path):
-    """5 steps of QuotientSGD (momentum 0.9), QuotientAdam and QuotientMuon (per-head and
-    all-heads, AdamW on the rest) under torch's fully_shard on 2 gloo ranks equal one process to 1e-5 (all-heads: 1e-4 against
-    one process on the mean of the half-batch gradients, see train_on_mean_of_halves)."""
-    for name, (worst, moved) in differences(tmp_path).items():
-        # all-heads: the polar amplifies rounding (the mean of halves summed in another order:
-        # 3e-5 here); a polar over the local heads only would be off by order 0.1
-        tol = 1e-4 if name == "muon-all-heads" else 1e-5
-        assert worst < tol, f"{name}: largest difference {worst:.2e}"
-        assert moved > 1e-3, f"{name}: the heads did not train"
+    """5 steps under torch's fully_shard on 2 gloo ranks equal one process: QuotientSGD (momentum
+    0.9), QuotientAdam and QuotientMuon (per-head and all-heads, AdamW on the rest) on the
+    reference GPT, and QuotientSGD on a user's own module, to 1e-5 in float32 (all-heads: 1e-4
+    against one process on the mean of the half-batch gradients, see TOLERANCE), and every GPT
+    case to 1e-10 in float64 (all-heads against the whole batch)."""
+    for (name, dtype), (worst, moved) in differences(tmp_path).items():
+        tol = TOLERANCE[dtype]
+        if name == "muon-all-heads" and dtype == torch.float32:
+            tol = ALL_HEADS_FLOAT32_TOLERANCE
+        assert worst < tol, f"{name} ({dtype}): largest difference {worst:.2e}"
+        assert moved > 1e-3, f"{name} ({dtype}): the heads did not train"
 
 
 if __name__ == "__main__":  # print the differences (the numbers docs/how-to/distributed.md quotes)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (worst, moved) in differences(Path(tmp)).items():
-            print(f"{name}: max |2 ranks - 1 process| = {worst:.1e} (heads moved {moved:.2f})")
+        for (name, dtype), (worst, moved) in differences(Path(tmp)).items():
+            print(
+                f"{name} ({str(dtype).removeprefix('torch.')}): max |2 ranks - 1 process| = "
+                f"{worst:.1e} (sectors moved {moved:.2f})"
+            )

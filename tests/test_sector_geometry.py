@@ -1,17 +1,21 @@
 """A head sector keeps its geometry through every tool that replaces the parameter object, and a
 quotient optimizer never steps a declared sector as a plain tensor (issue 26, points 1 and 2).
 
-The geometry is declared by the module (``quotientopt.nn.sector_geometry``): each check below
-re-creates the parameters of a ``QuotientMultiheadAttention`` with one of torch's tools, then
-trains it and the untouched module for 3 steps of ``QuotientSGD`` (float64) and asserts the same
-parameters. Stepped as a plain tensor, a sector ends more than 1e-3 away.
+The geometry is recorded per module and parameter name (``quotientopt.sector_registry``): for
+quotientopt's ``QuotientMultiheadAttention`` and for a user's own ``nn.Module`` holding a
+``geoopt.ManifoldParameter`` (``UserHeads``, recorded by torch's global parameter registration
+hook). Each check below re-creates the parameters with one of torch's tools, then trains the module
+and an untouched one for 3 steps of ``QuotientSGD`` (float64) and asserts the same parameters.
+Stepped as a plain tensor, a sector ends more than 1e-3 away.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import pickle
+import weakref
 
 import geoopt
 import pytest
@@ -27,13 +31,40 @@ from quotientopt.optim import (
     muon_and_adamw,
     split_parameters,
 )
+from quotientopt.sector_registry import GEOMETRIES_ATTR, declared_geometries
 
 E, H = 8, 2
 
 
-def make() -> QuotientMultiheadAttention:
+class UserHeads(nn.Module):
+    """A user's own module: ``H`` heads of one sector on ``FactorQuotient(E, E)`` (head dim
+    ``E // H``), summed into one ``E x E`` map, and a plain bias. Nothing of quotientopt's but the
+    manifold."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.manifold = FactorQuotient(E, E)
+        self.sector = geoopt.ManifoldParameter(
+            self.manifold.random(H, 2 * E, E // H, dtype=dtype), manifold=self.manifold
+        )
+        self.bias = nn.Parameter(torch.zeros(E, dtype=dtype))
+
+    def forward(self, x, *_, need_weights: bool = False):
+        return x @ self.manifold.product(self.sector).sum(0) + self.bias, None
+
+
+KINDS = {
+    "attention": (
+        lambda: QuotientMultiheadAttention(E, H, batch_first=True, dtype=torch.float64),
+        ("qk", "vo"),
+    ),
+    "user module": (UserHeads, ("sector",)),
+}
+
+
+def make(kind: str = "attention") -> nn.Module:
     torch.manual_seed(0)
-    return QuotientMultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    return KINDS[kind][0]()
 
 
 def train(module: nn.Module, optimizer_class=QuotientSGD, steps: int = 3) -> dict:
@@ -55,29 +86,38 @@ def train(module: nn.Module, optimizer_class=QuotientSGD, steps: int = 3) -> dic
 
 
 def assert_same_training(
-    module: nn.Module, optimizer_class=QuotientSGD, reference: nn.Module | None = None
+    module: nn.Module,
+    optimizer_class=QuotientSGD,
+    reference: nn.Module | None = None,
+    kind: str = "attention",
 ) -> None:
-    """``module`` trains as ``reference`` (default: a fresh ``make()``), its sectors on their
+    """``module`` trains as ``reference`` (default: a fresh ``make(kind)``), its sectors on their
     declared geometry."""
-    want = train(make() if reference is None else reference, optimizer_class)
+    want = train(make(kind) if reference is None else reference, optimizer_class)
     got = train(module, optimizer_class)
     inner = getattr(module, "_orig_mod", module)
-    for name in ("qk", "vo"):
+    for name in KINDS[kind][1]:
         assert isinstance(geometry_of(inner._parameters[name]), FactorQuotient), name
     got = {key.removeprefix("_orig_mod."): value for key, value in got.items()}
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst < 1e-12, f"largest difference {worst:.2e}"
 
 
+def fresh_like(module: nn.Module) -> nn.Module:
+    """A new module of ``module``'s kind (new parameter values)."""
+    kind = "attention" if isinstance(module, QuotientMultiheadAttention) else "user module"
+    return KINDS[kind][0]()
+
+
 def assign(module: nn.Module) -> nn.Module:
-    fresh = QuotientMultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    fresh = fresh_like(module)
     fresh.load_state_dict(module.state_dict(), assign=True)
     return fresh
 
 
 def to_empty(module: nn.Module) -> nn.Module:
     with torch.device("meta"):
-        fresh = QuotientMultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+        fresh = fresh_like(module)
     fresh.to_empty(device="cpu")
     fresh.load_state_dict(module.state_dict())
     return fresh
@@ -87,9 +127,9 @@ def overwrite_on_conversion(module: nn.Module) -> nn.Module:
     module = module.float()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
-        before = module.qk
+        before = dict(module.named_parameters())
         module = module.double()
-        assert module.qk is not before  # a new parameter object
+        assert all(p is not before[n] for n, p in module.named_parameters())  # new objects
         return module
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
@@ -98,7 +138,7 @@ def overwrite_on_conversion(module: nn.Module) -> nn.Module:
 def swap_on_conversion(module: nn.Module) -> nn.Module:
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
-        module.load_state_dict(make().state_dict())  # swaps in load_state_dict too
+        module.load_state_dict(module.state_dict())  # swaps in load_state_dict too
         return module.double()
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
@@ -111,22 +151,54 @@ def torch_save(module: nn.Module) -> nn.Module:
     return torch.load(buffer, weights_only=False)
 
 
+def write_plain(module: nn.Module) -> nn.Module:
+    """What torch's ``fully_shard`` does to a module that does not override ``__setattr__``: a new
+    plain parameter object written into ``_parameters`` (no hook runs)."""
+    for name, p in list(module._parameters.items()):
+        module._parameters[name] = nn.Parameter(p.detach().clone())
+    return module
+
+
 TOOLS = {
     "load_state_dict(assign=True)": assign,
     "meta + to_empty": to_empty,
     "overwrite_module_params_on_conversion": overwrite_on_conversion,
     "swap_module_params_on_conversion": swap_on_conversion,
-    "deepcopy": copy.deepcopy,
-    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
-    "torch.save": torch_save,
+    # a copy, then its parameters replaced the way fully_shard does: the copy is registered
+    "deepcopy": lambda m: write_plain(copy.deepcopy(m)),
+    "pickle": lambda m: write_plain(pickle.loads(pickle.dumps(m))),
+    "torch.save": lambda m: write_plain(torch_save(m)),
 }
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("tool", list(TOOLS))
-def test_a_recreated_sector_trains_on_its_geometry(tool):
+def test_a_recreated_sector_trains_on_its_geometry(tool, kind):
     # the float32 round trip rounds the values: the reference takes it keeping its objects
-    reference = make().float().double() if "overwrite" in tool else None
-    assert_same_training(TOOLS[tool](make()), reference=reference)
+    reference = make(kind).float().double() if "overwrite" in tool else None
+    assert_same_training(TOOLS[tool](make(kind)), reference=reference, kind=kind)
+
+
+def test_assign_keeps_a_user_sector_at_once():
+    """``load_state_dict(assign=True)`` registers through ``setattr``: the registration hook puts
+    the recorded manifold on the new parameter before any optimizer sees it."""
+    module = assign(make("user module"))
+    assert type(module.sector) is nn.Parameter
+    assert geometry_of(module.sector) is module.manifold
+
+
+def test_the_record_holds_no_module_alive():
+    """The registry holds its modules weakly: a user module that is dropped is collected."""
+    module = make("user module")
+    assert id(module.sector) in declared_geometries()
+    ref = weakref.ref(module)
+    del module
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_module_without_sectors_gets_no_record():
+    assert GEOMETRIES_ATTR not in vars(nn.Linear(2, 2))
 
 
 def test_torch_compile_keeps_the_parameter_objects():

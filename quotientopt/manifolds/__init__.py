@@ -1,5 +1,6 @@
 """Quotient manifolds of attention-head factorizations, as ``geoopt.manifolds.Manifold`` subclasses."""
 
+import quotientopt.sector_registry  # noqa: F401  (records sector parameters per module)
 from quotientopt.manifolds.factor_quotient import FactorQuotient, balance, charge, product
 from quotientopt.manifolds.fixed_rank import (
     FixedRank,

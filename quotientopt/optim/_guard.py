@@ -1,12 +1,14 @@
 """The guard: a parameter declared as a head sector never reaches a quotient optimizer without its
 geometry.
 
-The modules that declare sectors (:mod:`quotientopt.nn.sector_geometry`) put the manifold back on
-every parameter object registered under a sector's name through torch's own paths. A parameter
-object written into a module's ``_parameters`` some other way arrives as a plain tensor; a quotient
-optimizer would then step it as a Euclidean tensor without a word. :func:`check_declared_geometries`
-(called by every quotient optimizer for each parameter group it is given, and by
-:func:`quotientopt.optim.split_parameters`) looks each parameter up
+Every module records its sectors by name (:mod:`quotientopt.sector_registry`) and a parameter
+registered under a recorded name through torch's ``register_parameter`` / ``setattr`` gets the
+manifold back. A parameter object written into a module's ``_parameters`` directly (torch's
+``fully_shard`` on a plain ``nn.Module``, ``to_empty``, the parameter-overwriting conversions)
+arrives as a plain tensor; a quotient optimizer would then step it as a Euclidean tensor without
+a word. :func:`check_declared_geometries` (called by every quotient optimizer for each parameter
+group it is given, and by :func:`quotientopt.optim.split_parameters` and
+:func:`quotientopt.optim.muon_and_adamw`) looks each parameter up
 in the declaring modules' own ``_parameters`` and
 
 * gives a declared sector that arrives without a geometry its declared manifold back;
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from quotientopt.distributed import is_dtensor, local_geometry
-from quotientopt.nn.sector_geometry import declared_geometries, is_sector_manifold
+from quotientopt.sector_registry import declared_geometries, is_sector_manifold
 
 __all__ = ["check_declared_geometries"]
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from quotientopt.manifolds.protocol import HeadGeometry, is_head_geometry
+from quotientopt.manifolds.protocol import HeadGeometry, RowSharded, is_head_geometry
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -152,7 +152,7 @@ def local_geometry(p: torch.Tensor) -> HeadGeometry | None:
     if not row_dims:
         geometry = manifold
     else:
-        if manifold.is_row_sharded:
+        if isinstance(manifold, RowSharded):
             raise ValueError(
                 "this head sector is sharded twice: its manifold already has a row_reduce, and "
                 "its DTensor placements shard the rows too; declare it with the whole sector's "

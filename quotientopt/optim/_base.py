@@ -20,7 +20,7 @@ from quotientopt.distributed import (
     steps_local_shards,
 )
 from quotientopt.linalg import compute_dtype
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import HeadGeometry, RowSharded
 from quotientopt.optim._guard import check_declared_geometries
 from quotientopt.optim._health import HealthMixin
 from quotientopt.optim._params import (  # noqa: F401 (importable from _base, as before)
@@ -164,7 +164,7 @@ def leaves_zero_sectors(step):
                     continue
                 checked[id(p)] = weakref.ref(p)  # once per parameter, even one never stepped
                 geometry = geometry_of(p)
-                if geometry is None or geometry.is_row_sharded:
+                if geometry is None or isinstance(geometry, RowSharded):
                     continue
                 lifted = self.__dict__.setdefault("_zero_sectors_lifted", 0)
                 moved = leave_zero_sectors(p.detach(), geometry, ZERO_SECTOR_SEED + lifted)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import _muon as torch_muon_module
 
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import HeadGeometry, RowSharded
 from quotientopt.optim._base import (
     HeadUpdate,
     Momentum,
@@ -166,7 +166,7 @@ class AllHeads(NamedTuple):
             return PerHead()(p, geometry, update, grams, polar, lr)
         # the whole sector's row counts (geometry.n, .m are this shard's under row sharding)
         (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
-        route = polar_route(self.polar, z, geometry.is_row_sharded)
+        route = polar_route(self.polar, z, isinstance(geometry, RowSharded))
         direction_a, direction_b = _across_heads_block_step(
             geometry, update, grams, polar, route, head_shards(p)
         )

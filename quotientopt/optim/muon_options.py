@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from quotientopt.distributed import is_dtensor
+from quotientopt.manifolds.protocol import RowSharded
 from quotientopt.optim._base import check_choice, check_number, geometry_of, manifold_of
 
 STEP_KINDS = ("block", "tangent")
@@ -64,7 +65,7 @@ def _stays_healthy(geometry, grams, new: torch.Tensor, keep: torch.Tensor) -> to
     head needs finite factors (over all row shards) and ``keep`` (no non-finite gradient)."""
     new_grams = geometry.grams(new, check=False, reference=grams)
     finite = torch.isfinite(new).flatten(-2).all(-1)
-    if geometry.is_row_sharded:  # a head is finite when all of its row shards are
+    if isinstance(geometry, RowSharded):  # a head is finite when all of its row shards are
         finite = geometry.row_sum((~finite).to(grams.p.dtype)) == 0
     return torch.where(grams.ok, new_grams.ok, grams.regularized) & finite & keep
 

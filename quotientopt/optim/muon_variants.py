@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from quotientopt.manifolds.protocol import HeadGeometry
+from quotientopt.manifolds.protocol import HeadGeometry, RowSharded
 from quotientopt.optim._base import HeadUpdate, check_choice, check_number
 from quotientopt.optim._sharded_muon import head_shards
 from quotientopt.optim.hybrid import HybridOptimizer
@@ -213,7 +213,7 @@ class QuotientMuonVariant(QuotientMuon):
         :math:`\sqrt{1 - \eta\lambda}\, Z - \eta [c_A D'_A; c_B D'_B]`, the new momentum and
         moment, the per-head health flag; nothing written."""
         z, state = p.detach(), self.state[p]
-        if z.dim() < 3 or head_shards(p) is not None or geometry.is_row_sharded:
+        if z.dim() < 3 or head_shards(p) is not None or isinstance(geometry, RowSharded):
             raise ValueError(
                 f"QuotientMuonVariant: a head tensor of shape {tuple(z.shape)} (without a head "
                 "axis, or sharded) is not supported; give it a head axis (..., H, n + m, k) "
@@ -226,33 +226,12 @@ class QuotientMuonVariant(QuotientMuon):
         base = geometry.grams(z, check=False, regularize=True)
         if "momentum_buffer" not in state:
             self._warn_if_rank_deficient(base.regularized)
-        variant, moments, grams = group["variant"], {}, base
-        if variant == "invariant-damping" and group["damping"] > 0:
+        grams = base
+        if group["variant"] == "invariant-damping" and group["damping"] > 0:
             grams = invariantly_damped(base, group["damping"])
         route = polar_route(group["polar"], z, False)
         d_a, d_b = _across_heads_block_step(geometry, update, grams, _gram_polar(group), route)
-        beta2, eps = group["beta2"], group["variant_eps"]
-        n = geometry.sector_rows[0]
-        if variant == "row-norm":
-            moment = state.get("row_moment")
-            if moment is None:
-                moment = z.new_zeros(z.shape[:-1], dtype=grams.p.dtype)
-            d_a, m_a = row_norm_directions(d_a, grams.chol_p, moment[..., :n], beta2, eps)
-            d_b, m_b = row_norm_directions(d_b, grams.chol_q, moment[..., n:], beta2, eps)
-            moments["row_moment"] = torch.cat((m_a, m_b), dim=-1)
-        elif variant == "product-adam":
-            a, b = (f.to(grams.p.dtype) for f in geometry.factors(z))
-            moment = state.get("product_moment")
-            if moment is None:
-                shape = (*z.shape[:-2], 2, a.shape[-2], b.shape[-2])
-                moment = z.new_zeros(shape, dtype=grams.p.dtype)
-            d_a, m_a = product_adam_directions(
-                d_a, b, grams.chol_p, moment[..., 0, :, :], beta2, eps
-            )
-            d_b, m_b = product_adam_directions(
-                d_b, a, grams.chol_q, moment[..., 1, :, :].mT, beta2, eps
-            )
-            moments["product_moment"] = torch.stack((m_a, m_b.mT), dim=-3)
+        d_a, d_b, moments = _variant_directions(state, geometry, z, grams, d_a, d_b, group)
         (n, m_rows), (heads, k) = geometry.sector_rows, (z.shape[-3], z.shape[-1])
         scale_a = 0.2 * math.sqrt(heads * n * m_rows / min(n, heads * k))
         scale_b = 0.2 * math.sqrt(heads * n * m_rows / min(m_rows, heads * k))
@@ -291,3 +270,39 @@ def variant_muon_and_adamw(
         weight_decay=adamw_weight_decay,
     )
     return HybridOptimizer(muon, adamw)
+
+
+def _variant_directions(
+    state: dict[str, Any],
+    geometry: HeadGeometry,
+    z: torch.Tensor,
+    grams: Any,
+    d_a: torch.Tensor,
+    d_b: torch.Tensor,
+    group: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The variant's directions from QuotientMuon's whitened polar directions ``d_a``, ``d_b``
+    (row-norm: :func:`row_norm_directions`; product-adam: :func:`product_adam_directions`;
+    invariant-damping: unchanged) and the new moments to keep in the state."""
+    variant, moments = group["variant"], {}
+    beta2, eps = group["beta2"], group["variant_eps"]
+    n = geometry.sector_rows[0]
+    if variant == "row-norm":
+        moment = state.get("row_moment")
+        if moment is None:
+            moment = z.new_zeros(z.shape[:-1], dtype=grams.p.dtype)
+        d_a, m_a = row_norm_directions(d_a, grams.chol_p, moment[..., :n], beta2, eps)
+        d_b, m_b = row_norm_directions(d_b, grams.chol_q, moment[..., n:], beta2, eps)
+        moments["row_moment"] = torch.cat((m_a, m_b), dim=-1)
+    elif variant == "product-adam":
+        a, b = (f.to(grams.p.dtype) for f in geometry.factors(z))
+        moment = state.get("product_moment")
+        if moment is None:
+            shape = (*z.shape[:-2], 2, a.shape[-2], b.shape[-2])
+            moment = z.new_zeros(shape, dtype=grams.p.dtype)
+        d_a, m_a = product_adam_directions(d_a, b, grams.chol_p, moment[..., 0, :, :], beta2, eps)
+        d_b, m_b = product_adam_directions(
+            d_b, a, grams.chol_q, moment[..., 1, :, :].mT, beta2, eps
+        )
+        moments["product_moment"] = torch.stack((m_a, m_b.mT), dim=-3)
+    return d_a, d_b, moments

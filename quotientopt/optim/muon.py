@@ -320,12 +320,11 @@ class QuotientMuon(QuotientOptimizer):
         return None if buf is None else Momentum(buf, "covector")
 
     # ------------------------------------------------------------------------ the head step
-    def _head_update(
-        self, p: torch.Tensor, geometry: HeadGeometry, group: dict[str, Any], keep: torch.Tensor
-    ) -> HeadUpdate:
-        r"""The head kernel: the candidate point :math:`\sqrt{1 - \eta\lambda}\, Z + \Delta Z`
-        (the all-heads or per-head step of the module docs, on the Nesterov momentum of the
-        gradient), the new ``momentum_buffer`` and the per-head health flag; nothing written."""
+    def _momentum_and_grams(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The head kernel's start: the new ``momentum_buffer``, the (Nesterov) update it gives
+        and the regularized Grams at the current point (warning once on a rank-deficient start)."""
         z, state = p.detach(), self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
@@ -334,6 +333,16 @@ class QuotientMuon(QuotientOptimizer):
         grams = geometry.grams(z, check=False, regularize=True)
         if "momentum_buffer" not in state:
             self._warn_if_rank_deficient(grams.regularized)
+        return buf, update, grams
+
+    def _head_update(
+        self, p: torch.Tensor, geometry: HeadGeometry, group: dict[str, Any], keep: torch.Tensor
+    ) -> HeadUpdate:
+        r"""The head kernel: the candidate point :math:`\sqrt{1 - \eta\lambda}\, Z + \Delta Z`
+        (the all-heads or per-head step of the module docs, on the Nesterov momentum of the
+        gradient), the new ``momentum_buffer`` and the per-head health flag; nothing written."""
+        z = p.detach()
+        buf, update, grams = self._momentum_and_grams(p, geometry, group)
         polar = _gram_polar(group)
         decay = _decay(group)
         step = head_step(group)(p, geometry, update, grams, polar, group["lr"])

@@ -69,7 +69,6 @@ from quotientopt.optim.muon import (
     QuotientMuon,
     _decay,
     _gram_polar,
-    _momentum_update,
     _sort_parameters,
     _stays_healthy,
     polar_route,
@@ -219,13 +218,7 @@ class QuotientMuonVariant(QuotientMuon):
                 "axis, or sharded) is not supported; give it a head axis (..., H, n + m, k) "
                 "unsharded, or use QuotientMuon"
             )
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = torch.zeros_like(z, memory_format=torch.preserve_format)
-        buf, update = _momentum_update(buf, p.grad, group)
-        base = geometry.grams(z, check=False, regularize=True)
-        if "momentum_buffer" not in state:
-            self._warn_if_rank_deficient(base.regularized)
+        buf, update, base = self._momentum_and_grams(p, geometry, group)
         grams = base
         if group["variant"] == "invariant-damping" and group["damping"] > 0:
             grams = invariantly_damped(base, group["damping"])
